@@ -1,0 +1,50 @@
+"""The one small interface every synchronisation strategy implements (DESIGN.md section 5).
+
+A strategy acts across the replica dimension (``replica_group``: the data-parallel ranks, flattened with the
+context-parallel ranks, which hold the same parameters but see other tokens). It composes with tp/pp inside a
+replica because it only touches the local tensors of this rank's parameters.
+
+Training-step contract (DESIGN.md section 2):
+    loss.backward(); sync.before_optimizer(step); optimizer.step(); sync.after_optimizer(step)
+"""
+from __future__ import annotations
+
+from typing import Iterable, Optional
+
+import torch
+from torch import nn
+
+from parallel.comm import CommCounter
+
+
+class SyncStrategy:
+    name = "base"
+
+    def __init__(self, replica_group, counter: Optional[CommCounter] = None):
+        self.replica_group = replica_group
+        self.counter = counter if counter is not None else CommCounter()
+        self.model: Optional[nn.Module] = None
+        self.optimizer: Optional[torch.optim.Optimizer] = None
+
+    def wrap_model(self, model: nn.Module) -> nn.Module:
+        """Return the module the trainer runs forward/backward on (DDP wraps; most strategies do not)."""
+        self.model = model
+        return model
+
+    def build_optimizer(self, params: Iterable[nn.Parameter], build_default) -> torch.optim.Optimizer:
+        """Strategies that replace the optimizer (1-bit Adam) override this; others take the default."""
+        self.optimizer = build_default(params)
+        return self.optimizer
+
+    def before_optimizer(self, step: int) -> None:
+        pass
+
+    def after_optimizer(self, step: int) -> None:
+        pass
+
+    def state_dict(self) -> dict[str, torch.Tensor]:
+        """Tensors with stable logical names (e.g. ``diloco.outer_momentum.layers.0.attention.wq.weight``)."""
+        return {}
+
+    def load_state_dict(self, state: dict[str, torch.Tensor]) -> None:
+        pass

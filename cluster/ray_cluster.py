@@ -1,0 +1,121 @@
+"""Ray bootstrap: a new embedded local cluster bound to 127.0.0.1 (default), or an existing cluster to join.
+
+Local mode never attaches to a stray cluster (``address="local"``), keeps its session files in a temp dir of its
+own (so no stale ``ray_current_cluster`` file is shared with other users), sizes the object store, and on exit
+stops only the processes it started. ``ray stop`` is never used: it kills every Ray process on the machine.
+See shared/research/ecosystem.md section 1 for why each setting is needed.
+"""
+from __future__ import annotations
+
+import logging
+import os
+import shutil
+import sys
+import tempfile
+import time
+from dataclasses import dataclass
+from typing import Optional
+
+LOCAL_ENV = {
+    # Ray binds its listeners to the machine's external address unless this is off (read when ray is imported).
+    "RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER": "0",
+    # Token auth (Ray 2.60 default) guards remote access; a loopback-only cluster of our own does not need it.
+    "RAY_AUTH_MODE": "disabled",
+    "RAY_USAGE_STATS_ENABLED": "0",
+}
+
+
+def configure_local_environment() -> None:
+    """Must run before ``import ray`` in this process; workers inherit the environment through the raylet."""
+    os.environ.update(LOCAL_ENV)
+    if "ray._private.ray_constants" in sys.modules:
+        sys.modules["ray._private.ray_constants"].ENABLE_RAY_CLUSTER = False
+
+
+@dataclass
+class ClusterResources:
+    cpus: float
+    gpus: float
+
+
+def local_capacity(num_cpus: Optional[int]) -> ClusterResources:
+    """What an embedded cluster will offer: ``num_cpus`` or this machine's cores; GPUs if torch sees them."""
+    import torch
+
+    gpus = torch.cuda.device_count() if torch.cuda.is_available() else 0
+    return ClusterResources(cpus=float(num_cpus or os.cpu_count() or 1), gpus=float(gpus))
+
+
+class RayRuntime:
+    """Context manager owning the Ray connection for one command."""
+
+    def __init__(self, address: Optional[str], num_cpus: Optional[int] = None, object_store_mb: int = 512):
+        self.address = address
+        self.num_cpus = num_cpus
+        self.object_store_mb = object_store_mb
+        self.temp_dir: Optional[str] = None
+
+    @property
+    def is_local(self) -> bool:
+        return self.address is None
+
+    def __enter__(self) -> "RayRuntime":
+        if self.is_local:
+            configure_local_environment()
+        import ray
+
+        if self.is_local:
+            # Short path: Ray's unix socket paths must stay under ~107 characters.
+            self.temp_dir = tempfile.mkdtemp(prefix="orch-ray-", dir="/tmp")
+            capacity = local_capacity(self.num_cpus)
+            ray.init(address="local", num_cpus=int(capacity.cpus), num_gpus=int(capacity.gpus),
+                     include_dashboard=False, object_store_memory=self.object_store_mb * 1024 * 1024,
+                     _temp_dir=self.temp_dir, logging_level=logging.ERROR, log_to_driver=True)
+        else:
+            ray.init(address=self.address, logging_level=logging.ERROR, log_to_driver=True)
+        return self
+
+    def resources(self) -> ClusterResources:
+        import ray
+
+        total = ray.cluster_resources()
+        return ClusterResources(cpus=float(total.get("CPU", 0)), gpus=float(total.get("GPU", 0)))
+
+    def __exit__(self, *exc) -> None:
+        import ray
+
+        ray.shutdown()
+        if self.temp_dir:
+            stop_processes_using(self.temp_dir)
+            shutil.rmtree(self.temp_dir, ignore_errors=True)
+
+
+def stop_processes_using(temp_dir: str, grace_s: float = 5.0) -> list[int]:
+    """Wait for, then kill, leftover processes of our own cluster (their command line names our temp dir).
+
+    ``ray.shutdown`` stops GCS and raylet; some agents linger for a while after it returns.
+    """
+    import psutil
+
+    def ours() -> list[psutil.Process]:
+        found = []
+        for proc in psutil.process_iter(["pid", "cmdline"]):
+            try:
+                if proc.pid != os.getpid() and any(temp_dir in part for part in (proc.info["cmdline"] or [])):
+                    found.append(proc)
+            except (psutil.NoSuchProcess, psutil.AccessDenied):
+                continue
+        return found
+
+    deadline = time.monotonic() + grace_s
+    leftovers = ours()
+    while leftovers and time.monotonic() < deadline:
+        time.sleep(0.2)
+        leftovers = ours()
+    for proc in leftovers:
+        try:
+            proc.kill()
+        except psutil.NoSuchProcess:
+            pass
+    psutil.wait_procs(leftovers, timeout=5)
+    return [p.pid for p in leftovers]

@@ -1,0 +1,100 @@
+"""A gang of worker actors: placement group, rendezvous, run-on-all-ranks, health checks, clean shutdown."""
+from __future__ import annotations
+
+from typing import Any, Optional
+
+import ray
+from ray.exceptions import GetTimeoutError, RayActorError
+from ray.util.placement_group import placement_group, remove_placement_group
+from ray.util.scheduling_strategies import PlacementGroupSchedulingStrategy
+
+# Liveness and metric polls run in their own concurrency group so they answer while a rank is training.
+CONTROL_GROUP = "control"
+
+
+class WorkerGroupError(RuntimeError):
+    def __init__(self, message: str, rank: Optional[int] = None):
+        super().__init__(message)
+        self.rank = rank
+
+
+class PlacementError(WorkerGroupError):
+    """The cluster cannot place the requested workers."""
+
+
+class WorkerGroup:
+    def __init__(self, worker_cls: type, world_size: int, cpus_per_worker: float, gpus_per_worker: float = 0.0,
+                 start_timeout_s: float = 60.0, collective_timeout_s: float = 120.0,
+                 worker_args: tuple = ()):
+        self.world_size = world_size
+        bundle = {"CPU": cpus_per_worker, **({"GPU": gpus_per_worker} if gpus_per_worker else {})}
+        self.placement_group = placement_group([dict(bundle) for _ in range(world_size)], strategy="PACK")
+        ready, _ = ray.wait([self.placement_group.ready()], timeout=start_timeout_s)
+        if not ready:
+            remove_placement_group(self.placement_group)
+            raise PlacementError(
+                f"cannot place {world_size} workers with {bundle} each within {start_timeout_s:.0f}s; "
+                f"cluster has {ray.cluster_resources()}")
+        actor_cls = ray.remote(num_cpus=cpus_per_worker, num_gpus=gpus_per_worker, max_restarts=0,
+                               concurrency_groups={CONTROL_GROUP: 1})(worker_cls)
+        self.actors = [
+            actor_cls.options(scheduling_strategy=PlacementGroupSchedulingStrategy(
+                self.placement_group, placement_group_bundle_index=rank)).remote(rank, world_size, *worker_args)
+            for rank in range(world_size)
+        ]
+        master_addr, master_port = self._get([self.actors[0].rendezvous_address.remote()], start_timeout_s)[0]
+        self.infos = self._get([a.init_distributed.remote(master_addr, master_port, collective_timeout_s)
+                                for a in self.actors], start_timeout_s)
+
+    def _get(self, refs: list, timeout_s: Optional[float] = None) -> list:
+        try:
+            return ray.get(refs, timeout=timeout_s)
+        except RayActorError as err:
+            raise WorkerGroupError(f"a worker died: {err}", rank=self.rank_of_failure(refs)) from err
+
+    def rank_of_failure(self, refs: list) -> Optional[int]:
+        """The first rank whose call in ``refs`` (one per rank) raised an actor error, if any finished."""
+        for rank, ref in enumerate(refs):
+            ready, _ = ray.wait([ref], timeout=0)
+            if ready:
+                try:
+                    ray.get(ref)
+                except RayActorError:
+                    return rank
+                except Exception:  # noqa: BLE001 - an application error is not a dead actor
+                    continue
+        return None
+
+    def call_async(self, method: str, *args: Any, ranks: Optional[list[int]] = None, control: bool = False,
+                   **kwargs: Any) -> list:
+        ranks = list(range(self.world_size)) if ranks is None else ranks
+        refs = []
+        for rank in ranks:
+            bound = getattr(self.actors[rank], method)
+            if control:
+                bound = bound.options(concurrency_group=CONTROL_GROUP)
+            refs.append(bound.remote(*args, **kwargs))
+        return refs
+
+    def run(self, method: str, *args: Any, timeout_s: Optional[float] = None, **kwargs: Any) -> list:
+        """Run ``method`` on every rank and gather the results in rank order."""
+        return self._get(self.call_async(method, *args, **kwargs), timeout_s)
+
+    def health_check(self, timeout_s: float = 10.0) -> list[int]:
+        """Ranks that did not answer a ping in time (dead or wedged)."""
+        refs = self.call_async("ping", control=True)
+        failed = []
+        for rank, ref in enumerate(refs):
+            try:
+                ray.get(ref, timeout=timeout_s)
+            except (RayActorError, GetTimeoutError):
+                failed.append(rank)
+        return failed
+
+    def shutdown(self, timeout_s: float = 10.0) -> None:
+        """Destroy process groups where ranks still answer, then kill every actor and free the placement."""
+        refs = [a.shutdown.options(concurrency_group=CONTROL_GROUP).remote() for a in self.actors]
+        ray.wait(refs, num_returns=len(refs), timeout=timeout_s)
+        for actor in self.actors:
+            ray.kill(actor, no_restart=True)
+        remove_placement_group(self.placement_group)

@@ -1,0 +1,153 @@
+"""``orchestrate`` command line: Hydra's compose API over the packaged recipes, then the controller.
+
+The compose API (not ``hydra.main``) gives real subcommands, creates no output folders, and behaves the same
+in tests and Ray jobs. Every bad input is one line on stderr and exit code 2, before anything starts.
+"""
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import sys
+from importlib import resources
+from pathlib import Path
+from typing import Optional, Sequence
+
+from hydra import compose, initialize_config_module
+from hydra.core.config_store import ConfigStore
+from hydra.core.global_hydra import GlobalHydra
+from hydra.core.override_parser.overrides_parser import OverridesParser
+from hydra.errors import HydraException
+from omegaconf import OmegaConf
+from omegaconf.errors import OmegaConfBaseException
+
+from orchestrator.config import Config, ConfigError, validate
+
+EXIT_BAD_INPUT = 2
+RECIPE_GROUP = "recipe"
+
+
+def packaged_recipes() -> list[str]:
+    folder = resources.files("recipes") / RECIPE_GROUP
+    return sorted(p.name[:-5] for p in folder.iterdir() if p.name.endswith(".yaml"))
+
+
+def available_recipes(extra_dirs: Sequence[str]) -> list[str]:
+    names = set(packaged_recipes())
+    for folder in extra_dirs:
+        names.update(p.stem for p in (Path(folder) / RECIPE_GROUP).glob("*.yaml"))
+    return sorted(names)
+
+
+def _field_names(cls) -> list[str]:
+    return [f.name for f in dataclasses.fields(cls)]
+
+
+def check_override_key(key: str) -> None:
+    """The key must name a field of the schema; the error lists the valid keys at the level that went wrong."""
+    node, path = Config, []
+    for part in key.split("."):
+        if not dataclasses.is_dataclass(node) or part not in _field_names(node):
+            where = ".".join(path) or "the top level"
+            valid = _field_names(node) if dataclasses.is_dataclass(node) else []
+            suffix = f"; valid keys in {where}: {', '.join(valid)}" if valid else f"; {where} has no sub-keys"
+            raise ConfigError(f"unknown key '{key}'{suffix}")
+        node = next(f.type for f in dataclasses.fields(node) if f.name == part)
+        node = _resolve_type(node)
+        path.append(part)
+
+
+def _resolve_type(annotation):
+    """Field types are strings under postponed annotations; map section names back to their dataclasses."""
+    if isinstance(annotation, str):
+        import orchestrator.config as schema
+
+        return getattr(schema, annotation, annotation)
+    return annotation
+
+
+def check_overrides(overrides: Sequence[str], extra_dirs: Sequence[str]) -> None:
+    try:
+        parsed = OverridesParser.create().parse_overrides(list(overrides))
+    except HydraException as err:
+        raise ConfigError(f"cannot parse overrides {' '.join(overrides)}: {str(err).splitlines()[0]}") from None
+    for override in parsed:
+        key = override.key_or_group
+        if override.is_add() or override.is_delete() or override.is_force_add():
+            raise ConfigError(f"'{override.input_line}': adding or deleting keys is not allowed; "
+                              f"set an existing key as key=value")
+        if key == RECIPE_GROUP:
+            name, valid = override.value(), available_recipes(extra_dirs)
+            if name not in valid:
+                raise ConfigError(f"recipe={name}: unknown recipe; valid: {', '.join(valid)}")
+            continue
+        check_override_key(key)
+
+
+def compose_config(overrides: Sequence[str], extra_dirs: Sequence[str] = ()) -> Config:
+    """Recipe + overrides -> a validated Config, or ConfigError with a one-line message."""
+    check_overrides(overrides, extra_dirs)
+    ConfigStore.instance().store(name="schema", node=Config)
+    search = [f"hydra.searchpath=[{','.join('file://' + str(Path(d).resolve()) for d in extra_dirs)}]"] \
+        if extra_dirs else []
+    GlobalHydra.instance().clear()
+    try:
+        with initialize_config_module(config_module="recipes", version_base="1.3"):
+            composed = compose(config_name="config", overrides=search + list(overrides))
+        cfg = OmegaConf.to_object(composed)
+    except (HydraException, OmegaConfBaseException) as err:
+        raise ConfigError(_one_line(err)) from None
+    validate(cfg)
+    return cfg
+
+
+def _one_line(err: BaseException) -> str:
+    """OmegaConf errors wrapped by Hydra: name the full key and keep the first line of the reason."""
+    cause = err
+    while cause.__cause__ is not None:
+        cause = cause.__cause__
+    key = getattr(cause, "full_key", None)
+    reason = str(cause).splitlines()[0] if str(cause) else type(cause).__name__
+    return f"{key}: {reason}" if key else reason
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="orchestrate", description="Train large models across many machines.")
+    commands = parser.add_subparsers(dest="command", required=True)
+    launch = commands.add_parser("launch", help="train a recipe (embedded local Ray unless cluster.address is set)")
+    launch.add_argument("overrides", nargs="*", help="recipe=NAME and key=value overrides (Hydra grammar)")
+    launch.add_argument("--recipes-dir", action="append", default=[],
+                        help="extra folder with recipe/NAME.yaml files (repeatable)")
+    show = commands.add_parser("config", help="print the resolved config without running anything")
+    show.add_argument("overrides", nargs="*")
+    show.add_argument("--recipes-dir", action="append", default=[])
+    return parser
+
+
+def fail(message: str) -> int:
+    print(f"orchestrate: config error: {message}", file=sys.stderr)
+    return EXIT_BAD_INPUT
+
+
+def main(argv: Optional[Sequence[str]] = None) -> int:
+    args = build_parser().parse_args(argv)
+    try:
+        cfg = compose_config(args.overrides, args.recipes_dir)
+        if args.command == "config":
+            print(OmegaConf.to_yaml(OmegaConf.structured(cfg)))
+            return 0
+        from orchestrator.controller import Controller, RunState
+
+        controller = Controller(cfg)
+        result = controller.run()
+    except ConfigError as err:
+        return fail(str(err))
+    if result.state != RunState.FINISHED:
+        print(f"orchestrate: run failed: {result.error} (run dir {result.run_dir})", file=sys.stderr)
+        return 1
+    loss = f"{result.final_loss:.4f}" if result.final_loss is not None else "-"
+    print(f"finished {result.steps} steps, final loss {loss}; run dir {result.run_dir}")
+    return 0
+
+
+def entrypoint() -> None:
+    sys.exit(main())

@@ -1,0 +1,176 @@
+"""The controller: one state machine per run that owns the worker group, the metric stream and the run directory.
+
+STARTING -> RUNNING -> FINISHED | FAILED   (RECOVERING -> RUNNING arrives with in-memory recovery)
+"""
+from __future__ import annotations
+
+import enum
+import time
+from dataclasses import dataclass, field
+from datetime import datetime
+from pathlib import Path
+from typing import Optional
+
+from omegaconf import OmegaConf
+from ray.exceptions import RayError
+
+from cluster.ray_cluster import RayRuntime, local_capacity
+from cluster.worker_group import PlacementError, WorkerGroup, WorkerGroupError
+from orchestrator.config import Config, ConfigError
+from orchestrator.metrics import MetricsLog
+from orchestrator.progress import ProgressLine
+from orchestrator.worker import TrainWorker
+
+POLL_INTERVAL_S = 0.2
+
+
+class RunState(str, enum.Enum):
+    STARTING = "STARTING"
+    RUNNING = "RUNNING"
+    RECOVERING = "RECOVERING"
+    FINISHED = "FINISHED"
+    FAILED = "FAILED"
+
+
+@dataclass
+class RunResult:
+    state: RunState
+    run_dir: Path
+    steps: int = 0
+    final_loss: Optional[float] = None
+    eval_loss: Optional[float] = None
+    error: Optional[str] = None
+    first_step_s: Optional[float] = None  # seconds from controller start to the first finished step
+
+
+def default_run_dir(cfg: Config) -> Path:
+    return Path("runs") / f"{cfg.run.name}-{datetime.now().strftime('%Y%m%d-%H%M%S-%f')}"
+
+
+def check_capacity(cfg: Config, cpus: float, gpus: float, where: str) -> None:
+    c, world = cfg.cluster, cfg.world_size
+    need_cpus, need_gpus = world * c.cpus_per_worker, world * c.gpus_per_worker
+    if need_cpus > cpus + 1e-9:
+        raise ConfigError(
+            f"cluster.cpus_per_worker={c.cpus_per_worker}: {world} workers need {need_cpus:g} CPUs but {where} "
+            f"has {cpus:g} (lower cluster.cpus_per_worker or the parallel degrees)")
+    if need_gpus > gpus + 1e-9:
+        raise ConfigError(f"cluster.gpus_per_worker={c.gpus_per_worker}: {world} workers need {need_gpus:g} "
+                          f"GPUs but {where} has {gpus:g}")
+
+
+def aggregate_step(reports: list[dict], run_start: float, tokens_per_step: int) -> dict:
+    """One metrics.jsonl record from the per-rank reports of a step (in rank order, so sums are deterministic)."""
+    losses = [r["loss"] for r in reports if r["loss"] is not None]
+    step_time = max(r["step_time"] for r in reports)
+    return {
+        "step": reports[0]["step"],
+        "loss": sum(losses) / len(losses) if losses else None,
+        "lr": reports[0]["lr"],
+        "tokens": reports[0]["tokens"],
+        "tokens_per_s": tokens_per_step / step_time,
+        "step_time": step_time,
+        "comm_bytes": reports[0]["comm_bytes"],
+        "comm_peak_bytes": reports[0]["comm_peak_bytes"],
+        "wall_time": max(r["time"] for r in reports) - run_start,
+    }
+
+
+class Controller:
+    def __init__(self, cfg: Config):
+        self.cfg = cfg
+        self.state = RunState.STARTING
+        self.start_time = time.time()
+
+    def preflight(self) -> None:
+        """Checks that need to know the cluster; for the embedded cluster they run before anything starts."""
+        if self.cfg.cluster.address is None:
+            capacity = local_capacity(self.cfg.cluster.num_cpus)
+            check_capacity(self.cfg, capacity.cpus, capacity.gpus, "this machine's local cluster")
+
+    def run(self) -> RunResult:
+        self.preflight()
+        cfg = self.cfg
+        run_dir = Path(cfg.run.dir) if cfg.run.dir else default_run_dir(cfg)
+        run_dir.mkdir(parents=True, exist_ok=True)
+        resolved = OmegaConf.to_container(OmegaConf.structured(cfg))
+        (run_dir / "config.yaml").write_text(OmegaConf.to_yaml(resolved))
+        result = RunResult(RunState.STARTING, run_dir)
+        progress = ProgressLine(cfg.train.steps, cfg.logging.progress, cfg.logging.log_every)
+        metrics = MetricsLog(run_dir, cfg.logging.wandb, cfg.run.name, resolved)
+        try:
+            with RayRuntime(cfg.cluster.address, cfg.cluster.num_cpus, cfg.cluster.object_store_mb) as runtime:
+                if cfg.cluster.address is not None:
+                    res = runtime.resources()
+                    check_capacity(cfg, res.cpus, res.gpus, f"the cluster at {cfg.cluster.address}")
+                self._run_group(resolved, result, progress, metrics)
+        except (WorkerGroupError, RayError) as err:
+            result.error = str(err).splitlines()[0] if str(err) else type(err).__name__
+            self.state = RunState.FAILED
+        finally:
+            progress.close()
+            metrics.close()
+        result.state = self.state
+        return result
+
+    def _run_group(self, resolved: dict, result: RunResult, progress: ProgressLine, metrics: MetricsLog) -> None:
+        cfg, c = self.cfg, self.cfg.cluster
+        try:
+            group = WorkerGroup(TrainWorker, cfg.world_size, c.cpus_per_worker, c.gpus_per_worker,
+                                c.start_timeout_s, c.collective_timeout_s)
+        except PlacementError as err:
+            raise ConfigError(f"cluster.cpus_per_worker={c.cpus_per_worker}: {err}") from None
+        try:
+            infos = group.run("setup", resolved)
+            progress.message(f"{cfg.world_size} workers ({infos[0]['n_params']:,} parameters, "
+                             f"backend {group.infos[0]['backend']}) training {cfg.train.steps} steps")
+            self.state = RunState.RUNNING
+            reporters = [info["rank"] for info in infos if info["reports_loss"]]
+            self._stream_training(group, reporters, result, progress, metrics)
+            if cfg.train.eval_batches > 0:
+                losses = [x for x in group.run("evaluate", cfg.train.eval_batches) if x is not None]
+                result.eval_loss = sum(losses) / len(losses)
+                metrics.log({"step": result.steps, "eval_loss": result.eval_loss})
+                progress.message(f"eval loss {result.eval_loss:.4f}")
+            self.state = RunState.FINISHED
+        finally:
+            group.shutdown()
+
+    def _stream_training(self, group: WorkerGroup, reporters: list[int], result: RunResult,
+                         progress: ProgressLine, metrics: MetricsLog) -> None:
+        import ray
+
+        tokens_per_step = self.cfg.train.global_batch_size * self.cfg.train.seq_len
+        pending_by_step: dict[int, dict[int, dict]] = {}
+        train_refs = group.call_async("train", self.cfg.train.steps)
+        unfinished = list(train_refs)
+        while True:
+            if unfinished:
+                _, unfinished = ray.wait(unfinished, num_returns=len(unfinished), timeout=POLL_INTERVAL_S)
+                self._raise_if_failed(group, train_refs, result)
+            polls = group._get(group.call_async("poll_metrics", ranks=reporters, control=True))
+            for rank, reports in zip(reporters, polls):
+                for report in reports:
+                    pending_by_step.setdefault(report["step"], {})[rank] = report
+            for step in sorted(pending_by_step):
+                if len(pending_by_step[step]) < len(reporters):
+                    break
+                by_rank = pending_by_step.pop(step)
+                record = aggregate_step([by_rank[r] for r in reporters], self.start_time, tokens_per_step)
+                metrics.log(record)
+                progress.update(record)
+                result.steps, result.final_loss = record["step"], record["loss"]
+                if result.first_step_s is None:
+                    result.first_step_s = record["wall_time"]
+            if not unfinished and not pending_by_step:
+                break
+
+    def _raise_if_failed(self, group: WorkerGroup, train_refs: list, result: RunResult) -> None:
+        rank = group.rank_of_failure(train_refs)
+        if rank is not None:
+            raise WorkerGroupError(f"rank {rank} died during step {result.steps + 1}", rank=rank)
+        import ray
+
+        for ref in train_refs:  # an application error in a rank: surface its message
+            if ray.wait([ref], timeout=0)[0]:
+                ray.get(ref)

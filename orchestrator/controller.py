@@ -22,6 +22,17 @@ from orchestrator.progress import ProgressLine
 from orchestrator.worker import TrainWorker
 
 POLL_INTERVAL_S = 0.2
+DEATH_REPORT_GRACE_S = 3.0
+
+
+def _raises(ref) -> bool:
+    import ray
+
+    try:
+        ray.get(ref)
+        return False
+    except Exception:  # noqa: BLE001 - any failure of a rank's call
+        return True
 
 
 class RunState(str, enum.Enum):
@@ -73,6 +84,7 @@ def aggregate_step(reports: list[dict], run_start: float, tokens_per_step: int) 
         "comm_bytes": reports[0]["comm_bytes"],
         "comm_peak_bytes": reports[0]["comm_peak_bytes"],
         "wall_time": max(r["time"] for r in reports) - run_start,
+        "time": max(r["time"] for r in reports),
     }
 
 
@@ -166,11 +178,23 @@ class Controller:
                 break
 
     def _raise_if_failed(self, group: WorkerGroup, train_refs: list, result: RunResult) -> None:
-        rank = group.rank_of_failure(train_refs)
-        if rank is not None:
-            raise WorkerGroupError(f"rank {rank} died during step {result.steps + 1}", rank=rank)
+        """A dead rank is the root cause to report; its neighbours' collective errors are only symptoms."""
         import ray
 
-        for ref in train_refs:  # an application error in a rank: surface its message
-            if ray.wait([ref], timeout=0)[0]:
-                ray.get(ref)
+        failed = [ref for ref in train_refs if ray.wait([ref], timeout=0)[0] and _raises(ref)]
+        if not failed:
+            return
+        deadline = time.monotonic() + DEATH_REPORT_GRACE_S
+        while (rank := group.rank_of_failure(train_refs)) is None and time.monotonic() < deadline:
+            time.sleep(0.1)
+        if rank is not None:
+            raise WorkerGroupError(f"rank {rank} died during step {self._survivor_step(group, rank) + 1}", rank=rank)
+        ray.get(failed[0])  # an application error in a rank: surface its message
+
+    def _survivor_step(self, group: WorkerGroup, dead_rank: int) -> int:
+        """The newest step the surviving ranks finished (they wait for the dead rank in the next one)."""
+        survivors = [r for r in range(group.world_size) if r != dead_rank]
+        try:
+            return max(group._get(group.call_async("finished_step", ranks=survivors, control=True), 10.0))
+        except Exception:  # noqa: BLE001 - best effort: more ranks may be dying
+            return 0

@@ -42,6 +42,7 @@ class TrainWorker(DistributedWorker):
         self.trainer: Trainer | None = None
         self._metrics: list[dict] = []
         self._lock = threading.Lock()
+        self._in_step = False
 
     def setup(self, cfg_dict: dict) -> dict:
         self.cfg = cfg = config_from_dict(cfg_dict)
@@ -70,7 +71,9 @@ class TrainWorker(DistributedWorker):
         for _ in range(n_steps):
             if fault.kill_rank == self.rank and fault.at_step == self.trainer.step + 1:
                 os._exit(1)  # a deliberate abrupt death (fault.kind=process), as a crash would be
+            self._in_step = True
             metrics = self.trainer.train_step()
+            self._in_step = False
             self._publish(metrics)
         return {"step": self.trainer.step}
 
@@ -83,6 +86,9 @@ class TrainWorker(DistributedWorker):
     def _publish(self, metrics: StepMetrics) -> None:
         with self._lock:
             self._metrics.append(metrics.as_dict())
+
+    def finished_step(self) -> int:
+        return self.trainer.step - 1 if self.trainer.step and self._in_step else self.trainer.step
 
     def poll_metrics(self) -> list[dict]:
         """Metrics of the steps finished since the last poll (runs beside train in the control group)."""

@@ -1,0 +1,19 @@
+"""Test environment: loopback-only Ray without token auth, no wandb network, one thread per process."""
+import os
+
+os.environ.setdefault("RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER", "0")
+os.environ.setdefault("RAY_AUTH_MODE", "disabled")
+os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
+os.environ.setdefault("WANDB_MODE", "disabled")
+os.environ.setdefault("OMP_NUM_THREADS", "1")
+
+import pytest  # noqa: E402
+
+
+@pytest.fixture(scope="module")
+def local_ray():
+    """A fresh embedded Ray cluster for the tests of one module, torn down by the PIDs it started."""
+    from cluster.ray_cluster import RayRuntime
+
+    with RayRuntime(address=None, num_cpus=2, object_store_mb=256) as runtime:
+        yield runtime

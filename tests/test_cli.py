@@ -1,0 +1,78 @@
+"""End-to-end: the real ``orchestrate`` command in a subprocess, with an embedded Ray of its own."""
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import psutil
+import pytest
+
+ENV = {**os.environ, "WANDB_MODE": "disabled"}
+
+
+def orchestrate(*args: str, timeout: float = 300) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, "-m", "orchestrator", *args], capture_output=True, text=True,
+                          timeout=timeout, env=ENV)
+
+
+def ray_processes_of_ours() -> set[int]:
+    return {p.pid for p in psutil.process_iter(["cmdline"])
+            if any("orch-ray-" in part for part in (p.info["cmdline"] or []))}
+
+
+def losses(run_dir: Path) -> list[float]:
+    records = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
+    return [r["loss"] for r in records if "loss" in r]
+
+
+@pytest.mark.slow
+def test_launch_trains_with_falling_loss_and_is_deterministic(tmp_path):
+    before = ray_processes_of_ours()
+    runs = []
+    for name in ("a", "b"):
+        run_dir = tmp_path / name
+        result = orchestrate("launch", "recipe=quickstart", "train.steps=30", f"run.dir={run_dir}")
+        assert result.returncode == 0, result.stderr[-3000:]
+        assert "finished 30 steps" in result.stdout
+        assert "step 30/30" in result.stdout and "tok/s" in result.stdout
+        runs.append(run_dir)
+    assert ray_processes_of_ours() <= before  # nothing left running after the command returned
+    first = losses(runs[0])
+    assert len(first) == 30
+    assert sum(first[-5:]) / 5 < 0.8 * sum(first[:5]) / 5  # clearly falling
+    assert first == losses(runs[1])  # same recipe and seed: bit-identical losses
+    record = json.loads((runs[0] / "metrics.jsonl").read_text().splitlines()[-1])
+    for key in ("step", "loss", "lr", "tokens", "tokens_per_s", "comm_bytes", "wall_time"):
+        assert key in record
+    assert record["tokens"] == 30 * 8 * 128 and record["comm_bytes"] > 0
+    assert "parallel:\n  dp: 2" in (runs[0] / "config.yaml").read_text()
+
+
+@pytest.mark.parametrize("args, message", [
+    (["parallel.tpp=2"], "unknown key 'parallel.tpp'; valid keys in parallel: dp, tp, pp, cp"),
+    (["train.steps=abc"], "train.steps: Value 'abc' of type 'str' could not be converted to Integer"),
+    (["recipe=nope"], "recipe=nope: unknown recipe; valid: quickstart, small"),
+    (["cluster.num_workers=3"], "cluster.num_workers=3: must equal parallel.dp*tp*pp*cp = 2*1*1*1 = 2"),
+    (["parallel.dp=8", "cluster.cpus_per_worker=1"],
+     "cluster.cpus_per_worker=1.0: 8 workers need 8 CPUs but this machine's local cluster has 2"),
+])
+def test_bad_input_exits_2_with_one_line_and_starts_nothing(tmp_path, args, message):
+    run_dir = tmp_path / "run"
+    result = orchestrate("launch", "recipe=quickstart", "cluster.num_cpus=2", f"run.dir={run_dir}", *args,
+                         timeout=120)
+    assert result.returncode == 2, result.stderr
+    lines = result.stderr.strip().splitlines()
+    assert len(lines) == 1 and message in lines[0], result.stderr
+    assert not run_dir.exists()
+
+
+@pytest.mark.slow
+def test_killed_rank_fails_the_run_with_a_clear_error(tmp_path):
+    before = ray_processes_of_ours()
+    result = orchestrate("launch", "recipe=quickstart", "train.steps=10", "fault.kill_rank=1", "fault.at_step=4",
+                         f"run.dir={tmp_path / 'run'}")
+    assert result.returncode == 1
+    assert "rank 1 died during step 4" in result.stderr
+    assert len(losses(tmp_path / "run")) <= 3
+    assert ray_processes_of_ours() <= before

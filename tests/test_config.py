@@ -1,0 +1,34 @@
+import pytest
+
+from orchestrator.cli import compose_config, packaged_recipes
+from orchestrator.config import ConfigError
+
+
+def test_recipes_compose_with_overrides():
+    assert {"quickstart", "small"} <= set(packaged_recipes())
+    cfg = compose_config(["recipe=quickstart", "parallel.dp=1", "train.steps=7", "train.seed=3"])
+    assert (cfg.parallel.dp, cfg.train.steps, cfg.train.seed) == (1, 7, 3)
+    assert cfg.world_size == 1
+    small = compose_config(["recipe=small"])
+    assert small.model.dim == 480 and small.run.name == "small"
+
+
+@pytest.mark.parametrize("overrides, message", [
+    (["parallel.tpp=2"], "unknown key 'parallel.tpp'; valid keys in parallel: dp, tp, pp, cp"),
+    (["trian.steps=2"], "unknown key 'trian.steps'; valid keys in the top level: run, model"),
+    (["+parallel.tpp=2"], "adding or deleting keys is not allowed"),
+    (["parallel.dp=abc"], "parallel.dp: Value 'abc' of type 'str' could not be converted to Integer"),
+    (["train.steps=1.5"], "train.steps: Value '1.5' of type 'float' could not be converted to Integer"),
+    (["recipe=quikstart"], "recipe=quikstart: unknown recipe; valid: "),
+    (["cluster.num_workers=3"], "cluster.num_workers=3: must equal parallel.dp*tp*pp*cp"),
+    (["sync.name=gossip"], "sync.name=gossip: unknown; valid: ddp"),
+    (["parallel.dp=3"], "train.global_batch_size=8: must be divisible by parallel.dp=3"),
+    (["model.n_heads=3"], "model.n_heads=3: must divide model.dim=128"),
+    (["fault.kill_rank=5", "fault.at_step=2"], "fault.kill_rank=5: valid: 0..1"),
+])
+def test_bad_input_is_one_line_naming_the_key(overrides, message):
+    with pytest.raises(ConfigError) as err:
+        compose_config(["recipe=quickstart", *overrides])
+    text = str(err.value)
+    assert message in text
+    assert "\n" not in text

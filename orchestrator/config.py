@@ -75,6 +75,7 @@ class ParallelConfig:
     tp: int = 1
     pp: int = 1
     cp: int = 1
+    dp_shard: bool = False  # shard parameters/gradients/optimizer state over dp (FSDP2) instead of replicating
 
 
 @dataclass
@@ -203,6 +204,8 @@ def validate(cfg: Config) -> None:
     _require(0.0 <= cfg.data.val_fraction < 0.5, f"data.val_fraction={cfg.data.val_fraction}: valid: [0, 0.5)")
     _require(cfg.cluster.cpus_per_worker > 0,
              f"cluster.cpus_per_worker={cfg.cluster.cpus_per_worker}: must be > 0")
+    _require(not cfg.parallel.dp_shard or cfg.sync.name == "ddp",
+             f"parallel.dp_shard=true: needs sync.name=ddp (got {cfg.sync.name})")
     f = cfg.fault
     if f.kill_rank is not None or f.at_step is not None:
         _require(f.kill_rank is not None and f.at_step is not None,

@@ -14,8 +14,9 @@ from orchestrator.data import ResumableSampler, WindowedTokens, eval_window_ids,
 from orchestrator.models import LlamaConfig, build_llama, cross_entropy_loss
 from orchestrator.trainer import StepMetrics, Trainer, build_lr_scheduler, build_optimizer
 from parallel.comm import CommCounter
-from parallel.mesh import build_mesh, replica_group
-from parallel.sync import build_sync
+from parallel.mesh import build_mesh, replica_mesh
+from parallel.sync import SyncStrategy, build_sync
+from parallel.sync.fsdp import FSDPSync
 
 
 def config_from_dict(cfg_dict: dict) -> Config:
@@ -35,6 +36,13 @@ def build_data(cfg: Config) -> WindowedTokens:
     return WindowedTokens(tokens, cfg.train.seq_len, cfg.data.val_fraction)
 
 
+def build_sync_strategy(cfg: Config, mesh) -> SyncStrategy:
+    replicas = replica_mesh(mesh)
+    if cfg.parallel.dp_shard:
+        return FSDPSync(replicas, CommCounter())
+    return build_sync(cfg.sync.name, replicas.get_group(), CommCounter())
+
+
 class TrainWorker(DistributedWorker):
     def __init__(self, rank: int, world_size: int):
         super().__init__(rank, world_size)
@@ -52,7 +60,7 @@ class TrainWorker(DistributedWorker):
         device = torch.device(self.device_type)
         mesh = build_mesh(dims, self.device_type)
         model = build_llama(llama_config(cfg), seed=cfg.train.seed).to(device)
-        sync = build_sync(cfg.sync.name, replica_group(mesh), CommCounter())
+        sync = build_sync_strategy(cfg, mesh)
         wrapped = sync.wrap_model(model)
         optimizer = sync.build_optimizer(model.parameters(), lambda _params: build_optimizer(cfg.optim, model))
         scheduler = build_lr_scheduler(cfg.optim, cfg.train.steps, optimizer)

@@ -62,6 +62,10 @@ def build_mesh(dims: ParallelDims, device_type: str) -> DeviceMesh:
     return init_device_mesh(device_type, dims.shape, mesh_dim_names=MESH_DIMS)
 
 
+def replica_mesh(mesh: DeviceMesh) -> DeviceMesh:
+    """The ranks that hold the same parameters: dp flattened with cp (cp ranks see other tokens of a sample)."""
+    return mesh["dp", "cp"]._flatten("dp_cp")
+
+
 def replica_group(mesh: DeviceMesh):
-    """The process group of ranks that hold the same parameters: dp flattened with cp (cp ranks see other tokens)."""
-    return mesh["dp", "cp"]._flatten("dp_cp").get_group()
+    return replica_mesh(mesh).get_group()

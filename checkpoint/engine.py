@@ -1,0 +1,230 @@
+"""The lazy asynchronous multi-level checkpoint engine (DESIGN.md sections 2-3).
+
+Trainer integration (the training-step contract)::
+
+    loss = forward_backward(batch)          # meanwhile the engine copies version step-1 into the host arena
+    sync.before_optimizer(step)
+    engine.wait_until_copied()              # blocks only if that copy is unfinished
+    optimizer.step(); sync.after_optimizer(step)
+    engine.snapshot(step, state_fn, trainer_state)   # cheap: captures references, starts the copy
+
+The lazy contract: ``snapshot`` does not copy. It records the tensors ``state_fn`` returns and a background thread
+copies them into the arena. Until ``wait_until_copied`` returns, the caller must not mutate those tensors
+(parameters, optimizer moments, sync state); reading them (forward/backward) is fine. This holds naturally when
+``wait_until_copied`` sits right before ``optimizer.step()``.
+
+Levels: L0 is the arena in this process. Every ``persist_every``-th snapshot is handed to a persister (L2:
+``UniversalPersister`` writes the universal format) on another thread, from the arena copy, never from live
+tensors. While a persist reads the arena, the next copy waits for it (back-pressure, as a full host pool does in
+DataStates-LLM) instead of skipping: every rank then snapshots and persists the same versions, which a
+distributed commit needs. A persist that is slower than ``persist_every`` snapshots therefore shows up as
+trainer blocked time in ``stats``.
+"""
+from __future__ import annotations
+
+import json
+import time
+from collections import deque
+from concurrent.futures import Future, ThreadPoolExecutor
+from dataclasses import asdict, dataclass, replace
+from pathlib import Path
+from typing import Callable, Iterable, Optional, Protocol, Sequence
+
+from checkpoint.arena import HostArena
+from checkpoint.universal import (CheckpointError, FragmentSpec, TrainerState, commit_version, version_dir,
+                                  wait_for_ranks, write_fragments)
+
+StateFn = Callable[[], Iterable[FragmentSpec]]
+
+
+@dataclass
+class CheckpointConfig:
+    """What the framework exposes under ``checkpoint.*``."""
+
+    dir: str = "checkpoints"
+    every: int = 1  # snapshot (L0) every N optimizer steps
+    persist_every: int = 0  # write every K-th snapshot to ``dir`` (L2); 0 disables persistence
+    keep: int = 2  # committed versions kept on disk
+
+    def validate(self) -> None:
+        for key, minimum in (("every", 1), ("persist_every", 0), ("keep", 1)):
+            value = getattr(self, key)
+            if not isinstance(value, int) or value < minimum:
+                raise CheckpointError(f"checkpoint.{key}={value!r}: must be an integer >= {minimum}")
+
+    def build(self, rank: int = 0, world_ranks: Sequence[int] = (0,)) -> "CheckpointEngine":
+        """An engine with a fresh arena, persisting to ``dir`` in the universal format when enabled."""
+        self.validate()
+        persister = UniversalPersister(self.dir, rank, world_ranks, self.keep) if self.persist_every else None
+        return CheckpointEngine(HostArena(), self.every, self.persist_every, persister)
+
+
+class Persister(Protocol):
+    def persist(self, version: int, fragments: list[FragmentSpec], trainer_state: TrainerState) -> None: ...
+
+    def close(self) -> None: ...
+
+
+@dataclass
+class SnapshotStats:
+    version: int
+    blocked_s: float = 0.0  # trainer time spent in snapshot() plus wait_until_copied() for this version
+    persist_wait_s: float = 0.0  # copy thread waiting for the previous persist to release the arena
+    copy_s: float = 0.0
+    persist_s: Optional[float] = None  # None when this version was not persisted (or not yet)
+
+
+def _frozen(trainer_state: TrainerState) -> TrainerState:
+    """A deep copy taken at snapshot time; the JSON round trip also rejects non-JSON values early."""
+    return TrainerState.from_json(json.loads(json.dumps(asdict(trainer_state))))
+
+
+class CheckpointEngine:
+    def __init__(self, arena: HostArena, every: int = 1, persist_every: int = 0,
+                 persister: Optional[Persister] = None, history: int = 1024):
+        CheckpointConfig(every=every, persist_every=persist_every).validate()
+        if persist_every and persister is None:
+            raise CheckpointError("checkpoint.persist_every > 0 needs a persister")
+        self.arena = arena
+        self.every = every
+        self.persist_every = persist_every
+        self.persister = persister
+        self.stats: deque[SnapshotStats] = deque(maxlen=history)
+        self.copied_version: Optional[int] = None
+        self.persisted_version: Optional[int] = None
+        self._copier = ThreadPoolExecutor(1, thread_name_prefix="ckpt-copy")
+        self._writer = ThreadPoolExecutor(1, thread_name_prefix="ckpt-persist")
+        self._copy: Optional[Future] = None
+        self._persist: Optional[Future] = None
+
+    # ------------------------------------------------------------------ trainer-thread API
+
+    def is_due(self, step: int) -> bool:
+        return step % self.every == 0
+
+    def will_persist(self, step: int) -> bool:
+        """Decided from the step alone so that every rank persists the same versions."""
+        return bool(self.persist_every) and step % (self.every * self.persist_every) == 0
+
+    def snapshot(self, step: int, state_fn: StateFn, trainer_state: Optional[TrainerState] = None) -> bool:
+        """Mark version ``step`` and start copying it in the background; False when no snapshot is due.
+
+        ``state_fn`` runs here, on the trainer thread, and must only collect references (no copies)."""
+        if not self.is_due(step):
+            return False
+        started = time.perf_counter()
+        self.wait_until_copied()
+        fragments = list(state_fn())
+        if len({fragment.key for fragment in fragments}) != len(fragments):
+            raise CheckpointError(f"snapshot {step}: state_fn returned the same fragment key twice")
+        stats = SnapshotStats(step)
+        self.stats.append(stats)
+        state = _frozen(trainer_state if trainer_state is not None else TrainerState(step=step))
+        self._copy = self._copier.submit(self._copy_job, stats, fragments, state, self.will_persist(step))
+        stats.blocked_s += time.perf_counter() - started
+        return True
+
+    def wait_until_copied(self) -> None:
+        """Return once the last snapshot is in the arena; re-raises a failed copy or persist."""
+        if self._copy is None:
+            return
+        started = time.perf_counter()
+        try:
+            self._copy.result()
+        finally:
+            self._copy = None
+            self.stats[-1].blocked_s += time.perf_counter() - started
+
+    def close(self) -> None:
+        """Finish the outstanding copy and persist, then close the persister."""
+        try:
+            self.wait_until_copied()
+            if self._persist is not None:
+                self._persist.result()
+        finally:
+            self._copier.shutdown(wait=True)
+            self._writer.shutdown(wait=True)
+            if self.persister is not None:
+                self.persister.close()
+
+    def __enter__(self) -> "CheckpointEngine":
+        return self
+
+    def __exit__(self, *exc_info) -> None:
+        self.close()
+
+    # ------------------------------------------------------------------ background threads
+
+    def _copy_job(self, stats: SnapshotStats, fragments: list[FragmentSpec], state: TrainerState,
+                  persist: bool) -> None:
+        started = time.perf_counter()
+        self._release_arena()
+        copied = time.perf_counter()
+        stats.persist_wait_s = copied - started
+        buffers = self.arena.copy_from({fragment.key: fragment.tensor for fragment in fragments})
+        stats.copy_s = time.perf_counter() - copied
+        self.copied_version = stats.version
+        if persist:
+            held = [replace(fragment, tensor=buffers[fragment.key]) for fragment in fragments]
+            self._persist = self._writer.submit(self._persist_job, stats, held, state)
+
+    def _release_arena(self) -> None:
+        """Wait until the previous persist no longer reads the arena; its failure surfaces here."""
+        if self._persist is None:
+            return
+        try:
+            self._persist.result()
+        finally:
+            self._persist = None
+
+    def _persist_job(self, stats: SnapshotStats, fragments: list[FragmentSpec], state: TrainerState) -> None:
+        started = time.perf_counter()
+        self.persister.persist(stats.version, fragments, state)
+        stats.persist_s = time.perf_counter() - started
+        self.persisted_version = stats.version
+
+
+class UniversalPersister:
+    """L2: writes this rank's part of a version in the universal format; the coordinator commits it.
+
+    The coordinator (by default the lowest rank) commits on its own thread once every rank's index exists, so
+    waiting for slower ranks never holds the arena. Without a shared directory, or when a controller owns
+    commits, pass ``coordinator=False`` everywhere and call ``universal.commit_version`` from the controller."""
+
+    def __init__(self, root: str | Path, rank: int = 0, world_ranks: Sequence[int] = (0,), keep: int = 2,
+                 coordinator: Optional[bool] = None, commit_timeout_s: float = 600.0):
+        self.root = Path(root)
+        self.rank = rank
+        self.world_ranks = tuple(world_ranks)
+        self.keep = keep
+        self.coordinator = rank == min(self.world_ranks) if coordinator is None else coordinator
+        self.commit_timeout_s = commit_timeout_s
+        self.committed_version: Optional[int] = None
+        self._committer = ThreadPoolExecutor(1, thread_name_prefix="ckpt-commit") if self.coordinator else None
+        self._commits: list[Future] = []
+
+    def persist(self, version: int, fragments: list[FragmentSpec], trainer_state: TrainerState) -> None:
+        self._raise_failed_commits()
+        write_fragments(version_dir(self.root, version), self.rank, fragments)
+        if self._committer is not None:
+            self._commits.append(self._committer.submit(self._commit, version, trainer_state))
+
+    def _commit(self, version: int, trainer_state: TrainerState) -> None:
+        wait_for_ranks(version_dir(self.root, version), self.world_ranks, self.commit_timeout_s)
+        commit_version(self.root, version, trainer_state, self.world_ranks, self.keep)
+        self.committed_version = version
+
+    def _raise_failed_commits(self) -> None:
+        done = [future for future in self._commits if future.done()]
+        self._commits = [future for future in self._commits if not future.done()]
+        for future in done:
+            future.result()
+
+    def close(self) -> None:
+        try:
+            for future in self._commits:
+                future.result()
+        finally:
+            self._commits = []
+            if self._committer is not None:
+                self._committer.shutdown(wait=True)

@@ -110,6 +110,44 @@ def _one_line(err: BaseException) -> str:
     return f"{key}: {reason}" if key else reason
 
 
+def split_resume_args(args: Sequence[str]) -> tuple[str, list[str]]:
+    """``ckpt=DIR`` names the checkpoint; the rest are overrides of its saved config."""
+    ckpt = [a.split("=", 1)[1] for a in args if a.startswith("ckpt=")]
+    if len(ckpt) != 1 or not ckpt[0]:
+        raise ConfigError("ckpt=DIR: required once (a checkpoint root or one of its step-* version folders)")
+    return ckpt[0], [a for a in args if not a.startswith("ckpt=")]
+
+
+def compose_resume_config(ckpt: str, overrides: Sequence[str]) -> Config:
+    """The config saved in the checkpoint, with overrides (any layout the model allows), resuming from it."""
+    import torch
+
+    from checkpoint.universal import CheckpointError, read_manifest
+    from orchestrator.checkpointing import check_model_matches, resolve_version_dir
+    from orchestrator.models import Llama
+    from orchestrator.worker import llama_config
+
+    check_overrides(overrides, ())
+    if any(o.startswith("recipe=") for o in overrides):
+        raise ConfigError("recipe: cannot change on resume; the checkpoint's saved config is the base")
+    try:
+        version = resolve_version_dir(ckpt)
+        manifest = read_manifest(version)
+        merged = OmegaConf.merge(OmegaConf.structured(Config), manifest.trainer_state.config,
+                                 OmegaConf.from_dotlist(list(overrides)))
+        cfg = OmegaConf.to_object(merged)
+        cfg.checkpoint.resume_from = str(Path(ckpt).resolve())
+        validate(cfg)
+        with torch.device("meta"):
+            model = Llama(llama_config(cfg))
+        check_model_matches(manifest, {n: tuple(p.shape) for n, p in model.named_parameters()})
+    except CheckpointError as err:
+        raise ConfigError(str(err)) from None
+    except OmegaConfBaseException as err:
+        raise ConfigError(_one_line(err)) from None
+    return cfg
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="orchestrate", description="Train large models across many machines.")
     commands = parser.add_subparsers(dest="command", required=True)
@@ -117,6 +155,8 @@ def build_parser() -> argparse.ArgumentParser:
     launch.add_argument("overrides", nargs="*", help="recipe=NAME and key=value overrides (Hydra grammar)")
     launch.add_argument("--recipes-dir", action="append", default=[],
                         help="extra folder with recipe/NAME.yaml files (repeatable)")
+    resume = commands.add_parser("resume", help="continue from a checkpoint on any layout: ckpt=DIR [overrides]")
+    resume.add_argument("overrides", nargs="*", help="ckpt=DIR and key=value overrides of the saved config")
     show = commands.add_parser("config", help="print the resolved config without running anything")
     show.add_argument("overrides", nargs="*")
     show.add_argument("--recipes-dir", action="append", default=[])
@@ -131,7 +171,10 @@ def fail(message: str) -> int:
 def main(argv: Optional[Sequence[str]] = None) -> int:
     args = build_parser().parse_args(argv)
     try:
-        cfg = compose_config(args.overrides, args.recipes_dir)
+        if args.command == "resume":
+            cfg = compose_resume_config(*split_resume_args(args.overrides))
+        else:
+            cfg = compose_config(args.overrides, args.recipes_dir)
         if args.command == "config":
             print(OmegaConf.to_yaml(OmegaConf.structured(cfg)))
             return 0

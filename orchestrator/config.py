@@ -7,8 +7,9 @@ that need several keys at once (parallel degrees, batch divisibility).
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Optional
+from typing import List, Optional
 
+from orchestrator.models.llama import LlamaConfig
 from parallel.mesh import ParallelDims, ParallelConfigError
 
 
@@ -76,6 +77,13 @@ class ParallelConfig:
     pp: int = 1
     cp: int = 1
     dp_shard: bool = False  # shard parameters/gradients/optimizer state over dp (FSDP2) instead of replicating
+    cp_impl: str = "ring"  # ring | ulysses
+    sequence_parallel: bool = False  # shard norm/residual activations along the sequence between TP regions
+    loss_parallel: bool = True  # with tp: cross-entropy on vocabulary-sharded logits, never gathering them
+    pp_schedule: str = "1f1b"
+    microbatches: int = 4  # per replica and step, for pipeline schedules
+    pp_virtual_stages: int = 1  # stages per rank for looped schedules (interleaved_1f1b, looped_bfs, ...)
+    pp_split: Optional[List[int]] = None  # first layer of each stage after the first; None: balanced by cost
 
 
 @dataclass
@@ -85,11 +93,11 @@ class SyncConfig:
 
 @dataclass
 class CheckpointConfig:
-    dir: Optional[str] = None
-    every: int = 0  # 0 disables snapshots
-    persist_every: int = 1
-    keep: int = 2
-    resume_from: Optional[str] = None
+    dir: Optional[str] = None  # default: <run.dir>/checkpoints
+    every: int = 1  # snapshot (L0, host memory, copied while the next step computes) every N steps; 0: off
+    persist_every: int = 50  # write every K-th snapshot to disk (L2, universal format) in the background; 0: off
+    keep: int = 2  # committed versions kept on disk
+    resume_from: Optional[str] = None  # checkpoint root (follows 'latest') or a version directory
 
 
 @dataclass
@@ -159,8 +167,6 @@ CHOICES = {
     "sync.name": ("ddp",),
     "fault.kind": ("process",),
 }
-# Degrees whose implementations land with their issues; until then only 1 is valid.
-UNSUPPORTED_DEGREES = ("tp", "pp", "cp")
 
 
 def _get(cfg: Config, dotted: str):
@@ -184,9 +190,6 @@ def validate(cfg: Config) -> None:
         cfg.dims.validate(cfg.cluster.num_workers)
     except ParallelConfigError as err:
         raise ConfigError(str(err)) from None
-    for dim in UNSUPPORTED_DEGREES:
-        degree = getattr(cfg.parallel, dim)
-        _require(degree == 1, f"parallel.{dim}={degree}: not available in this version; valid: 1")
     for key in ("train.steps", "train.global_batch_size", "train.seq_len", "model.dim", "model.n_layers",
                 "model.n_heads", "model.n_kv_heads", "model.vocab_size", "logging.log_every"):
         _require(_get(cfg, key) > 0, f"{key}={_get(cfg, key)}: must be a positive integer")
@@ -204,6 +207,11 @@ def validate(cfg: Config) -> None:
     _require(0.0 <= cfg.data.val_fraction < 0.5, f"data.val_fraction={cfg.data.val_fraction}: valid: [0, 0.5)")
     _require(cfg.cluster.cpus_per_worker > 0,
              f"cluster.cpus_per_worker={cfg.cluster.cpus_per_worker}: must be > 0")
+    for key in ("checkpoint.every", "checkpoint.persist_every"):
+        _require(_get(cfg, key) >= 0, f"{key}={_get(cfg, key)}: must be >= 0 (0 turns it off)")
+    _require(cfg.checkpoint.keep >= 1, f"checkpoint.keep={cfg.checkpoint.keep}: must be >= 1")
+    validate_pipeline(cfg)
+    validate_tensor_and_context(cfg)
     _require(not cfg.parallel.dp_shard or cfg.sync.name == "ddp",
              f"parallel.dp_shard=true: needs sync.name=ddp (got {cfg.sync.name})")
     f = cfg.fault
@@ -213,3 +221,48 @@ def validate(cfg: Config) -> None:
         _require(0 <= f.kill_rank < cfg.world_size,
                  f"fault.kill_rank={f.kill_rank}: valid: 0..{cfg.world_size - 1}")
         _require(1 <= f.at_step <= t.steps, f"fault.at_step={f.at_step}: valid: 1..{t.steps}")
+
+
+def validate_pipeline(cfg: Config) -> None:
+    p = cfg.parallel
+    if p.pp == 1:
+        return
+    from parallel.pipeline import validate_pp
+
+    _require(cfg.train.eval_batches == 0, "train.eval_batches: evaluation is not available with parallel.pp > 1")
+    _require(not cfg.model.tie_embeddings, "model.tie_embeddings=true: not available with parallel.pp > 1")
+    _require(not p.dp_shard, "parallel.dp_shard=true: not available with parallel.pp > 1")
+    try:
+        validate_pp(cfg.model.n_layers, p.pp, p.pp_schedule, p.microbatches, p.pp_virtual_stages,
+                    cfg.train.global_batch_size // p.dp)
+    except ValueError as err:
+        raise ConfigError(str(err)) from None
+
+
+def validate_tensor_and_context(cfg: Config) -> None:
+    p = cfg.parallel
+    try:
+        if p.tp > 1:
+            from parallel.tensor import validate_tp
+
+            _require(not cfg.model.tie_embeddings, "model.tie_embeddings=true: not available with parallel.tp > 1")
+            validate_tp(llama_config(cfg), p.tp, cfg.train.seq_len // p.cp if p.sequence_parallel else None)
+        if p.cp > 1 or p.cp_impl not in ("ring", "ulysses"):
+            from parallel.context import validate_cp
+
+            validate_cp(cfg.train.seq_len, cfg.model.n_heads, p.cp, p.cp_impl, p.tp)
+    except ValueError as err:
+        raise ConfigError(str(err)) from None
+    if p.pp > 1:
+        _require(p.tp == 1 and p.cp == 1, f"parallel.pp={p.pp}: composing pipeline with parallel.tp or parallel.cp "
+                                          f"is not available yet (valid: tp=1 and cp=1 with pp > 1)")
+    _require(not (p.dp_shard and (p.tp > 1 or p.cp > 1)),
+             "parallel.dp_shard=true: not available with parallel.tp > 1 or parallel.cp > 1 yet")
+
+
+def llama_config(cfg: Config) -> LlamaConfig:
+    m = cfg.model
+    return LlamaConfig(vocab_size=m.vocab_size, dim=m.dim, n_layers=m.n_layers, n_heads=m.n_heads,
+                       n_kv_heads=m.n_kv_heads, ffn_hidden=m.ffn_hidden, multiple_of=m.multiple_of,
+                       max_seq_len=cfg.train.seq_len, rope_theta=m.rope_theta, norm_eps=m.norm_eps,
+                       tie_embeddings=m.tie_embeddings, init_std=m.init_std)

@@ -14,6 +14,7 @@ from typing import Optional
 from omegaconf import OmegaConf
 from ray.exceptions import RayError
 
+from checkpoint.universal import CheckpointError, discard_uncommitted
 from cluster.ray_cluster import RayRuntime, local_capacity
 from cluster.worker_group import PlacementError, WorkerGroup, WorkerGroupError
 from orchestrator.config import Config, ConfigError
@@ -52,6 +53,7 @@ class RunResult:
     eval_loss: Optional[float] = None
     error: Optional[str] = None
     first_step_s: Optional[float] = None  # seconds from controller start to the first finished step
+    checkpoint: Optional[int] = None  # newest version committed to disk
 
 
 def default_run_dir(cfg: Config) -> Path:
@@ -71,7 +73,8 @@ def check_capacity(cfg: Config, cpus: float, gpus: float, where: str) -> None:
 
 
 def aggregate_step(reports: list[dict], run_start: float, tokens_per_step: int) -> dict:
-    """One metrics.jsonl record from the per-rank reports of a step (in rank order, so sums are deterministic)."""
+    """One metrics.jsonl record from the per-rank reports of a step, rank 0's first (in rank order, so sums are
+    deterministic). Rank 0 coordinates checkpoint commits, so its checkpoint versions are the committed ones."""
     losses = [r["loss"] for r in reports if r["loss"] is not None]
     step_time = max(r["step_time"] for r in reports)
     return {
@@ -85,6 +88,8 @@ def aggregate_step(reports: list[dict], run_start: float, tokens_per_step: int) 
         "comm_peak_bytes": reports[0]["comm_peak_bytes"],
         "wall_time": max(r["time"] for r in reports) - run_start,
         "time": max(r["time"] for r in reports),
+        "ckpt_l0": reports[0].get("ckpt_l0"),
+        "ckpt_l2": reports[0].get("ckpt_l2"),
     }
 
 
@@ -103,8 +108,12 @@ class Controller:
     def run(self) -> RunResult:
         self.preflight()
         cfg = self.cfg
-        run_dir = Path(cfg.run.dir) if cfg.run.dir else default_run_dir(cfg)
+        run_dir = (Path(cfg.run.dir) if cfg.run.dir else default_run_dir(cfg)).resolve()
         run_dir.mkdir(parents=True, exist_ok=True)
+        cfg.run.dir = str(run_dir)
+        cfg.checkpoint.dir = str(Path(cfg.checkpoint.dir or run_dir / "checkpoints").resolve())
+        if Path(cfg.checkpoint.dir).exists():
+            discard_uncommitted(cfg.checkpoint.dir)  # debris of a crashed attempt must never be merged
         resolved = OmegaConf.to_container(OmegaConf.structured(cfg))
         (run_dir / "config.yaml").write_text(OmegaConf.to_yaml(resolved))
         result = RunResult(RunState.STARTING, run_dir)
@@ -116,7 +125,12 @@ class Controller:
                     res = runtime.resources()
                     check_capacity(cfg, res.cpus, res.gpus, f"the cluster at {cfg.cluster.address}")
                 self._run_group(resolved, result, progress, metrics)
-        except (WorkerGroupError, RayError) as err:
+        except RayError as err:
+            if isinstance(err, CheckpointError):  # a bad checkpoint met by the workers: bad input, exit 2
+                raise ConfigError(str(err).strip().splitlines()[-1]) from None
+            result.error = str(err).splitlines()[0] if str(err) else type(err).__name__
+            self.state = RunState.FAILED
+        except WorkerGroupError as err:
             result.error = str(err).splitlines()[0] if str(err) else type(err).__name__
             self.state = RunState.FAILED
         finally:
@@ -136,9 +150,16 @@ class Controller:
             infos = group.run("setup", resolved)
             progress.message(f"{cfg.world_size} workers ({infos[0]['n_params']:,} parameters, "
                              f"backend {group.infos[0]['backend']}) training {cfg.train.steps} steps")
+            if infos[0]["resumed_step"] is not None:
+                result.steps = infos[0]["resumed_step"]
+                progress.message(f"resumed from {cfg.checkpoint.resume_from} at step {result.steps}")
+                metrics.log({"step": result.steps, "event": "resume", "from": cfg.checkpoint.resume_from})
             self.state = RunState.RUNNING
             reporters = [info["rank"] for info in infos if info["reports_loss"]]
-            self._stream_training(group, reporters, result, progress, metrics)
+            finals = self._stream_training(group, reporters, result, progress, metrics)
+            if finals[0]["ckpt_l2"] is not None:
+                result.checkpoint = finals[0]["ckpt_l2"]
+                progress.message(f"checkpoint: step {result.checkpoint} committed in {cfg.checkpoint.dir}")
             if cfg.train.eval_batches > 0:
                 losses = [x for x in group.run("evaluate", cfg.train.eval_batches) if x is not None]
                 result.eval_loss = sum(losses) / len(losses)
@@ -149,33 +170,38 @@ class Controller:
             group.shutdown()
 
     def _stream_training(self, group: WorkerGroup, reporters: list[int], result: RunResult,
-                         progress: ProgressLine, metrics: MetricsLog) -> None:
+                         progress: ProgressLine, metrics: MetricsLog) -> list[dict]:
+        """Stream per-step records until every rank finished; returns what each rank's ``train`` returned."""
         import ray
 
         tokens_per_step = self.cfg.train.global_batch_size * self.cfg.train.seq_len
         pending_by_step: dict[int, dict[int, dict]] = {}
+        polled = sorted({0, *reporters})
         train_refs = group.call_async("train", self.cfg.train.steps)
         unfinished = list(train_refs)
         while True:
             if unfinished:
                 _, unfinished = ray.wait(unfinished, num_returns=len(unfinished), timeout=POLL_INTERVAL_S)
                 self._raise_if_failed(group, train_refs, result)
-            polls = group._get(group.call_async("poll_metrics", ranks=reporters, control=True))
-            for rank, reports in zip(reporters, polls):
+            polls = group._get(group.call_async("poll_metrics", ranks=polled, control=True))
+            for rank, reports in zip(polled, polls):
                 for report in reports:
                     pending_by_step.setdefault(report["step"], {})[rank] = report
             for step in sorted(pending_by_step):
-                if len(pending_by_step[step]) < len(reporters):
+                if len(pending_by_step[step]) < len(polled):
                     break
                 by_rank = pending_by_step.pop(step)
-                record = aggregate_step([by_rank[r] for r in reporters], self.start_time, tokens_per_step)
+                reports = [by_rank[r] for r in polled]
+                record = aggregate_step(reports, self.start_time, tokens_per_step)
+                if 0 not in reporters:
+                    record["loss"] = aggregate_step(reports[1:], self.start_time, tokens_per_step)["loss"]
                 metrics.log(record)
                 progress.update(record)
                 result.steps, result.final_loss = record["step"], record["loss"]
                 if result.first_step_s is None:
                     result.first_step_s = record["wall_time"]
             if not unfinished and not pending_by_step:
-                break
+                return ray.get(train_refs)
 
     def _raise_if_failed(self, group: WorkerGroup, train_refs: list, result: RunResult) -> None:
         """A dead rank is the root cause to report; its neighbours' collective errors are only symptoms."""

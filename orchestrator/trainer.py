@@ -4,10 +4,12 @@ from __future__ import annotations
 import math
 import time
 from dataclasses import asdict, dataclass
-from typing import Callable, Optional, Protocol
+from typing import Optional, Protocol
 
 import torch
+import torch.distributed as dist
 from torch import nn
+from torch.distributed.tensor import DTensor
 
 from orchestrator.config import OptimConfig
 from orchestrator.data import ResumableSampler, WindowedTokens
@@ -59,29 +61,38 @@ def build_lr_scheduler(cfg: OptimConfig, total_steps: int, optimizer) -> torch.o
     return torch.optim.lr_scheduler.LambdaLR(optimizer, lambda step: lr_factor(cfg, total_steps, step))
 
 
-class Trainer:
-    def __init__(self, model: nn.Module, optimizer: torch.optim.Optimizer, scheduler, sync: SyncStrategy,
-                 sampler: ResumableSampler, data: WindowedTokens, loss_fn: Callable, device: torch.device,
-                 grad_clip: float, reports_loss: bool = True, snapshotter: Optional[Snapshotter] = None):
-        self.model, self.optimizer, self.scheduler, self.sync = model, optimizer, scheduler, sync
-        self.sampler, self.data, self.loss_fn, self.device = sampler, data, loss_fn, device
-        self.grad_clip, self.reports_loss, self.snapshotter = grad_clip, reports_loss, snapshotter
-        self.step = 0
-        self.tokens_per_step = sampler.global_batch * data.seq_len
+def clip_grad_norm_(parameters, max_norm: float, pp_group=None) -> torch.Tensor:
+    """Clip by the global norm over the whole model: DTensor norms are reduced over their mesh, and a pipeline
+    rank's squared norm is summed with the other stages' (each rank holds only its stages' gradients)."""
+    params = [p for p in parameters if p.grad is not None]
+    total = torch.nn.utils.get_total_norm([p.grad for p in params], foreach=False)
+    if isinstance(total, DTensor):
+        total = total.full_tensor()
+    if pp_group is not None:
+        squared = total.pow(2).reshape(1)
+        dist.all_reduce(squared, group=pp_group)
+        total = squared.sqrt()[0]
+    torch.nn.utils.clip_grads_with_norm_(params, max_norm, total, foreach=False)
+    return total
 
-    def forward_backward(self, inputs: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
-        loss = self.loss_fn(self.model(inputs), targets)
-        loss.backward()
-        return loss.detach()
+
+class Trainer:
+    def __init__(self, runner, optimizer: torch.optim.Optimizer, scheduler, sync: SyncStrategy,
+                 sampler: ResumableSampler, data: WindowedTokens, device: torch.device, grad_clip: float,
+                 snapshotter: Optional[Snapshotter] = None):
+        self.runner, self.optimizer, self.scheduler, self.sync = runner, optimizer, scheduler, sync
+        self.sampler, self.data, self.device = sampler, data, device
+        self.grad_clip, self.snapshotter = grad_clip, snapshotter
+        self.step = 0
 
     def train_step(self) -> StepMetrics:
         start = time.perf_counter()
         self.step += 1
         inputs, targets = self.data.batch(self.sampler.next_window_ids())
-        loss = self.forward_backward(inputs.to(self.device), targets.to(self.device))
+        loss = self.runner.forward_backward(inputs.to(self.device), targets.to(self.device))
         self.sync.before_optimizer(self.step)
         if self.grad_clip > 0:
-            torch.nn.utils.clip_grad_norm_(self.model.parameters(), self.grad_clip, foreach=False)
+            clip_grad_norm_(self.runner.parameters(), self.grad_clip, self.runner.pp_group)
         if self.snapshotter is not None:
             self.snapshotter.wait_until_copied()
         lr = self.optimizer.param_groups[0]["lr"]
@@ -92,12 +103,20 @@ class Trainer:
         if self.snapshotter is not None:
             self.snapshotter.snapshot(self.step)
         return StepMetrics(
-            step=self.step, loss=float(loss) if self.reports_loss else None, lr=lr,
+            step=self.step, loss=float(loss) if loss is not None else None, lr=lr,
             tokens=self.sampler.consumed * self.data.seq_len, step_time=time.perf_counter() - start,
             comm_bytes=self.sync.counter.total, comm_peak_bytes=self.sync.counter.peak, time=time.time())
 
+    def fast_forward(self, step: int, samples_consumed: int) -> None:
+        """Continue after a restored version: the step counter, the sample stream and the LR schedule."""
+        self.step = step
+        self.sampler.load_state_dict({"consumed": samples_consumed})
+        for _ in range(step):
+            self.scheduler.step()
+
     @torch.no_grad()
     def evaluate(self, window_batches) -> Optional[float]:
-        losses = [float(self.loss_fn(self.model(x.to(self.device)), y.to(self.device)))
+        losses = [self.runner.evaluate(x.to(self.device), y.to(self.device))
                   for x, y in (self.data.batch(ids) for ids in window_batches)]
-        return sum(losses) / len(losses) if self.reports_loss and losses else None
+        losses = [float(loss) for loss in losses if loss is not None]
+        return sum(losses) / len(losses) if losses else None

@@ -1,0 +1,99 @@
+"""Apply the configured parallelism to a freshly built model: the runner the trainer steps through.
+
+A runner hides the difference between running the whole model on this rank (dp, later tp/cp) and running this
+rank's pipeline stages under a schedule: ``forward_backward(inputs, targets)`` leaves gradients in the local
+parameters and returns the loss where this rank has it (None elsewhere).
+"""
+from __future__ import annotations
+
+from typing import Callable, Iterator, Optional
+
+import torch
+from torch import nn
+from torch.distributed.device_mesh import DeviceMesh
+
+from orchestrator.config import Config
+from parallel.context import apply_cp, shard_sequence
+from parallel.pipeline import Pipeline, build_pipeline
+from parallel.tensor import apply_tp, loss_context, tp_loss
+from parallel.sync import SyncStrategy
+from parallel.sync.ddp import DDPSync
+
+LossFn = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
+
+
+class WholeModelRunner:
+    """All layers on this rank, maybe sharded over tp (DTensor) and holding a part of each sequence (cp); the
+    sync strategy may wrap it (DDP, FSDP). The loss is computed on vocabulary-sharded logits under tp."""
+
+    def __init__(self, model: nn.Module, sync: SyncStrategy, cp_rank: int = 0, cp: int = 1,
+                 reports_loss: bool = True):
+        self.model = model
+        self.module = sync.wrap_model(model)
+        self.cp_rank, self.cp = cp_rank, cp
+        self.reports_loss = reports_loss
+        self.pp_group = None
+
+    def _logits(self, inputs: torch.Tensor, targets: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        if self.cp == 1:
+            return self.module(inputs), targets
+        inputs, targets, positions = shard_sequence(inputs, targets, self.cp_rank, self.cp)
+        return self.module(inputs, positions), targets
+
+    def named_parameters(self) -> Iterator[tuple[str, nn.Parameter]]:
+        return self.model.named_parameters()
+
+    def parameters(self) -> Iterator[nn.Parameter]:
+        return self.model.parameters()
+
+    def forward_backward(self, inputs: torch.Tensor, targets: torch.Tensor) -> Optional[torch.Tensor]:
+        logits, targets = self._logits(inputs, targets)
+        with loss_context(logits):
+            loss = tp_loss(logits, targets)
+            loss.backward()
+        return loss.detach() if self.reports_loss else None
+
+    @torch.no_grad()
+    def evaluate(self, inputs: torch.Tensor, targets: torch.Tensor) -> Optional[torch.Tensor]:
+        logits, targets = self._logits(inputs, targets)
+        with loss_context(logits):
+            loss = tp_loss(logits, targets)
+        return loss if self.reports_loss else None
+
+
+class PipelineRunner:
+    """This rank's pipeline stages; gradients of the stages are averaged over the replica group by ``sync``."""
+
+    def __init__(self, pipeline: Pipeline, sync: SyncStrategy, pp_group):
+        self.pipeline = pipeline
+        if isinstance(sync, DDPSync):
+            sync.use_torch_ddp = False  # torch DDP cannot wrap stages that a schedule drives
+        sync.wrap_model(nn.ModuleList(pipeline.stage_modules))
+        self.reports_loss = pipeline.is_last_stage
+        self.pp_group = pp_group
+
+    def named_parameters(self) -> Iterator[tuple[str, nn.Parameter]]:
+        return self.pipeline.named_parameters()
+
+    def parameters(self) -> Iterator[nn.Parameter]:
+        return self.pipeline.parameters()
+
+    def forward_backward(self, inputs: torch.Tensor, targets: torch.Tensor) -> Optional[torch.Tensor]:
+        return self.pipeline.step(inputs, targets)
+
+
+def build_runner(cfg: Config, mesh: DeviceMesh, coords: dict[str, int], model: nn.Module, sync: SyncStrategy,
+                 loss_fn: LossFn):
+    """Apply tp and cp to the model (in place), or cut it into pipeline stages; the sync strategy wraps last.
+
+    The loss is reported by tp rank 0 of every (dp, cp) replica part; the controller averages them."""
+    p = cfg.parallel
+    if p.pp == 1:
+        apply_tp(model, mesh["tp"], p.sequence_parallel, p.loss_parallel)
+        apply_cp(model, mesh["cp"], p.cp_impl)
+        return WholeModelRunner(model, sync, coords["cp"], p.cp, reports_loss=coords["tp"] == 0)
+    per_replica_batch = cfg.train.global_batch_size // p.dp
+    pipeline = build_pipeline(
+        model, mesh["pp"], p.pp_schedule, p.microbatches, (per_replica_batch // p.microbatches, cfg.train.seq_len),
+        loss_fn, virtual_stages=p.pp_virtual_stages, split=list(p.pp_split) if p.pp_split else None)
+    return PipelineRunner(pipeline, sync, mesh["pp"].get_group())

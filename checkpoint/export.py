@@ -22,8 +22,7 @@ import torch
 from safetensors.torch import save_file
 
 from checkpoint.reshard import load_slices
-from checkpoint.universal import (LATEST_FILE, CheckpointError, Manifest, SliceSpec, latest_version_dir,
-                                  read_manifest)
+from checkpoint.universal import CheckpointError, Manifest, SliceSpec, read_manifest, resolve_version_dir
 
 CONFIG_FILE = "config.json"
 WEIGHTS_FILE = "model.safetensors"
@@ -46,16 +45,6 @@ class LlamaHyperParameters:
     @property
     def head_dim(self) -> int:
         return self.dim // self.n_heads
-
-
-def resolve_version_dir(ckpt_dir: str | os.PathLike) -> Path:
-    """A checkpoint root (follows ``latest``) or a version directory -> the version directory to read."""
-    path = Path(ckpt_dir)
-    if not path.is_dir():
-        raise CheckpointError(f"{path}: checkpoint directory does not exist")
-    if (path / LATEST_FILE).exists():
-        return latest_version_dir(path)
-    return path
 
 
 def _model_config(manifest: Manifest) -> dict[str, Any]:

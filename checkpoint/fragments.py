@@ -133,7 +133,8 @@ def optimizer_fragments(model: nn.Module, optimizer: torch.optim.Optimizer, repl
 
 
 def init_optimizer_state(model: nn.Module, optimizer: torch.optim.Optimizer, manifest: Manifest) -> None:
-    """Allocate the optimizer state the checkpoint holds, in this rank's layout, so it can be loaded into.
+    """Allocate the optimizer state the checkpoint holds for this rank's parameters, in this rank's layout, so it
+    can be loaded into.
 
     State shaped like its parameter follows the parameter's layout (DTensor stays DTensor); anything else
     (AdamW's step) is a full plain tensor."""
@@ -143,9 +144,8 @@ def init_optimizer_state(model: nn.Module, optimizer: torch.optim.Optimizer, man
             continue
         key, _, param_name = name[len(OPTIM_PREFIX):].partition(".")
         param = by_param.get(param_name)
-        if param is None:
-            raise CheckpointError(f"{manifest.directory}: optimizer state {name!r} belongs to a parameter the "
-                                  f"model or optimizer does not have")
+        if param is None:  # another pipeline stage's parameter; the caller checks the model against the checkpoint
+            continue
         dtype = dtype_from_name(record.dtype)
         if record.global_shape == tuple(param.shape):
             value = torch.zeros_like(param, dtype=dtype, memory_format=torch.preserve_format)

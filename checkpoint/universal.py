@@ -423,6 +423,20 @@ def latest_version_dir(root: str | os.PathLike) -> Optional[Path]:
     return directory
 
 
+def resolve_version_dir(path: str | os.PathLike) -> Path:
+    """A checkpoint root (follow its ``latest`` pointer) or one version directory -> the version to read."""
+    path = Path(path).expanduser()
+    if not path.is_dir():
+        raise CheckpointError(f"{path}: checkpoint directory does not exist")
+    latest = latest_version_dir(path)
+    if latest is not None:
+        return latest
+    if (path / MANIFEST_FILE).exists():
+        return path
+    raise CheckpointError(f"{path}: neither a checkpoint root with a committed version ('{LATEST_FILE}') nor a "
+                          f"version directory with {MANIFEST_FILE}")
+
+
 # ---------------------------------------------------------------------------------------------- reading
 
 

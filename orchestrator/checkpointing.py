@@ -15,24 +15,10 @@ from checkpoint.arena import HostArena
 from checkpoint.fragments import load_model, load_optimizer, model_fragments, optimizer_fragments
 from checkpoint.reshard import load_slices
 from checkpoint.universal import (CheckpointError, FragmentSpec, Manifest, SliceSpec, TrainerState,
-                                  latest_version_dir, read_manifest)
+                                  read_manifest, resolve_version_dir)
 from orchestrator.config import Config
 
 SYNC_PREFIX = "sync."
-
-
-def resolve_version_dir(path: str | Path) -> Path:
-    """A checkpoint root (follow its ``latest`` pointer) or one version directory."""
-    path = Path(path).expanduser()
-    if not path.exists():
-        raise CheckpointError(f"checkpoint.resume_from={path}: no such directory")
-    latest = latest_version_dir(path)
-    if latest is not None:
-        return latest
-    if (path / "manifest.json").exists():
-        return path
-    raise CheckpointError(f"checkpoint.resume_from={path}: neither a checkpoint root with a committed version "
-                          f"('latest') nor a version directory with manifest.json")
 
 
 class TrainerCheckpointer:

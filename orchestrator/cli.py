@@ -122,8 +122,8 @@ def compose_resume_config(ckpt: str, overrides: Sequence[str]) -> Config:
     """The config saved in the checkpoint, with overrides (any layout the model allows), resuming from it."""
     import torch
 
-    from checkpoint.universal import CheckpointError, read_manifest
-    from orchestrator.checkpointing import check_model_matches, resolve_version_dir
+    from checkpoint.universal import CheckpointError, read_manifest, resolve_version_dir
+    from orchestrator.checkpointing import check_model_matches
     from orchestrator.models import Llama
     from orchestrator.worker import llama_config
 
@@ -148,6 +148,22 @@ def compose_resume_config(ckpt: str, overrides: Sequence[str]) -> Config:
     return cfg
 
 
+def export_command(args: Sequence[str]) -> int:
+    from checkpoint.export import export_hf
+    from checkpoint.universal import CheckpointError
+
+    values = dict(a.split("=", 1) for a in args if "=" in a)
+    unknown = sorted(set(values) - {"ckpt", "out"}) + [a for a in args if "=" not in a]
+    if unknown or not values.get("ckpt") or not values.get("out"):
+        return fail(f"export takes ckpt=DIR out=DIR (got {' '.join(args) or 'nothing'})")
+    try:
+        out = export_hf(values["ckpt"], values["out"])
+    except CheckpointError as err:
+        return fail(str(err))
+    print(f"exported a Hugging Face Llama folder to {out}")
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="orchestrate", description="Train large models across many machines.")
     commands = parser.add_subparsers(dest="command", required=True)
@@ -157,6 +173,8 @@ def build_parser() -> argparse.ArgumentParser:
                         help="extra folder with recipe/NAME.yaml files (repeatable)")
     resume = commands.add_parser("resume", help="continue from a checkpoint on any layout: ckpt=DIR [overrides]")
     resume.add_argument("overrides", nargs="*", help="ckpt=DIR and key=value overrides of the saved config")
+    export = commands.add_parser("export", help="write a Hugging Face Llama folder: ckpt=DIR out=DIR")
+    export.add_argument("overrides", nargs="*", help="ckpt=DIR out=DIR")
     show = commands.add_parser("config", help="print the resolved config without running anything")
     show.add_argument("overrides", nargs="*")
     show.add_argument("--recipes-dir", action="append", default=[])
@@ -164,12 +182,14 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def fail(message: str) -> int:
-    print(f"orchestrate: config error: {message}", file=sys.stderr)
+    print(f"orchestrate: error: {message}", file=sys.stderr)
     return EXIT_BAD_INPUT
 
 
 def main(argv: Optional[Sequence[str]] = None) -> int:
     args = build_parser().parse_args(argv)
+    if args.command == "export":
+        return export_command(args.overrides)
     try:
         if args.command == "resume":
             cfg = compose_resume_config(*split_resume_args(args.overrides))

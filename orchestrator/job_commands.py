@@ -170,7 +170,8 @@ def submit(args: argparse.Namespace) -> int:
     run_dir = cfg.run.dir or default_run_dir
     where = run_dir if Path(run_dir).is_absolute() else f"<job working dir>/{run_dir}"
     entrypoint = job_entrypoint(args.overrides, job_recipes_dirs, default_run_dir)
-    metadata = {"orchestrate": "1", "run_name": cfg.run.name, "run_dir": where, "overrides": " ".join(args.overrides)}
+    metadata = {"orchestrate": "1", "run_name": cfg.run.name, "run_dir": where,
+                "overrides": " ".join(args.overrides)}
     client.submit(entrypoint, env, submission_id=job_id, metadata=metadata)
     address = shlex.quote(client.address)
     print(f"submitted job {job_id} to {client.address}")
@@ -222,7 +223,8 @@ def stop(args: argparse.Namespace) -> int:
         print(f"stopping job {args.job_id}")
         return 0
     job = client.wait(args.job_id, STOP_TIMEOUT_S)
-    print(f"job {job.job_id} {job.status}" + ("" if job.is_terminal else f" (still stopping after {STOP_TIMEOUT_S:.0f}s)"))
+    still = "" if job.is_terminal else f" (still stopping after {STOP_TIMEOUT_S:.0f}s)"
+    print(f"job {job.job_id} {job.status}{still}")
     return 0
 
 
@@ -258,10 +260,13 @@ def load_bench_runner():
     path = Path(__file__).resolve().parents[1] / "benchmarks" / "run_all.py"
     if not path.is_file():
         raise FileNotFoundError(f"{path}")
-    spec = importlib.util.spec_from_file_location("orchestrate_bench_runner", path)
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
+    name = "orchestrate_bench_runner"  # by file path, not by import name: another 'benchmarks' may be installed
+    if name not in sys.modules:
+        spec = importlib.util.spec_from_file_location(name, path)
+        module = importlib.util.module_from_spec(spec)
+        sys.modules[name] = module  # dataclasses look their module up while the file executes
+        spec.loader.exec_module(module)
+    return sys.modules[name]
 
 
 def bench(args: argparse.Namespace) -> int:

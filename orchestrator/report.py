@@ -14,10 +14,20 @@ from typing import Optional
 from orchestrator.metrics import read_metrics
 from orchestrator.progress import human_bytes
 
-PLOTS = {  # file name -> (metric key, y label, scale applied to the values)
-    "loss.png": ("loss", "training loss", 1.0),
-    "throughput.png": ("tokens_per_s", "tokens / s", 1.0),
-    "communication.png": ("comm_bytes", "MiB sent across replicas (cumulative, rank 0)", 1.0 / (1 << 20)),
+
+@dataclass(frozen=True)
+class Plot:
+    key: str  # metric in the records
+    title: str
+    label: str  # y axis and legend
+    scale: float = 1.0  # applied to the values
+
+
+PLOTS = {
+    "loss.png": Plot("loss", "training loss", "loss"),
+    "throughput.png": Plot("tokens_per_s", "throughput", "tokens / s"),
+    "communication.png": Plot("comm_bytes", "bytes on the wire across replicas (rank 0)", "MiB sent, cumulative",
+                              1.0 / (1 << 20)),
 }
 SUMMARY_FILE = "summary.md"
 
@@ -71,7 +81,7 @@ def increasing_stretches(records: list[dict], key: str) -> list[tuple[list[int],
     return stretches
 
 
-def plot_metric(metrics: RunMetrics, key: str, label: str, scale: float, title: str, path: Path) -> None:
+def plot_metric(metrics: RunMetrics, plot: Plot, title: str, path: Path) -> None:
     import matplotlib
 
     matplotlib.use("Agg")  # files only, never a window
@@ -79,17 +89,17 @@ def plot_metric(metrics: RunMetrics, key: str, label: str, scale: float, title: 
 
     fig, ax = plt.subplots(figsize=(7, 4), dpi=100)
     try:
-        for i, (steps, values) in enumerate(increasing_stretches(metrics.steps, key)):
-            ax.plot(steps, [v * scale for v in values], color="tab:blue", linewidth=1.5,
-                    label=label if i == 0 else None)
-        if key == "loss" and metrics.evals:
+        for i, (steps, values) in enumerate(increasing_stretches(metrics.steps, plot.key)):
+            ax.plot(steps, [v * plot.scale for v in values], color="tab:blue", linewidth=1.5,
+                    label=plot.label if i == 0 else None)
+        if plot.key == "loss" and metrics.evals:
             ax.scatter([r["step"] for r in metrics.evals], [r["eval_loss"] for r in metrics.evals],
                        color="tab:orange", zorder=3, label="eval loss")
         for i, record in enumerate(metrics.recoveries):
             ax.axvline(record["step"], color="tab:red", linestyle="--", linewidth=1,
                        label="recovery" if i == 0 else None)
         ax.set_xlabel("step")
-        ax.set_ylabel(label)
+        ax.set_ylabel(plot.label)
         ax.set_title(title)
         ax.grid(alpha=0.3)
         ax.legend(loc="best")
@@ -154,9 +164,9 @@ def write_report(run_dir: str | Path) -> Report:
     metrics = load_run(run_dir)
     name = run_name(run_dir)
     plots = []
-    for file_name, (key, label, scale) in PLOTS.items():
-        if metrics.values(key):
-            plot_metric(metrics, key, label, scale, f"{name}: {label}", run_dir / file_name)
+    for file_name, plot in PLOTS.items():
+        if metrics.values(plot.key):
+            plot_metric(metrics, plot, f"{name}: {plot.title}", run_dir / file_name)
             plots.append(run_dir / file_name)
     summary = run_dir / SUMMARY_FILE
     summary.write_text(summary_markdown(name, metrics, [p.name for p in plots]))

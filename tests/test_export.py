@@ -126,7 +126,7 @@ def test_export_rejects_missing_checkpoint_and_occupied_destination(checkpoint_r
     with pytest.raises(CheckpointError, match="does not exist"):
         export_hf(tmp_path / "nowhere", tmp_path / "hf")
     (tmp_path / "empty").mkdir()
-    with pytest.raises(CheckpointError, match="no manifest"):
+    with pytest.raises(CheckpointError, match="nor a version directory with manifest.json"):
         export_hf(tmp_path / "empty", tmp_path / "hf")
     (tmp_path / "hf").mkdir()
     (tmp_path / "hf" / "keep.txt").write_text("mine")

@@ -4,21 +4,33 @@ A version holds the parameters and optimizer state (global names, any layout, vi
 sync strategy's tensors, and the trainer state (step, samples consumed, scheduler position, resolved config).
 Replica ids say which holder writes a block: DTensor blocks are deduplicated along their mesh plus the replica
 index outside it; plain tensors are written by the rank at (dp, cp, tp) = (0, 0, 0) of their pipeline stage.
+
+Sync-strategy state may differ between replicas (NoLoCo's slow weights, 1-bit Adam's error buffers), so every
+replica saves its own copy as ``sync.replica<r>.<name>``. State shaped like a parameter's local shard takes the
+parameter's layout and reshards like it; other buffers are per rank (``sync.replica<r>.pp<p>.tp<t>.<name>``).
+Resume rule, printed as a warning when it applies: with the same replica count each replica loads its own copy;
+with another count every replica loads replica 0's copy, and per-rank buffers that no longer fit the layout
+(e.g. 1-bit Adam error feedback) restart from zero.
 """
 from __future__ import annotations
 
+import dataclasses
+import warnings
 from pathlib import Path
 from typing import Optional
 
+import torch
+from torch.distributed.tensor import DTensor
+
 from checkpoint.engine import CheckpointEngine, UniversalPersister
 from checkpoint.arena import HostArena
-from checkpoint.fragments import load_model, load_optimizer, model_fragments, optimizer_fragments
-from checkpoint.reshard import load_slices
-from checkpoint.universal import (CheckpointError, FragmentSpec, Manifest, SliceSpec, TrainerState,
-                                  read_manifest, resolve_version_dir)
+from checkpoint.fragments import load_model, load_optimizer, model_fragments, optimizer_fragments, tensor_fragment
+from checkpoint.reshard import load_into
+from checkpoint.universal import CheckpointError, FragmentSpec, Manifest, TrainerState, read_manifest, resolve_version_dir
 from orchestrator.config import Config
 
 SYNC_PREFIX = "sync."
+REPLICAS_PREFIX = "replicas."
 
 
 class TrainerCheckpointer:
@@ -27,6 +39,10 @@ class TrainerCheckpointer:
     def __init__(self, cfg: Config, rank: int, coords: dict[str, int], runner, optimizer, sync, trainer_state_fn):
         dims = cfg.dims
         replica = coords["dp"] * dims.cp + coords["cp"]
+        self.replica, self.replicas = replica, dims.dp * dims.cp
+        self.rank_tag = f"pp{coords['pp']}.tp{coords['tp']}"
+        self.tp_rank = coords["tp"]
+        self.per_replica = sync.replicas_diverge
         self.replica_index = 0 if cfg.parallel.dp_shard else replica
         self.plain_replica_id = replica * dims.tp + coords["tp"]
         self.runner, self.optimizer, self.sync = runner, optimizer, sync
@@ -39,11 +55,34 @@ class TrainerCheckpointer:
             self.engine = CheckpointEngine(HostArena(), c.every, c.persist_every, persister)
 
     def fragments(self) -> list[FragmentSpec]:
-        runner, replica, plain = self.runner, self.replica_index, self.plain_replica_id
-        sync_state = [FragmentSpec.whole(SYNC_PREFIX + name, tensor.detach(), plain)
-                      for name, tensor in self.sync.state_dict().items()]
-        return (model_fragments(runner, replica, plain) + optimizer_fragments(runner, self.optimizer, replica, plain)
-                + sync_state)
+        return self.training_fragments(self.replica) + self.sync_fragments(self.sync.state_dict(), self.replica)
+
+    def training_fragments(self, replica: int) -> list[FragmentSpec]:
+        """Parameters and optimizer state. Replica 0's are the model's (stable names, what export and any
+        layout read); when replicas diverge (DiLoCo, NoLoCo), replica r > 0 also keeps its own copy as
+        ``replicas.r<r>.<name>``."""
+        runner = self.runner
+        if not (self.per_replica and replica > 0):
+            replica_index, plain = self.replica_index, self.plain_replica_id
+            return model_fragments(runner, replica_index, plain) + optimizer_fragments(
+                runner, self.optimizer, replica_index, plain)
+        own = model_fragments(runner, 0, self.tp_rank) + optimizer_fragments(runner, self.optimizer, 0, self.tp_rank)
+        return [dataclasses.replace(f, name=f"{REPLICAS_PREFIX}r{replica}.{f.name}") for f in own]
+
+    def sync_fragments(self, state: dict[str, torch.Tensor], replica: int) -> list[FragmentSpec]:
+        params = dict(self.runner.named_parameters())
+        fragments = []
+        for name, tensor in state.items():
+            param = _parameter_of(name, params)
+            if param is not None and isinstance(param, DTensor) and tensor.shape == param.to_local().shape:
+                laid_out = DTensor.from_local(tensor.detach(), param.device_mesh, param.placements, run_check=False)
+                fragments.append(tensor_fragment(f"{SYNC_PREFIX}replica{replica}.{name}", laid_out, 0))
+            elif param is not None and not isinstance(param, DTensor):
+                fragments.append(FragmentSpec.whole(f"{SYNC_PREFIX}replica{replica}.{name}", tensor.detach(), 0))
+            else:
+                fragments.append(FragmentSpec.whole(f"{SYNC_PREFIX}replica{replica}.{self.rank_tag}.{name}",
+                                                    tensor.detach(), 0))
+        return fragments
 
     def wait_until_copied(self) -> None:
         if self.engine is not None:
@@ -71,14 +110,37 @@ class TrainerCheckpointer:
         manifest = read_manifest(version)
         load_model(version, self.runner, manifest)
         load_optimizer(version, self.runner, self.optimizer, manifest)
-        self.sync.load_state_dict(load_sync_state(version, manifest))
+        if self.per_replica and self.replica > 0:
+            own = self.training_fragments(self.replica)
+            if all(f.name in manifest.tensors for f in own):
+                load_into(version, own, manifest)
+            else:
+                warnings.warn(f"{version}: no parameters of replica {self.replica} saved (another replica count "
+                              f"or strategy); this replica starts from replica 0's parameters and optimizer state")
+        self.sync.load_state_dict(self.load_sync_state(version, manifest))
         return manifest.trainer_state
+
+    def load_sync_state(self, version: Path, manifest: Manifest) -> dict[str, torch.Tensor]:
+        saved_replicas = manifest.trainer_state.extra.get("replicas", self.replicas)
+        source = self.replica if saved_replicas == self.replicas else 0
+        if source != self.replica or saved_replicas != self.replicas:
+            warnings.warn(f"sync state was saved by {saved_replicas} replicas and resumes on {self.replicas}: every "
+                          f"replica starts from replica 0's copy; per-rank buffers that do not fit restart at zero")
+        current = {name: tensor.detach().clone() for name, tensor in self.sync.state_dict().items()}
+        targets = [f for f in self.sync_fragments(current, source) if f.name in manifest.tensors]
+        if saved_replicas != self.replicas:
+            targets = [f for f in targets if f".{self.rank_tag}." not in f.name]
+        load_into(version, targets, manifest)
+        prefix = f"{SYNC_PREFIX}replica{source}."
+        loaded = {f.name[len(prefix):].removeprefix(f"{self.rank_tag}."): f.tensor for f in targets}
+        return {name: (tensor.to_local() if isinstance(tensor, DTensor) else tensor)
+                for name, tensor in loaded.items()}
 
 
 def check_model_matches(manifest: Manifest, model_params: dict[str, tuple[int, ...]]) -> None:
     """The model the new config builds must have exactly the checkpoint's parameters and global shapes."""
     saved = {name: record.global_shape for name, record in manifest.tensors.items()
-             if not name.startswith(("optim.", SYNC_PREFIX))}
+             if not name.startswith(("optim.", SYNC_PREFIX, REPLICAS_PREFIX))}
     for name, shape in model_params.items():
         if name not in saved:
             raise CheckpointError(f"{manifest.directory}: tensor {name!r} of the model is not in the checkpoint "
@@ -91,8 +153,7 @@ def check_model_matches(manifest: Manifest, model_params: dict[str, tuple[int, .
         raise CheckpointError(f"{manifest.directory}: tensor {extra[0]!r} is in the checkpoint but not in the model")
 
 
-def load_sync_state(version: Path, manifest: Manifest) -> dict:
-    wanted = {name: SliceSpec(record.global_shape, (0,) * len(record.global_shape), record.global_shape)
-              for name, record in manifest.tensors.items() if name.startswith(SYNC_PREFIX)}
-    loaded = load_slices(version, wanted, manifest) if wanted else {}
-    return {name[len(SYNC_PREFIX):]: tensor for name, tensor in loaded.items()}
+def _parameter_of(state_name: str, params: dict) -> Optional[torch.Tensor]:
+    """The parameter a sync-state tensor belongs to: the longest parameter name its name ends with."""
+    matches = [name for name in params if state_name.endswith("." + name)]
+    return params[max(matches, key=len)] if matches else None

@@ -20,7 +20,8 @@ from hydra.errors import HydraException
 from omegaconf import OmegaConf
 from omegaconf.errors import OmegaConfBaseException
 
-from orchestrator.config import Config, ConfigError, validate
+from orchestrator import job_commands
+from orchestrator.config import Config, ConfigError, SyncConfig, validate
 
 EXIT_BAD_INPUT = 2
 RECIPE_GROUP = "recipe"
@@ -93,11 +94,22 @@ def compose_config(overrides: Sequence[str], extra_dirs: Sequence[str] = ()) -> 
     try:
         with initialize_config_module(config_module="recipes", version_base="1.3"):
             composed = compose(config_name="config", overrides=search + list(overrides))
-        cfg = OmegaConf.to_object(composed)
+        cfg = to_config(composed)
     except (HydraException, OmegaConfBaseException) as err:
         raise ConfigError(_one_line(err)) from None
     validate(cfg)
     return cfg
+
+
+def to_config(composed) -> Config:
+    """DictConfig -> Config; a component dataclass that rejects its values (``__post_init__``) names its key."""
+    for section in dataclasses.fields(SyncConfig):
+        if dataclasses.is_dataclass(_resolve_type(section.type)):
+            try:
+                OmegaConf.to_object(composed.sync[section.name])
+            except ValueError as err:
+                raise ConfigError(f"sync.{section.name}.{err}") from None
+    return OmegaConf.to_object(composed)
 
 
 def _one_line(err: BaseException) -> str:
@@ -135,7 +147,7 @@ def compose_resume_config(ckpt: str, overrides: Sequence[str]) -> Config:
         manifest = read_manifest(version)
         merged = OmegaConf.merge(OmegaConf.structured(Config), manifest.trainer_state.config,
                                  OmegaConf.from_dotlist(list(overrides)))
-        cfg = OmegaConf.to_object(merged)
+        cfg = to_config(merged)
         cfg.checkpoint.resume_from = str(Path(ckpt).resolve())
         validate(cfg)
         with torch.device("meta"):
@@ -175,6 +187,7 @@ def build_parser() -> argparse.ArgumentParser:
     resume.add_argument("overrides", nargs="*", help="ckpt=DIR and key=value overrides of the saved config")
     export = commands.add_parser("export", help="write a Hugging Face Llama folder: ckpt=DIR out=DIR")
     export.add_argument("overrides", nargs="*", help="ckpt=DIR out=DIR")
+    job_commands.add_commands(commands)
     show = commands.add_parser("config", help="print the resolved config without running anything")
     show.add_argument("overrides", nargs="*")
     show.add_argument("--recipes-dir", action="append", default=[])
@@ -188,6 +201,8 @@ def fail(message: str) -> int:
 
 def main(argv: Optional[Sequence[str]] = None) -> int:
     args = build_parser().parse_args(argv)
+    if args.command in job_commands.COMMANDS:
+        return job_commands.run_command(args)
     if args.command == "export":
         return export_command(args.overrides)
     try:

@@ -6,11 +6,16 @@ that need several keys at once (parallel degrees, batch divisibility).
 """
 from __future__ import annotations
 
+import dataclasses
 from dataclasses import dataclass, field
 from typing import List, Optional
 
 from orchestrator.models.llama import LlamaConfig
 from parallel.mesh import ParallelDims, ParallelConfigError
+from parallel.sync.diloco import DiLoCoConfig
+from parallel.sync.noloco import NoLoCoConfig
+from parallel.sync.onebit_adam import OneBitAdamConfig
+from parallel.sync.streaming_diloco import StreamingDiLoCoConfig
 
 
 class ConfigError(ValueError):
@@ -88,7 +93,18 @@ class ParallelConfig:
 
 @dataclass
 class SyncConfig:
+    """``name`` picks the strategy; its section holds that strategy's hyper-parameters (spec defaults)."""
+
     name: str = "ddp"
+    diloco: DiLoCoConfig = field(default_factory=DiLoCoConfig)
+    streaming_diloco: StreamingDiLoCoConfig = field(default_factory=StreamingDiLoCoConfig)
+    noloco: NoLoCoConfig = field(default_factory=NoLoCoConfig)
+    onebit_adam: OneBitAdamConfig = field(default_factory=OneBitAdamConfig)
+
+    def options(self) -> dict:
+        """The chosen strategy's hyper-parameters as plain values (empty for ddp)."""
+        section = getattr(self, self.name, None)
+        return dataclasses.asdict(section) if section is not None else {}
 
 
 @dataclass
@@ -164,7 +180,7 @@ CHOICES = {
     "data.source": ("stdlib", "path"),
     "optim.name": ("adamw",),
     "optim.schedule": ("cosine", "constant"),
-    "sync.name": ("ddp",),
+    "sync.name": ("ddp", "diloco", "streaming_diloco", "noloco", "onebit_adam"),
     "fault.kind": ("process",),
 }
 
@@ -256,6 +272,10 @@ def validate_tensor_and_context(cfg: Config) -> None:
     if p.pp > 1:
         _require(p.tp == 1 and p.cp == 1, f"parallel.pp={p.pp}: composing pipeline with parallel.tp or parallel.cp "
                                           f"is not available yet (valid: tp=1 and cp=1 with pp > 1)")
+    _require(cfg.sync.name == "ddp" or p.cp == 1,
+             f"sync.name={cfg.sync.name}: needs parallel.cp=1 (context-parallel ranks must average gradients every "
+             f"step; valid with cp > 1: ddp)")
+    _require(cfg.sync.name == "ddp" or p.pp == 1 or p.tp == 1, "parallel.pp with parallel.tp: needs sync.name=ddp")
     _require(not (p.dp_shard and (p.tp > 1 or p.cp > 1)),
              "parallel.dp_shard=true: not available with parallel.tp > 1 or parallel.cp > 1 yet")
 

@@ -128,10 +128,12 @@ class Controller:
         except RayError as err:
             if isinstance(err, CheckpointError):  # a bad checkpoint met by the workers: bad input, exit 2
                 raise ConfigError(str(err).strip().splitlines()[-1]) from None
-            result.error = str(err).splitlines()[0] if str(err) else type(err).__name__
+            cause = getattr(err, "cause", None) or err  # a rank's own exception, not Ray's wrapper
+            result.error = f"{type(cause).__name__}: {str(cause).strip().splitlines()[-1] if str(cause) else ''}"
             self.state = RunState.FAILED
         except WorkerGroupError as err:
-            result.error = str(err).splitlines()[0] if str(err) else type(err).__name__
+            cause = getattr(err, "cause", None) or err  # a rank's own exception, not Ray's wrapper
+            result.error = f"{type(cause).__name__}: {str(cause).strip().splitlines()[-1] if str(cause) else ''}"
             self.state = RunState.FAILED
         finally:
             progress.close()
@@ -147,7 +149,12 @@ class Controller:
         except PlacementError as err:
             raise ConfigError(f"cluster.cpus_per_worker={c.cpus_per_worker}: {err}") from None
         try:
-            infos = group.run("setup", resolved)
+            try:
+                infos = group.run("setup", resolved)
+            except RayError as err:  # a layout the component rejects once built (e.g. fragments vs sync_every)
+                if isinstance(err, ValueError) and not isinstance(err, CheckpointError):
+                    raise ConfigError(str(err).strip().splitlines()[-1]) from None
+                raise
             progress.message(f"{cfg.world_size} workers ({infos[0]['n_params']:,} parameters, "
                              f"backend {group.infos[0]['backend']}) training {cfg.train.steps} steps")
             if infos[0]["resumed_step"] is not None:

@@ -64,24 +64,32 @@ def add_commands(subparsers) -> None:
 
 
 def fail(message: str) -> int:
-    print(f"orchestrate: {message}", file=sys.stderr)
+    """One line on stderr, exit code 2 (the format of ``orchestrator.cli.fail``, without importing the CLI)."""
+    print(f"orchestrate: error: {message}", file=sys.stderr)
     return EXIT_BAD_INPUT
 
 
-def run_command(args: argparse.Namespace) -> int:
+def expected_errors(command: str) -> tuple[type[Exception], ...]:
+    """Bad-input errors of one command; imported per command because the config schema imports torch."""
     from cluster.jobs import JobsError
-    from orchestrator.config import ConfigError
-    from orchestrator.report import ReportError
 
+    if command == "submit":
+        from orchestrator.config import ConfigError
+
+        return JobsError, ConfigError
+    if command == "report":
+        from orchestrator.report import ReportError
+
+        return (ReportError,)
+    return (JobsError,)
+
+
+def run_command(args: argparse.Namespace) -> int:
     handlers = {"submit": submit, "status": status, "logs": logs, "stop": stop, "list": list_jobs,
                 "report": report, "bench": bench}
     try:
         return handlers[args.command](args)
-    except ConfigError as err:
-        from orchestrator.cli import fail as config_fail
-
-        return config_fail(str(err))
-    except (JobsError, ReportError) as err:
+    except expected_errors(args.command) as err:
         return fail(str(err))
 
 
@@ -175,7 +183,7 @@ def submit(args: argparse.Namespace) -> int:
     client.submit(entrypoint, env, submission_id=job_id, metadata=metadata)
     address = shlex.quote(client.address)
     print(f"submitted job {job_id} to {client.address}")
-    print(f"run dir: {where}" + ("" if Path(run_dir).is_absolute() else " (the job log prints the full path)"))
+    print(f"run dir: {where}" + (" (the job log prints the full path)" if default_run_dir else ""))
     print(f"follow:  orchestrate logs {job_id} --follow --address {address}")
     print(f"status:  orchestrate status {job_id} --address {address}")
     return 0

@@ -68,7 +68,7 @@ class PipelineRunner:
         self.pipeline = pipeline
         if isinstance(sync, DDPSync):
             sync.use_torch_ddp = False  # torch DDP cannot wrap stages that a schedule drives
-        sync.wrap_model(nn.ModuleList(pipeline.stage_modules))
+        sync.wrap_model(merge_stages(pipeline.stage_modules))
         self.reports_loss = pipeline.is_last_stage
         self.pp_group = pp_group
 
@@ -80,6 +80,19 @@ class PipelineRunner:
 
     def forward_backward(self, inputs: torch.Tensor, targets: torch.Tensor) -> Optional[torch.Tensor]:
         return self.pipeline.step(inputs, targets)
+
+
+def merge_stages(stage_modules: list[nn.Module]) -> nn.Module:
+    """One module over this rank's stages whose parameter names are the global ones (``layers.5.*``), for sync
+    strategies that key their state by parameter name. It shares the stages' parameters; it is never run."""
+    merged = nn.Module()
+    merged.layers = nn.ModuleDict()
+    for stage in stage_modules:
+        for name in ("tok_embeddings", "norm", "output"):
+            if getattr(stage, name, None) is not None:
+                setattr(merged, name, getattr(stage, name))
+        merged.layers.update(stage.layers)
+    return merged
 
 
 def build_runner(cfg: Config, mesh: DeviceMesh, coords: dict[str, int], model: nn.Module, sync: SyncStrategy,

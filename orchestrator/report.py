@@ -115,7 +115,10 @@ def run_name(run_dir: Path) -> str:
     if config.is_file():
         from omegaconf import OmegaConf
 
-        name = OmegaConf.select(OmegaConf.load(config), "run.name")
+        try:
+            name = OmegaConf.select(OmegaConf.load(config), "run.name")
+        except Exception:  # noqa: BLE001 - a damaged config only costs the title
+            name = None
         if name:
             return str(name)
     return run_dir.name

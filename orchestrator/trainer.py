@@ -90,7 +90,7 @@ class Trainer:
         self.step += 1
         inputs, targets = self.data.batch(self.sampler.next_window_ids())
         loss = self.runner.forward_backward(inputs.to(self.device), targets.to(self.device))
-        self.sync.before_optimizer(self.step)
+        self.sync.before_optimizer(self.step - 1)  # strategies count steps from 0
         if self.grad_clip > 0:
             clip_grad_norm_(self.runner.parameters(), self.grad_clip, self.runner.pp_group)
         if self.snapshotter is not None:
@@ -99,7 +99,7 @@ class Trainer:
         self.optimizer.step()
         self.optimizer.zero_grad(set_to_none=True)
         self.scheduler.step()
-        self.sync.after_optimizer(self.step)
+        self.sync.after_optimizer(self.step - 1)
         if self.snapshotter is not None:
             self.snapshotter.snapshot(self.step)
         return StepMetrics(

@@ -36,7 +36,7 @@ def build_sync_strategy(cfg: Config, mesh) -> SyncStrategy:
     replicas = replica_mesh(mesh)
     if cfg.parallel.dp_shard:
         return FSDPSync(replicas, CommCounter())
-    return build_sync(cfg.sync.name, replicas.get_group(), CommCounter())
+    return build_sync(cfg.sync.name, replicas.get_group(), CommCounter(), cfg.sync.options())
 
 
 class TrainWorker(DistributedWorker):
@@ -81,7 +81,8 @@ class TrainWorker(DistributedWorker):
     def _trainer_state(self, step: int) -> TrainerState:
         t = self.trainer
         return TrainerState(step=step, samples_consumed=t.sampler.consumed, seed=self.cfg.train.seed,
-                            scheduler={"last_epoch": t.scheduler.last_epoch}, config=self.cfg_dict)
+                            scheduler={"last_epoch": t.scheduler.last_epoch}, config=self.cfg_dict,
+                            extra={"replicas": self.checkpointer.replicas})
 
     def train(self, until_step: int) -> dict:
         """Train from the current step up to ``until_step``; then finish outstanding checkpoint writes."""

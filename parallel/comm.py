@@ -80,10 +80,37 @@ def all_reduce(tensor: torch.Tensor, group, counter: CommCounter, op=dist.Reduce
 
 def all_gather_into(output: torch.Tensor, chunk: torch.Tensor, group, counter: CommCounter, async_op: bool = False):
     counter.add(all_gather_bytes(tensor_nbytes(chunk), group_size(group)))
-    return dist.all_gather_into_tensor(output, chunk.contiguous(), group=group, async_op=async_op)
+    return dist.all_gather_single(output, chunk.contiguous(), group=group, async_op=async_op)
 
 
 def reduce_scatter_into(output: torch.Tensor, full: torch.Tensor, group, counter: CommCounter,
                         op=dist.ReduceOp.SUM, async_op: bool = False):
     counter.add(reduce_scatter_bytes(tensor_nbytes(full), group_size(group)))
-    return dist.reduce_scatter_tensor(output, full.contiguous(), op=op, group=group, async_op=async_op)
+    return dist.reduce_scatter_single(output=output, input=full.contiguous(), op=op, group=group, async_op=async_op)
+
+
+def all_to_all_bytes(nbytes: int, world: int) -> int:
+    return 0 if world <= 1 else ((world - 1) * nbytes) // world
+
+
+def all_to_all(output: torch.Tensor, full: torch.Tensor, group, counter: CommCounter, async_op: bool = False):
+    """Equal-split all-to-all: chunk k of ``full`` goes to rank k; this rank keeps its own chunk (not sent)."""
+    if not (output.is_contiguous() and full.is_contiguous()):
+        raise ValueError("all_to_all needs contiguous tensors (gloo corrupts non-contiguous buffers)")
+    counter.add(all_to_all_bytes(tensor_nbytes(full), group_size(group)))
+    return dist.all_to_all_single(output, full, group=group, async_op=async_op)
+
+
+def isend(tensor: torch.Tensor, group_dst: int, group, counter: CommCounter):
+    """Asynchronous point-to-point send to the rank ``group_dst`` of ``group``; counted by the sender."""
+    if not tensor.is_contiguous():
+        raise ValueError("isend needs a contiguous tensor (gloo corrupts non-contiguous buffers)")
+    counter.add(tensor_nbytes(tensor))
+    return dist.isend(tensor, group=group, group_dst=group_dst)
+
+
+def irecv(tensor: torch.Tensor, group_src: int, group):
+    """Asynchronous point-to-point receive; the bytes were counted by the sender."""
+    if not tensor.is_contiguous():
+        raise ValueError("irecv needs a contiguous tensor (gloo corrupts non-contiguous buffers)")
+    return dist.irecv(tensor, group=group, group_src=group_src)

@@ -6,10 +6,19 @@ from typing import Any, Callable, Optional
 from parallel.comm import CommCounter
 from parallel.sync.base import SyncStrategy
 from parallel.sync.ddp import DDPSync
+from parallel.sync.diloco import DiLoCoConfig, DiLoCoSync
+from parallel.sync.noloco import NoLoCoConfig, NoLoCoSync
+from parallel.sync.onebit_adam import OneBitAdamConfig, OneBitAdamSync
+from parallel.sync.streaming_diloco import StreamingDiLoCoConfig, StreamingDiLoCoSync
 
 # name -> factory(replica_group, counter, options) ; strategies register here as they land.
 STRATEGIES: dict[str, Callable[..., SyncStrategy]] = {
     "ddp": lambda group, counter, options: DDPSync(group, counter),
+    "diloco": lambda group, counter, options: DiLoCoSync(group, counter, DiLoCoConfig(**options)),
+    "streaming_diloco": lambda group, counter, options: StreamingDiLoCoSync(
+        group, counter, StreamingDiLoCoConfig(**options)),
+    "noloco": lambda group, counter, options: NoLoCoSync(group, counter, NoLoCoConfig(**options)),
+    "onebit_adam": lambda group, counter, options: OneBitAdamSync(group, counter, OneBitAdamConfig(**options)),
 }
 
 

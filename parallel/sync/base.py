@@ -19,6 +19,9 @@ from parallel.comm import CommCounter
 
 class SyncStrategy:
     name = "base"
+    # True when replicas train apart between syncs (their parameters and optimizer state differ), so a
+    # checkpoint must keep every replica's copy to resume exactly.
+    replicas_diverge = False
 
     def __init__(self, replica_group, counter: Optional[CommCounter] = None):
         self.replica_group = replica_group

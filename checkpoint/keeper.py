@@ -1,0 +1,339 @@
+"""SnapshotKeeper: one Ray actor per node that holds the ranks' level-1 snapshots outside the trainer processes.
+
+Handover is a push: after the engine's L0 copy a worker packs its arena (checkpoint/snapshot_codec.py) and calls
+``keeper.put.remote(version, rank, index, payload)`` (``KeeperHandover`` does this as the engine's persister).
+Why push and copy, given Ray's ownership rules (shared/research/ecosystem.md section 2): the payload argument is
+an object owned by the worker, and the keeper gets a zero-copy read-only view of it. Holding that view would tie
+the snapshot to the worker's life (OwnerDiedError once it dies), so ``put`` copies it into memory the keeper
+owns before it returns; from the ack on, the snapshot no longer depends on the worker, and the plasma copy is
+freed instead of occupying (and spilling from) the object store. A pull (keeper calls a worker method and keeps
+the returned ref) would also be owned by the keeper, but would keep every snapshot in plasma and make the keeper
+track worker handles.
+
+Versions: at most ``keep`` (>= 2) are held: the newest committed one is never dropped, nor one whose commit is
+in progress (sealed); a new version evicts the oldest other one, or is refused with KeeperBusyError.
+
+Create keepers with ``start_keeper(node_id)``: a threaded actor (group members call each other while serving
+calls) with no CPU reservation, pinned to its node.
+"""
+from __future__ import annotations
+
+import functools
+import logging
+import threading
+from dataclasses import asdict, dataclass, field
+from typing import Any, Optional, Sequence
+
+import numpy as np
+import ray
+from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
+
+from checkpoint.keeper_group import GroupMember, NotHeldError
+from checkpoint.snapshot_codec import SnapshotIndex, pack_into, plan_index, unpack
+from checkpoint.universal import (CheckpointError, FragmentSpec, TrainerState, commit_version, version_dir,
+                                  wait_for_ranks, write_fragments)
+
+log = logging.getLogger(__name__)
+
+TRAINER_STATE_META = "trainer_state"  # snapshot meta key under which the trainer state travels
+
+Snapshot = tuple[dict, np.ndarray]  # (index JSON, packed payload)
+
+
+class KeeperBusyError(CheckpointError):
+    """The keeper already holds ``keep`` versions it may not drop (committed or being committed)."""
+
+
+@dataclass
+class HeldVersion:
+    version: int
+    snapshots: dict[int, Snapshot] = field(default_factory=dict)  # rank -> snapshot; views of `data` once assembled
+    directory: Optional[dict] = None  # set by seal: where each rank sits in `data`; no more puts after it
+    data: Optional[np.ndarray] = None  # own data, padded to the group's k * chunk_length
+    chunk_length: int = 0
+    parity: dict[int, np.ndarray] = field(default_factory=dict)  # stripe -> parity chunk this keeper stores
+    directories: Optional[list[dict]] = None  # every member's directory: rebuilding a lost one needs it
+    committed: bool = False
+
+    @property
+    def sealed(self) -> bool:
+        return self.directory is not None
+
+    @property
+    def encoded(self) -> bool:
+        return self.directories is not None
+
+    @property
+    def nbytes(self) -> int:
+        own = self.data.nbytes if self.data is not None else sum(p.nbytes for _, p in self.snapshots.values())
+        return own + sum(chunk.nbytes for chunk in self.parity.values())
+
+
+def _directory(snapshots: dict[int, Snapshot]) -> dict:
+    entries, offset = [], 0
+    for rank in sorted(snapshots):
+        index, payload = snapshots[rank]
+        entries.append({"rank": rank, "offset": offset, "index": index})
+        offset += payload.nbytes
+    return {"nbytes": offset, "ranks": entries}
+
+
+def split_by_directory(directory: dict, data: np.ndarray) -> dict[int, Snapshot]:
+    """rank -> (index, payload view) of one member's data."""
+    return {entry["rank"]: (entry["index"], data[entry["offset"]:entry["offset"] + entry["index"]["nbytes"]])
+            for entry in directory["ranks"]}
+
+
+class SnapshotKeeper:
+    """Holds packed snapshots per (version, rank); erasure-codes them within its group; persists them to disk."""
+
+    def __init__(self, keep: int = 2, call_timeout_s: float = 60.0):
+        if keep < 2:
+            raise ValueError(f"keeper keep={keep}: must be >= 2 (the committed version plus the next one)")
+        self.keep, self.call_timeout_s = keep, call_timeout_s
+        self._versions: dict[int, HeldVersion] = {}
+        self._committed: Optional[int] = None
+        self._group: Optional[GroupMember] = None
+        self._lock = threading.RLock()
+
+    # ------------------------------------------------------------------ handover and restore
+
+    def put(self, version: int, rank: int, index: dict, payload: np.ndarray) -> int:
+        """Copy one rank's packed snapshot into keeper-owned memory; returns the bytes held (the ack)."""
+        source = np.asarray(payload)
+        expected = SnapshotIndex.from_json(index).nbytes
+        if source.dtype != np.uint8 or source.ndim != 1 or source.nbytes != expected:
+            raise CheckpointError(f"put(version={version}, rank={rank}): payload must be a 1-D uint8 array of "
+                                  f"{expected} bytes, got {source.dtype}{list(source.shape)}")
+        owned = np.empty(source.nbytes, dtype=np.uint8)
+        owned[:] = source
+        with self._lock:
+            held = self._admit(version)
+            if held.sealed:
+                raise CheckpointError(f"put(version={version}, rank={rank}): the version is already being "
+                                      f"committed; this rank's part came too late")
+            held.snapshots[rank] = (dict(index), owned)
+        return owned.nbytes
+
+    def get(self, version: int, rank: int) -> Snapshot:
+        snapshots = self.get_all(version)
+        if rank not in snapshots:
+            raise NotHeldError(f"keeper holds ranks {sorted(snapshots)} of version {version}, not rank {rank}")
+        return snapshots[rank]
+
+    def get_all(self, version: int) -> dict[int, Snapshot]:
+        with self._lock:
+            return dict(self._held(version).snapshots)
+
+    def versions(self) -> list[int]:
+        with self._lock:
+            return sorted(self._versions)
+
+    def committed_version(self) -> Optional[int]:
+        return self._committed
+
+    def held_bytes(self) -> int:
+        """Bytes of snapshot data and parity this keeper holds, over all versions."""
+        with self._lock:
+            return sum(held.nbytes for held in self._versions.values())
+
+    def ping(self) -> str:
+        return ray.get_runtime_context().get_node_id()
+
+    # ------------------------------------------------------------------ version bookkeeping (under the lock)
+
+    def _held(self, version: int) -> HeldVersion:
+        held = self._versions.get(version)
+        if held is None:
+            raise NotHeldError(f"keeper holds versions {sorted(self._versions)}, not {version}")
+        return held
+
+    def _admit(self, version: int) -> HeldVersion:
+        if version in self._versions:
+            return self._versions[version]
+        if self._committed is not None and version <= self._committed:
+            raise CheckpointError(f"version {version} is not newer than the committed version {self._committed}")
+        if len(self._versions) >= self.keep:
+            droppable = [v for v in sorted(self._versions)
+                         if v != self._committed and not self._versions[v].sealed]
+            if not droppable:
+                raise KeeperBusyError(f"keeper holds versions {sorted(self._versions)} (committed "
+                                      f"{self._committed}, the others being committed); version {version} skipped")
+            del self._versions[droppable[0]]
+        held = self._versions[version] = HeldVersion(version)
+        return held
+
+    # ------------------------------------------------------------------ group protocol (driven by keeper_group)
+
+    def join_group(self, index: int, members: Sequence, parity: int) -> None:
+        self._group = GroupMember(index, members, parity, self.call_timeout_s)
+
+    def seal(self, version: int) -> dict:
+        """Freeze the set of ranks of ``version`` (a node may hold none) and return where each sits in own data."""
+        with self._lock:
+            held = self._admit(version)
+            if not held.sealed:
+                held.directory = _directory(held.snapshots)
+            return held.directory
+
+    def encode(self, version: int, chunk_length: int, directories: list[dict]) -> int:
+        """Lay out own data in k chunks and compute the parity this keeper stores; returns bytes held for it."""
+        group = self._require_group()
+        held = self._assemble(version, chunk_length)
+        if not held.encoded:
+            parity = group.encode_parity(version, chunk_length)
+            with self._lock:
+                held.parity, held.directories = parity, list(directories)
+        return held.nbytes
+
+    def shard(self, version: int, stripe: int, chunk_length: Optional[int] = None) -> np.ndarray:
+        """This keeper's shard of a stripe: one of its own data chunks, or a parity chunk it stores."""
+        group = self._require_group()
+        shard = group.layout.shard_of(group.index, stripe)
+        if shard >= group.layout.data_members:
+            with self._lock:
+                chunk = self._held(version).parity.get(stripe)
+            if chunk is None:
+                raise NotHeldError(f"version {version}: parity of stripe {stripe} is not encoded here")
+            return chunk
+        held = self._assemble(version, chunk_length) if chunk_length is not None else self._assembled(version)
+        return held.data[shard * held.chunk_length:(shard + 1) * held.chunk_length]
+
+    def mark_committed(self, version: int) -> None:
+        with self._lock:
+            held = self._held(version)
+            if not held.encoded:
+                raise CheckpointError(f"version {version} cannot be committed: it is not encoded on this keeper")
+            held.committed = True
+            self._committed = version if self._committed is None else max(self._committed, version)
+            for stale in [v for v, h in self._versions.items() if v < self._committed and not h.committed]:
+                del self._versions[stale]
+
+    def discard(self, version: int) -> None:
+        """Drop a version whose commit failed (a committed version is kept)."""
+        with self._lock:
+            if version in self._versions and not self._versions[version].committed:
+                del self._versions[version]
+
+    def rebuild(self, version: int, lost: int) -> dict[int, Snapshot]:
+        """rank -> snapshot of lost member ``lost``, decoded from this and the other surviving members."""
+        group = self._require_group()
+        held = self._assembled(version)
+        if not held.encoded:
+            raise NotHeldError(f"version {version} is not encoded on this keeper")
+        data = group.decode_member(version, lost, held.chunk_length, lambda stripe: self.shard(version, stripe))
+        return split_by_directory(held.directories[lost], data)
+
+    def _require_group(self) -> GroupMember:
+        if self._group is None:
+            raise CheckpointError("keeper is not in a group (KeeperGroup(keepers, parity) joins it)")
+        return self._group
+
+    def _assembled(self, version: int) -> HeldVersion:
+        with self._lock:
+            held = self._held(version)
+            if held.data is None:
+                raise NotHeldError(f"version {version} is not laid out in chunks on this keeper")
+            return held
+
+    def _assemble(self, version: int, chunk_length: int) -> HeldVersion:
+        """Copy the sealed snapshots into one zero-padded buffer of k chunks (once; peers may ask first)."""
+        with self._lock:
+            held = self._held(version)
+            if not held.sealed:
+                raise NotHeldError(f"version {version} is not sealed on this keeper")
+            if held.data is not None:
+                if held.chunk_length != chunk_length:
+                    raise CheckpointError(f"version {version} was laid out in chunks of {held.chunk_length} "
+                                          f"bytes, not {chunk_length}")
+                return held
+            length = chunk_length * self._require_group().layout.data_members
+            if length < held.directory["nbytes"]:
+                raise CheckpointError(f"version {version}: {held.directory['nbytes']} bytes do not fit in "
+                                      f"{length}")
+            data = np.empty(length, dtype=np.uint8)
+            for entry in held.directory["ranks"]:
+                payload = held.snapshots[entry["rank"]][1]
+                data[entry["offset"]:entry["offset"] + payload.nbytes] = payload
+            data[held.directory["nbytes"]:] = 0
+            held.data, held.chunk_length = data, chunk_length
+            held.snapshots = split_by_directory(held.directory, data)
+            return held
+
+    # ------------------------------------------------------------------ level 2
+
+    def persist(self, version: int, root: str, world_ranks: Optional[Sequence[int]] = None, keep: int = 2,
+                timeout_s: float = 600.0) -> list[int]:
+        """Write the held ranks of ``version`` in the universal format under ``root``; returns those ranks.
+
+        With ``world_ranks`` this keeper is the coordinator: it then waits until every rank's part is written
+        (by whichever keeper holds it) and commits the version, with the trainer state its snapshots carry."""
+        snapshots = self.get_all(version)  # references: eviction cannot free them while they are written
+        directory = version_dir(root, version)
+        for rank, (index, payload) in sorted(snapshots.items()):
+            write_fragments(directory, rank, unpack(index, payload))
+        if world_ranks is not None:
+            wait_for_ranks(directory, world_ranks, timeout_s)
+            commit_version(root, version, _trainer_state(version, snapshots), world_ranks, keep)
+        return sorted(snapshots)
+
+
+def _trainer_state(version: int, snapshots: dict[int, Snapshot]) -> TrainerState:
+    """The state carried in the lowest rank's snapshot meta, else just the step (as the engine defaults)."""
+    for rank in sorted(snapshots):
+        state = SnapshotIndex.from_json(snapshots[rank][0]).meta.get(TRAINER_STATE_META)
+        if state is not None:
+            return TrainerState.from_json(state)
+    return TrainerState(step=version)
+
+
+# ---------------------------------------------------------------------------------------------- creation
+
+
+@functools.lru_cache(maxsize=1)
+def _remote_keeper_class():
+    return ray.remote(SnapshotKeeper)
+
+
+def keeper_actor_options(node_id: str, max_concurrency: int = 8) -> dict[str, Any]:
+    """Threaded (peers call in while it waits on them), no CPU reserved, pinned to the node, never restarted (a
+    restarted keeper would be empty; the group treats it as lost until the next commit)."""
+    return {"num_cpus": 0, "max_concurrency": max_concurrency, "max_restarts": 0,
+            "scheduling_strategy": NodeAffinitySchedulingStrategy(node_id, soft=False)}
+
+
+def start_keeper(node_id: str, keep: int = 2, call_timeout_s: float = 60.0, **options):
+    """A SnapshotKeeper actor on node ``node_id``."""
+    return _remote_keeper_class().options(**{**keeper_actor_options(node_id), **options}).remote(keep,
+                                                                                                 call_timeout_s)
+
+
+# ---------------------------------------------------------------------------------------------- worker side
+
+
+class KeeperHandover:
+    """The engine's persister for level 1: packs each handed-over arena copy and puts it on this node's keeper.
+
+    Plug it into ``CheckpointEngine(arena, every, persist_every=N, persister=KeeperHandover(keeper, rank))``: the
+    engine calls ``persist`` on its writer thread after the L0 copy, so training never waits for it unless the
+    next snapshot comes before the keeper acked. The pack buffer is reused across versions."""
+
+    def __init__(self, keeper, rank: int, timeout_s: float = 600.0):
+        self.keeper, self.rank, self.timeout_s = keeper, rank, timeout_s
+        self.handed_version: Optional[int] = None
+        self._buffer = np.empty(0, dtype=np.uint8)
+
+    def persist(self, version: int, fragments: list[FragmentSpec], trainer_state: TrainerState) -> None:
+        index = plan_index(fragments, {TRAINER_STATE_META: asdict(trainer_state)})
+        if self._buffer.nbytes < index.nbytes:
+            self._buffer = np.empty(index.nbytes, dtype=np.uint8)
+        payload = pack_into(index, fragments, self._buffer)
+        try:
+            ray.get(self.keeper.put.remote(version, self.rank, index.to_json(), payload), timeout=self.timeout_s)
+        except KeeperBusyError as error:
+            log.warning("rank %d: level-1 handover of version %d skipped: %s", self.rank, version, error)
+            return
+        self.handed_version = version
+
+    def close(self) -> None:
+        pass

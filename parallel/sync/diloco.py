@@ -1,0 +1,282 @@
+"""DiLoCo (arXiv 2311.08105; spec: shared/specs/lowcomm.md section 1): local inner steps, an outer step every H.
+
+Every replica trains alone for H inner steps with the default (inner) optimizer. Then it takes the
+pseudo-gradient against the global copy, Delta_i = phi - theta_i (old minus new), averages it over the replica
+group (the only communication), lets the outer Nesterov SGD step phi with it, and copies phi into its live params.
+The inner optimizer state is never synced.
+
+This module also holds what Streaming DiLoCo and NoLoCo share: ``FlatParams`` (named local parameter shards seen
+as one flat vector), ``Fragment`` (a FlatParams with its global copy and outer optimizer) and ``ReplicaMean``
+(an asynchronous, optionally quantised mean over the replica group).
+
+Step numbering: ``after_optimizer(step)`` receives the index of the optimizer step just taken, counting from 0;
+an outer step follows optimizer step ``step`` when ``(step + 1) % sync_every == 0``.
+The trainer must not average gradients (no DDP): ``wrap_model`` returns the model unchanged. All replicas must
+start from identical parameters (same seed or a loaded checkpoint).
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Optional
+
+import torch
+from torch import nn
+from torch.distributed.tensor import DTensor
+
+from parallel import comm
+from parallel.quantize import QUANTIZATIONS, BlockQuantizer, Packed, build_quantizer, pad_to, round_up
+from parallel.sync.base import SyncStrategy
+
+
+@dataclass
+class DiLoCoConfig:
+    sync_every: int = 500  # H, inner steps per outer step
+    outer_lr: float = 0.7
+    outer_momentum: float = 0.9
+    nesterov: bool = True
+    quantization: str = "none"  # wire format of Delta: none (fp32), int8 or e3m0 (parallel/quantize.py)
+    quant_block: int = 128  # values per quantisation scale
+
+    def __post_init__(self):
+        if self.sync_every < 1:
+            raise ValueError(f"sync_every={self.sync_every}: must be >= 1")
+        if self.quantization not in QUANTIZATIONS:
+            raise ValueError(f"quantization={self.quantization}: valid: {', '.join(QUANTIZATIONS)}")
+
+
+def local_tensor(tensor: torch.Tensor) -> torch.Tensor:
+    """This rank's shard of a (possibly DTensor) parameter; in-place writes reach the parameter."""
+    return tensor.to_local() if isinstance(tensor, DTensor) else tensor
+
+
+def trainable_parameters(model: nn.Module) -> list[tuple[str, nn.Parameter]]:
+    return [(name, param) for name, param in model.named_parameters() if param.requires_grad]
+
+
+def outer_dtype(params: list[nn.Parameter]) -> torch.dtype:
+    """fp32 for low-precision params (Delta must be computed in fp32), float64 stays float64."""
+    dtype = torch.float32
+    for param in params:
+        dtype = torch.promote_types(dtype, param.dtype)
+    return dtype
+
+
+class FlatParams:
+    """Named parameters' local shards seen as one flat vector, in a fixed order."""
+
+    def __init__(self, named: list[tuple[str, nn.Parameter]]):
+        self.names = [name for name, _ in named]
+        self.params = [param for _, param in named]
+        self.dtype = outer_dtype(self.params)
+        shapes = [local_tensor(p).shape for p in self.params]
+        self.numels = [shape.numel() for shape in shapes]
+        self.shapes = shapes
+        self.numel = sum(self.numels)
+
+    @torch.no_grad()
+    def flatten(self) -> torch.Tensor:
+        """A fresh contiguous copy of the live values in ``self.dtype``."""
+        if not self.params:
+            return torch.zeros(0, dtype=self.dtype)
+        return torch.cat([local_tensor(p).detach().reshape(-1).to(self.dtype) for p in self.params])
+
+    @torch.no_grad()
+    def write(self, flat: torch.Tensor) -> None:
+        """Copy ``flat`` into the live parameters (cast to their dtype)."""
+        for param, view in zip(self.params, self._split(flat)):
+            local_tensor(param).copy_(view)
+
+    def views(self, flat: torch.Tensor) -> dict[str, torch.Tensor]:
+        """name -> view of ``flat`` shaped like that parameter's local shard."""
+        return dict(zip(self.names, self._split(flat)))
+
+    def _split(self, flat: torch.Tensor) -> list[torch.Tensor]:
+        return [chunk.view(shape) for chunk, shape in zip(flat.split(self.numels), self.shapes)]
+
+
+class Fragment:
+    """A group of parameters with its own global copy phi and outer optimizer (spec 1.1, 2.1)."""
+
+    def __init__(self, named: list[tuple[str, nn.Parameter]], outer_lr: float, momentum: float, nesterov: bool):
+        self.flat = FlatParams(named)
+        self.global_params = self.flat.flatten()
+        self.outer = torch.optim.SGD([self.global_params], lr=outer_lr, momentum=momentum, nesterov=nesterov,
+                                     foreach=False)
+        if momentum:
+            # Allocated up front so the state dict has stable entries; a zero buffer gives exactly torch's first step.
+            self.outer.state[self.global_params]["momentum_buffer"] = torch.zeros_like(self.global_params)
+
+    @property
+    def numel(self) -> int:
+        return self.flat.numel
+
+    @property
+    def momentum(self) -> Optional[torch.Tensor]:
+        return self.outer.state[self.global_params].get("momentum_buffer")
+
+    def pseudo_gradient(self) -> torch.Tensor:
+        """Delta = phi - theta (old minus new), a fresh tensor."""
+        return self.global_params - self.flat.flatten()
+
+    @torch.no_grad()
+    def outer_step(self, mean_delta: torch.Tensor) -> None:
+        self.global_params.grad = mean_delta
+        self.outer.step()
+        self.global_params.grad = None
+
+    @torch.no_grad()
+    def merge(self, alpha: Optional[float]) -> None:
+        """theta <- phi (alpha None) or theta <- alpha * theta + (1 - alpha) * phi (exact at alpha 0 and 1)."""
+        if alpha is None:
+            self.flat.write(self.global_params)
+        elif alpha != 1.0:
+            self.flat.write(torch.lerp(self.global_params, self.flat.flatten(), alpha))
+
+    def state_views(self, prefix: str) -> dict[str, torch.Tensor]:
+        state = {f"{prefix}.global.{n}": v for n, v in self.flat.views(self.global_params).items()}
+        if self.momentum is not None:
+            state.update({f"{prefix}.outer_momentum.{n}": v for n, v in self.flat.views(self.momentum).items()})
+        return state
+
+
+def fragments_state_dict(prefix: str, fragments: list[Fragment]) -> dict[str, torch.Tensor]:
+    state: dict[str, torch.Tensor] = {}
+    for fragment in fragments:
+        state.update(fragment.state_views(prefix))
+    return state
+
+
+@torch.no_grad()
+def copy_named_state(targets: dict[str, torch.Tensor], state: dict[str, torch.Tensor]) -> bool:
+    """Copy ``state[key]`` into every target. False, copying nothing, when no key is present (a state written by
+    another strategy); KeyError when only some are."""
+    present = [key for key in targets if key in state]
+    if not present:
+        return False
+    missing = sorted(set(targets) - set(present))
+    if missing:
+        raise KeyError(f"sync state is missing {len(missing)} entries, e.g. {missing[:3]}")
+    for key, target in targets.items():
+        target.copy_(state[key])
+    return True
+
+
+@torch.no_grad()
+def load_fragments_state(prefix: str, fragments: list[Fragment], state: dict[str, torch.Tensor]) -> None:
+    """Copy saved phi and outer momenta in; without any ``prefix.*`` entry, restart the outer loop from the live
+    parameters."""
+    if copy_named_state(fragments_state_dict(prefix, fragments), state):
+        return
+    for fragment in fragments:
+        fragment.global_params.copy_(fragment.flat.flatten())
+        if fragment.momentum is not None:
+            fragment.momentum.zero_()
+
+
+class ReplicaMean:
+    """Mean of a flat tensor over the replica group, started at construction and finished by ``result()``.
+
+    Full precision: one asynchronous all-reduce. Quantised (torchft's scheme, spec 2.2): each replica quantises
+    its own Delta; an all-to-all hands chunk k of every replica to rank k, which dequantises and sums them in fp32
+    in rank order, re-quantises the mean chunk, and an all-gather returns all chunks to everyone. Every rank then
+    decodes the same bytes, so results are bitwise identical across ranks. ``advance()`` runs the middle part and
+    launches the all-gather, so a caller with spare steps can overlap both phases. The input is consumed.
+    A group of one rank sends nothing and quantises nothing.
+    """
+
+    def __init__(self, local: torch.Tensor, group, counter: comm.CommCounter,
+                 quantizer: Optional[BlockQuantizer] = None):
+        self.group, self.counter, self.quantizer = group, counter, quantizer
+        self.world = comm.group_size(group)
+        self.numel, self.dtype = local.numel(), local.dtype
+        self._value: Optional[torch.Tensor] = None
+        self._gather = None
+        if self.world == 1:
+            self._value = local
+        elif quantizer is None:
+            self._buffer = local.contiguous()
+            self._works = [comm.all_reduce(self._buffer, group, counter, async_op=True)]
+        else:
+            self._start_quantised(local)
+
+    def _start_quantised(self, local: torch.Tensor) -> None:
+        self.chunk = round_up(-(-self.numel // self.world), self.quantizer.block)
+        packed = self.quantizer.encode(pad_to(local, self.chunk * self.world))
+        self._sending = packed  # alive until the asynchronous collective completes
+        self._received = Packed(torch.empty_like(packed.payload), torch.empty_like(packed.scales))
+        self._works = [comm.all_to_all(self._received.payload, packed.payload, self.group, self.counter, True),
+                       comm.all_to_all(self._received.scales, packed.scales, self.group, self.counter, True)]
+
+    def advance(self) -> None:
+        if self.quantizer is None or self._value is not None or self._gather is not None:
+            return
+        for work in self._works:
+            work.wait()
+        payloads = self._received.payload.chunk(self.world)
+        scales = self._received.scales.chunk(self.world)
+        chunk_sum = torch.zeros(self.chunk, dtype=torch.float32)
+        for payload, scale in zip(payloads, scales):  # rank order: the same sum on every rank
+            chunk_sum += self.quantizer.decode(Packed(payload, scale))
+        mine = self.quantizer.encode(chunk_sum / self.world)
+        self._sending = mine
+        self._gather = Packed(mine.payload.new_empty(mine.payload.numel() * self.world),
+                              mine.scales.new_empty(mine.scales.numel() * self.world))
+        self._works = [comm.all_gather_into(self._gather.payload, mine.payload, self.group, self.counter, True),
+                       comm.all_gather_into(self._gather.scales, mine.scales, self.group, self.counter, True)]
+
+    def result(self) -> torch.Tensor:
+        if self._value is None:
+            self.advance()
+            for work in self._works:
+                work.wait()
+            if self.quantizer is None:
+                self._value = self._buffer.div_(self.world)
+            else:
+                self._value = self.quantizer.decode(self._gather)[: self.numel].to(self.dtype)
+        return self._value
+
+
+def finish_fragment_sync(fragment: Fragment, pending: ReplicaMean, alpha: Optional[float]) -> None:
+    """Outer step with the averaged pseudo-gradient, then merge phi into the live parameters."""
+    fragment.outer_step(pending.result())
+    fragment.merge(alpha)
+
+
+class DiLoCoSync(SyncStrategy):
+    replicas_diverge = True
+    name = "diloco"
+    state_prefix = "diloco"
+
+    def __init__(self, replica_group, counter: Optional[comm.CommCounter] = None,
+                 config: Optional[DiLoCoConfig] = None):
+        super().__init__(replica_group, counter)
+        self.config = config or DiLoCoConfig()
+        self.quantizer = build_quantizer(self.config.quantization, self.config.quant_block)
+        self.fragments: list[Fragment] = []
+
+    def wrap_model(self, model: nn.Module) -> nn.Module:
+        self.model = model
+        cfg = self.config
+        self.fragments = [Fragment(trainable_parameters(model), cfg.outer_lr, cfg.outer_momentum, cfg.nesterov)]
+        return model
+
+    def after_optimizer(self, step: int) -> None:
+        if (step + 1) % self.config.sync_every:
+            return
+        for fragment in self.fragments:
+            pending = ReplicaMean(fragment.pseudo_gradient(), self.replica_group, self.counter, self.quantizer)
+            finish_fragment_sync(fragment, pending, alpha=None)
+        self.counter.end_event()
+
+    def outer_parameters(self) -> dict[str, torch.Tensor]:
+        """name -> phi shaped like the local shard: the parameters to evaluate and export."""
+        views: dict[str, torch.Tensor] = {}
+        for fragment in self.fragments:
+            views.update(fragment.flat.views(fragment.global_params))
+        return views
+
+    def state_dict(self) -> dict[str, torch.Tensor]:
+        return fragments_state_dict(self.state_prefix, self.fragments)
+
+    def load_state_dict(self, state: dict[str, torch.Tensor]) -> None:
+        load_fragments_state(self.state_prefix, self.fragments, state)

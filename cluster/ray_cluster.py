@@ -25,6 +25,10 @@ LOCAL_ENV = {
 }
 
 
+# Where embedded clusters keep their session files (short: socket paths must stay under ~107 characters).
+TEMP_ROOT_ENV = "ORCHESTRATE_RAY_TMPDIR"
+
+
 def configure_local_environment() -> None:
     """Must run before ``import ray`` in this process; workers inherit the environment through the raylet."""
     os.environ.update(LOCAL_ENV)
@@ -66,7 +70,7 @@ class RayRuntime:
 
         if self.is_local:
             # Short path: Ray's unix socket paths must stay under ~107 characters.
-            self.temp_dir = tempfile.mkdtemp(prefix="orch-ray-", dir="/tmp")
+            self.temp_dir = tempfile.mkdtemp(prefix="orch-ray-", dir=os.environ.get(TEMP_ROOT_ENV, "/tmp"))
             capacity = local_capacity(self.num_cpus)
             ray.init(address="local", num_cpus=int(capacity.cpus), num_gpus=int(capacity.gpus),
                      include_dashboard=False, object_store_memory=self.object_store_mb * 1024 * 1024,

@@ -149,6 +149,7 @@ class FaultConfig:
     kill_rank: Optional[int] = None
     at_step: Optional[int] = None
     kind: str = "process"
+    max_restarts: int = 3  # automatic recoveries per run before it fails
 
 
 @dataclass

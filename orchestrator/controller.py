@@ -14,7 +14,7 @@ from typing import Optional
 from omegaconf import OmegaConf
 from ray.exceptions import RayError
 
-from checkpoint.universal import CheckpointError, discard_uncommitted
+from checkpoint.universal import CheckpointError, committed_versions, discard_uncommitted, version_dir
 from cluster.ray_cluster import RayRuntime, local_capacity
 from cluster.worker_group import PlacementError, WorkerGroup, WorkerGroupError
 from orchestrator.config import Config, ConfigError
@@ -34,6 +34,12 @@ def _raises(ref) -> bool:
         return False
     except Exception:  # noqa: BLE001 - any failure of a rank's call
         return True
+
+
+class RankDied(WorkerGroupError):
+    def __init__(self, message: str, rank: int, started_step: int):
+        super().__init__(message, rank)
+        self.started_step = started_step  # the newest step a surviving rank started: later work is redone
 
 
 class RunState(str, enum.Enum):
@@ -93,11 +99,25 @@ def aggregate_step(reports: list[dict], run_start: float, tokens_per_step: int) 
     }
 
 
+def recovery_source(checkpoint_dir: str, logged_step: int) -> Optional[Path]:
+    """The newest committed version not newer than the last logged step, so that the steps whose metrics died
+    with a rank are computed (and logged) again; else the newest committed version."""
+    if not Path(checkpoint_dir).exists():
+        return None
+    versions = committed_versions(checkpoint_dir)
+    if not versions:
+        return None
+    usable = [v for v in versions if v <= logged_step] or versions
+    return version_dir(checkpoint_dir, usable[-1])
+
+
 class Controller:
     def __init__(self, cfg: Config):
         self.cfg = cfg
         self.state = RunState.STARTING
         self.start_time = time.time()
+        self.recovery: Optional[dict] = None  # the recovery in progress, logged at its first finished step
+        self.recoveries: list[dict] = []
 
     def preflight(self) -> None:
         """Checks that need to know the cluster; for the embedded cluster they run before anything starts."""
@@ -142,6 +162,29 @@ class Controller:
         return result
 
     def _run_group(self, resolved: dict, result: RunResult, progress: ProgressLine, metrics: MetricsLog) -> None:
+        """Run the gang; when a rank dies, RECOVERING: a new gang restores the newest committed version."""
+        restarts = 0
+        while True:
+            try:
+                self._run_once(resolved, result, progress, metrics)
+                return
+            except WorkerGroupError as err:
+                source = recovery_source(self.cfg.checkpoint.dir, result.steps)
+                if restarts >= self.cfg.fault.max_restarts or source is None:
+                    reason = "no committed checkpoint to restore" if source is None else \
+                        f"fault.max_restarts={self.cfg.fault.max_restarts} used up"
+                    raise WorkerGroupError(f"{err} ({reason})", rank=err.rank) from None
+                restarts += 1
+                self.state = RunState.RECOVERING
+                progress.message(f"{err}; recovering (restart {restarts}/{self.cfg.fault.max_restarts}) "
+                                 f"from {source.name}")
+                self.recovery = {"failed_rank": err.rank, "source": "disk", "version": str(source),
+                                 "started": time.time(),
+                                 "last_step": max(result.steps, getattr(err, "started_step", 0))}
+                resolved = {**resolved, "checkpoint": {**resolved["checkpoint"], "resume_from": str(source)},
+                            "fault": {**resolved["fault"], "kill_rank": None, "at_step": None}}
+
+    def _run_once(self, resolved: dict, result: RunResult, progress: ProgressLine, metrics: MetricsLog) -> None:
         cfg, c = self.cfg, self.cfg.cluster
         try:
             group = WorkerGroup(TrainWorker, cfg.world_size, c.cpus_per_worker, c.gpus_per_worker,
@@ -155,12 +198,16 @@ class Controller:
                 if isinstance(err, ValueError) and not isinstance(err, CheckpointError):
                     raise ConfigError(str(err).strip().splitlines()[-1]) from None
                 raise
-            progress.message(f"{cfg.world_size} workers ({infos[0]['n_params']:,} parameters, "
-                             f"backend {group.infos[0]['backend']}) training {cfg.train.steps} steps")
-            if infos[0]["resumed_step"] is not None:
-                result.steps = infos[0]["resumed_step"]
-                progress.message(f"resumed from {cfg.checkpoint.resume_from} at step {result.steps}")
-                metrics.log({"step": result.steps, "event": "resume", "from": cfg.checkpoint.resume_from})
+            if self.recovery is None:
+                progress.message(f"{cfg.world_size} workers ({infos[0]['n_params']:,} parameters, "
+                                 f"backend {group.infos[0]['backend']}) training {cfg.train.steps} steps")
+            resumed = infos[0]["resumed_step"]
+            if resumed is not None and self.recovery is None:
+                result.steps = resumed
+                progress.message(f"resumed from {cfg.checkpoint.resume_from} at step {resumed}")
+                metrics.log({"step": resumed, "event": "resume", "from": cfg.checkpoint.resume_from})
+            elif self.recovery is not None:
+                self.recovery["restored_step"] = resumed
             self.state = RunState.RUNNING
             reporters = [info["rank"] for info in infos if info["reports_loss"]]
             finals = self._stream_training(group, reporters, result, progress, metrics)
@@ -175,6 +222,17 @@ class Controller:
             self.state = RunState.FINISHED
         finally:
             group.shutdown()
+
+    def _log_recovery(self, record: dict, progress: ProgressLine, metrics: MetricsLog) -> None:
+        """At the first step finished after a recovery: what failed, the source, seconds taken, steps lost."""
+        recovery, self.recovery = self.recovery, None
+        recovery["seconds"] = round(time.time() - recovery.pop("started"), 3)
+        recovery["steps_lost"] = recovery.pop("last_step") - recovery["restored_step"]
+        metrics.log({"step": recovery["restored_step"], "recovery": recovery})
+        self.recoveries.append(recovery)
+        progress.message(f"recovered: rank {recovery['failed_rank']} replaced, step {recovery['restored_step']} "
+                         f"restored from {recovery['source']} in {recovery['seconds']:.1f}s, "
+                         f"{recovery['steps_lost']} steps redone")
 
     def _stream_training(self, group: WorkerGroup, reporters: list[int], result: RunResult,
                          progress: ProgressLine, metrics: MetricsLog) -> list[dict]:
@@ -202,6 +260,10 @@ class Controller:
                 record = aggregate_step(reports, self.start_time, tokens_per_step)
                 if 0 not in reporters:
                     record["loss"] = aggregate_step(reports[1:], self.start_time, tokens_per_step)["loss"]
+                if self.recovery is not None:
+                    self._log_recovery(record, progress, metrics)
+                if record["step"] <= result.steps:
+                    continue  # redone after a recovery: logged already (with the same loss)
                 metrics.log(record)
                 progress.update(record)
                 result.steps, result.final_loss = record["step"], record["loss"]
@@ -221,13 +283,15 @@ class Controller:
         while (rank := group.rank_of_failure(train_refs)) is None and time.monotonic() < deadline:
             time.sleep(0.1)
         if rank is not None:
-            raise WorkerGroupError(f"rank {rank} died during step {self._survivor_step(group, rank) + 1}", rank=rank)
+            finished, started = self._survivor_progress(group, rank)
+            raise RankDied(f"rank {rank} died during step {finished + 1}", rank=rank, started_step=started)
         ray.get(failed[0])  # an application error in a rank: surface its message
 
-    def _survivor_step(self, group: WorkerGroup, dead_rank: int) -> int:
-        """The newest step the surviving ranks finished (they wait for the dead rank in the next one)."""
+    def _survivor_progress(self, group: WorkerGroup, dead_rank: int) -> tuple[int, int]:
+        """(newest step every survivor finished, newest step one started); survivors wait for the dead rank."""
         survivors = [r for r in range(group.world_size) if r != dead_rank]
         try:
-            return max(group._get(group.call_async("finished_step", ranks=survivors, control=True), 10.0))
+            progress = group._get(group.call_async("progress", ranks=survivors, control=True), 10.0)
         except Exception:  # noqa: BLE001 - best effort: more ranks may be dying
-            return 0
+            return 0, 0
+        return min(p[0] for p in progress), max(p[1] for p in progress)

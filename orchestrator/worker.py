@@ -108,8 +108,10 @@ class TrainWorker(DistributedWorker):
         with self._lock:
             self._metrics.append(record)
 
-    def finished_step(self) -> int:
-        return self.trainer.step - 1 if self.trainer.step and self._in_step else self.trainer.step
+    def progress(self) -> tuple[int, int]:
+        """(steps finished, steps started): they differ while a step is running."""
+        started = self.trainer.step
+        return (started - 1 if started and self._in_step else started), started
 
     def poll_metrics(self) -> list[dict]:
         """Metrics of the steps finished since the last poll (runs beside train in the control group)."""

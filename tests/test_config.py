@@ -32,3 +32,9 @@ def test_bad_input_is_one_line_naming_the_key(overrides, message):
     text = str(err.value)
     assert message in text
     assert "\n" not in text
+
+
+def test_every_packaged_recipe_composes_and_validates():
+    for name in packaged_recipes():
+        cfg = compose_config([f"recipe={name}"])
+        assert cfg.run.name == name and cfg.world_size * cfg.cluster.cpus_per_worker <= 2

@@ -1,0 +1,30 @@
+"""Automatic recovery: a rank killed mid-run is replaced, the newest committed version is restored, and the run
+finishes with the loss curve of a run without the fault."""
+import json
+
+import pytest
+
+from tests.test_cli import orchestrate, ray_processes_of_ours
+from tests.test_layouts_e2e import run
+
+
+@pytest.mark.slow
+def test_killed_rank_is_recovered_and_the_curve_is_unchanged(tmp_path):
+    overrides = ["checkpoint.persist_every=3", "checkpoint.keep=2"]
+    expected = run(tmp_path / "clean", *overrides)
+    recovered = run(tmp_path / "faulty", *overrides, "fault.kill_rank=1", "fault.at_step=8")
+    assert recovered == expected
+    records = [json.loads(line) for line in (tmp_path / "faulty" / "metrics.jsonl").read_text().splitlines()]
+    [recovery] = [r["recovery"] for r in records if "recovery" in r]
+    assert recovery["failed_rank"] == 1 and recovery["source"] == "disk"
+    assert recovery["restored_step"] in (3, 6) and recovery["seconds"] > 0
+    assert 1 <= recovery["steps_lost"] <= 8 - recovery["restored_step"]
+    assert not ray_processes_of_ours()
+
+
+@pytest.mark.slow
+def test_without_restarts_left_the_run_fails_clearly(tmp_path):
+    result = orchestrate("launch", "recipe=quickstart", "train.steps=8", "checkpoint.persist_every=2",
+                         "fault.kill_rank=0", "fault.at_step=5", "fault.max_restarts=0", f"run.dir={tmp_path}")
+    assert result.returncode == 1
+    assert "rank 0 died during step 5" in result.stderr and "fault.max_restarts=0 used up" in result.stderr

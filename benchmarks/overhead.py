@@ -30,7 +30,7 @@ from orchestrator.models import build_llama, cross_entropy_loss
 from orchestrator.trainer import build_lr_scheduler, build_optimizer
 from orchestrator.worker import build_data, llama_config
 
-RECIPE = ["recipe=quickstart"]
+RECIPE = ["recipe=quickstart"]  # --recipe replaces it
 
 
 def per_step_seconds(end_times: list[float], warmup: int) -> float:
@@ -49,11 +49,11 @@ def run_orchestrate(steps: int, warmup: int, *overrides: str) -> tuple[float, fl
     return per_step_seconds(ends, warmup), ends[0] - started
 
 
-def _plain_rank(rank: int, world: int, port: int, steps: int, results) -> None:
+def _plain_rank(rank: int, world: int, port: int, steps: int, recipe: list[str], results) -> None:
     os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
     torch.set_num_threads(1)
     dist.init_process_group("gloo", rank=rank, world_size=world, timeout=timedelta(seconds=120))
-    cfg = compose_config([*RECIPE, f"train.steps={steps}"])
+    cfg = compose_config([*recipe, f"train.steps={steps}"])
     model = build_llama(llama_config(cfg), seed=cfg.train.seed)
     ddp = torch.nn.parallel.DistributedDataParallel(model)
     optimizer = build_optimizer(cfg.optim, model)
@@ -81,7 +81,8 @@ def run_plain(steps: int, warmup: int, world: int = 2) -> float:
     with ctx.Manager() as manager:
         results = manager.dict()
         port = free_port()
-        procs = [ctx.Process(target=_plain_rank, args=(r, world, port, steps, results)) for r in range(world)]
+        procs = [ctx.Process(target=_plain_rank, args=(r, world, port, steps, list(RECIPE), results))
+                 for r in range(world)]
         for proc in procs:
             proc.start()
         for proc in procs:
@@ -95,7 +96,9 @@ def main() -> None:
     parser.add_argument("--steps", type=int, default=80)
     parser.add_argument("--warmup", type=int, default=10)
     parser.add_argument("--repeats", type=int, default=3)
+    parser.add_argument("--recipe", default="quickstart")
     args = parser.parse_args()
+    RECIPE[:] = [f"recipe={args.recipe}"]
     bare, snapshots, plain, first = [], [], [], []
     for _ in range(args.repeats):  # interleaved so machine noise hits both sides alike
         step_s, first_s = run_orchestrate(args.steps, args.warmup, "checkpoint.every=0")
@@ -104,7 +107,7 @@ def main() -> None:
         snapshots.append(run_orchestrate(args.steps, args.warmup, "checkpoint.every=1",
                                          "checkpoint.persist_every=0")[0])
         plain.append(run_plain(args.steps, args.warmup))
-    print(f"Overhead: recipe quickstart, 2 workers, {args.steps} steps, median of {args.repeats} interleaved runs\n")
+    print(f"Overhead: recipe {args.recipe}, 2 workers, {args.steps} steps, median of {args.repeats} interleaved runs\n")
     print("| metric | orchestrate | baseline | ratio | goal |")
     print("|---|---|---|---|---|")
     rows = [("step time, no checkpointing vs plain torch DDP", bare, plain, "<= 1.05"),

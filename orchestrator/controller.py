@@ -96,7 +96,13 @@ def aggregate_step(reports: list[dict], run_start: float, tokens_per_step: int) 
         "time": max(r["time"] for r in reports),
         "ckpt_l0": reports[0].get("ckpt_l0"),
         "ckpt_l2": reports[0].get("ckpt_l2"),
+        **loss_rank_timing(reports),
     }
+
+
+def loss_rank_timing(reports: list[dict]) -> dict[str, float]:
+    """Pipeline compute/wait split as the last stage (the first rank that has the loss) saw it."""
+    return next((r["timing"] for r in reports if r["loss"] is not None and r.get("timing")), {})
 
 
 def recovery_source(checkpoint_dir: str, logged_step: int) -> Optional[Path]:

@@ -34,6 +34,9 @@ class WholeModelRunner:
         self.reports_loss = reports_loss
         self.pp_group = None
 
+    def step_timing(self) -> dict[str, float]:
+        return {}
+
     def _logits(self, inputs: torch.Tensor, targets: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         if self.cp == 1:
             return self.module(inputs), targets
@@ -80,6 +83,11 @@ class PipelineRunner:
 
     def forward_backward(self, inputs: torch.Tensor, targets: torch.Tensor) -> Optional[torch.Tensor]:
         return self.pipeline.step(inputs, targets)
+
+    def step_timing(self) -> dict[str, float]:
+        """This rank's split of the last pipeline step: time in its stages' compute vs waiting for neighbours."""
+        timing = self.pipeline.last_step_timing
+        return {"pp_compute_s": timing.compute_s, "pp_wait_s": timing.wait_s}
 
 
 def merge_stages(stage_modules: list[nn.Module]) -> nn.Module:

@@ -3,7 +3,7 @@ from __future__ import annotations
 
 import math
 import time
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, field
 from typing import Optional, Protocol
 
 import torch
@@ -34,6 +34,7 @@ class StepMetrics:
     comm_bytes: int  # cumulative bytes this rank sent across the replica dimension
     comm_peak_bytes: int
     time: float  # wall-clock at the end of the step
+    timing: dict = field(default_factory=dict)  # pipeline ranks: pp_compute_s / pp_wait_s of the step
 
     def as_dict(self) -> dict:
         return asdict(self)
@@ -105,7 +106,8 @@ class Trainer:
         return StepMetrics(
             step=self.step, loss=float(loss) if loss is not None else None, lr=lr,
             tokens=self.sampler.consumed * self.data.seq_len, step_time=time.perf_counter() - start,
-            comm_bytes=self.sync.counter.total, comm_peak_bytes=self.sync.counter.peak, time=time.time())
+            comm_bytes=self.sync.counter.total, comm_peak_bytes=self.sync.counter.peak, time=time.time(),
+            timing=self.runner.step_timing())
 
     def fast_forward(self, step: int, samples_consumed: int) -> None:
         """Continue after a restored version: the step counter, the sample stream and the LR schedule."""

@@ -15,6 +15,8 @@ int8 (``int8``, optional for DiLoCo): symmetric per-block absmax, q = round(127 
 """
 from __future__ import annotations
 
+from abc import ABC, abstractmethod
+
 import math
 from dataclasses import dataclass
 from typing import Optional
@@ -48,7 +50,7 @@ class Packed:
         return self.payload.numel() + self.scales.numel() * self.scales.element_size()
 
 
-class BlockQuantizer:
+class BlockQuantizer(ABC):
     """A per-block-scaled format. Inputs to ``encode`` must hold a multiple of ``block`` elements."""
 
     name = "base"
@@ -76,11 +78,11 @@ class BlockQuantizer:
         normalised = self._decode_normalised(packed.payload).view(-1, self.block)
         return (normalised * packed.scales[:, None]).reshape(-1)
 
-    def _encode_normalised(self, values: torch.Tensor) -> torch.Tensor:
-        raise NotImplementedError
+    @abstractmethod
+    def _encode_normalised(self, values: torch.Tensor) -> torch.Tensor: ...
 
-    def _decode_normalised(self, payload: torch.Tensor) -> torch.Tensor:
-        raise NotImplementedError
+    @abstractmethod
+    def _decode_normalised(self, payload: torch.Tensor) -> torch.Tensor: ...
 
 
 class E3M0Quantizer(BlockQuantizer):

@@ -78,3 +78,13 @@ def test_killed_rank_fails_the_run_with_a_clear_error(tmp_path):
     assert "rank 1 died during step 4" in result.stderr
     assert len(losses(tmp_path / "run")) <= 3
     assert not ray_processes_of_ours()
+
+
+@pytest.mark.slow
+def test_wandb_logs_offline_into_the_run_dir(tmp_path):
+    result = subprocess.run([sys.executable, "-m", "orchestrator", "launch", "recipe=quickstart", "train.steps=3",
+                             "logging.wandb.enabled=true", f"run.dir={tmp_path}"], capture_output=True, text=True,
+                            timeout=300, env={**ENV, "WANDB_MODE": "offline"})
+    assert result.returncode == 0, result.stderr[-2000:]
+    runs = list((tmp_path / "wandb").glob("offline-run-*"))
+    assert len(runs) == 1 and list(runs[0].glob("run-*.wandb"))

@@ -8,8 +8,8 @@ import pytest
 
 from tests.test_cli import orchestrate
 
-STEPS = 12
-COMMON = ["recipe=quickstart", f"train.steps={STEPS}", "checkpoint.persist_every=6", "checkpoint.keep=3",
+STEPS = 20
+COMMON = ["recipe=quickstart", f"train.steps={STEPS}", "checkpoint.persist_every=10", "checkpoint.keep=3",
           "logging.progress=false"]
 
 
@@ -47,10 +47,10 @@ def test_layouts_train_the_same_loss_curve(reference, tmp_path, layout):
 @pytest.mark.slow
 def test_resume_same_layout_is_bit_identical(reference, tmp_path):
     run_dir, expected = reference
-    checkpoint = run_dir / "checkpoints" / "step-000000000006"
-    assert (run_dir / "checkpoints" / "latest").read_text().strip() == "step-000000000012"
+    checkpoint = run_dir / "checkpoints" / "step-000000000010"
+    assert (run_dir / "checkpoints" / "latest").read_text().strip() == "step-000000000020"
     resumed = run(tmp_path / "resumed", f"ckpt={checkpoint}", command="resume")
-    assert sorted(resumed) == list(range(7, STEPS + 1))
+    assert sorted(resumed) == list(range(11, STEPS + 1))
     assert resumed == {s: expected[s] for s in resumed}
 
 
@@ -59,16 +59,16 @@ def test_resume_same_layout_is_bit_identical(reference, tmp_path):
                                     ["parallel.dp=1", "parallel.pp=2"]], ids=["dp1", "tp2", "pp2"])
 def test_resume_on_another_layout_continues_the_curve(reference, tmp_path, layout):
     run_dir, expected = reference
-    resumed = run(tmp_path / "resumed", f"ckpt={run_dir / 'checkpoints' / 'step-000000000006'}", *layout,
+    resumed = run(tmp_path / "resumed", f"ckpt={run_dir / 'checkpoints' / 'step-000000000010'}", *layout,
                   command="resume")
-    assert sorted(resumed) == list(range(7, STEPS + 1))
+    assert sorted(resumed) == list(range(11, STEPS + 1))
     assert_close_curves(resumed, expected, 1e-4)
 
 
 @pytest.mark.slow
 def test_bad_checkpoints_exit_2_naming_the_problem(reference, tmp_path):
     run_dir, _ = reference
-    source = run_dir / "checkpoints" / "step-000000000006"
+    source = run_dir / "checkpoints" / "step-000000000010"
     truncated = tmp_path / "truncated"
     shutil.copytree(source, truncated)
     fragment = sorted(truncated.glob("*.safetensors"))[0]

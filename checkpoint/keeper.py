@@ -171,7 +171,9 @@ class SnapshotKeeper:
     def seal(self, version: int) -> dict:
         """Freeze the set of ranks of ``version`` (a node may hold none) and return where each sits in own data."""
         with self._lock:
-            held = self._admit(version)
+            held = self._versions.get(version)
+            if held is None:  # evicted or never handed over: nothing to freeze, and nothing left sealed
+                return _directory({})
             if not held.sealed:
                 held.directory = _directory(held.snapshots)
             return held.directory
@@ -206,7 +208,7 @@ class SnapshotKeeper:
                 raise CheckpointError(f"version {version} cannot be committed: it is not encoded on this keeper")
             held.committed = True
             self._committed = version if self._committed is None else max(self._committed, version)
-            for stale in [v for v, h in self._versions.items() if v < self._committed and not h.committed]:
+            for stale in [v for v in self._versions if v < self._committed]:  # only the newest committed stays
                 del self._versions[stale]
 
     def discard(self, version: int) -> None:

@@ -17,14 +17,18 @@ from __future__ import annotations
 import dataclasses
 import warnings
 from pathlib import Path
+from types import SimpleNamespace
 from typing import Optional
 
 import torch
 from torch.distributed.tensor import DTensor
 
 from checkpoint.engine import CheckpointEngine, UniversalPersister
+from checkpoint.keeper import TRAINER_STATE_META, KeeperHandover
+from checkpoint.snapshot_codec import SnapshotIndex, copy_into
 from checkpoint.arena import HostArena
-from checkpoint.fragments import load_model, load_optimizer, model_fragments, optimizer_fragments, tensor_fragment
+from checkpoint.fragments import (init_optimizer_state, load_model, load_optimizer, model_fragments,
+                                  optimizer_fragments, tensor_fragment)
 from checkpoint.reshard import load_into
 from checkpoint.universal import CheckpointError, FragmentSpec, Manifest, TrainerState, read_manifest, resolve_version_dir
 from orchestrator.config import Config
@@ -36,7 +40,8 @@ REPLICAS_PREFIX = "replicas."
 class TrainerCheckpointer:
     """Binds the lazy engine to one rank's trainer: what to copy at each snapshot, and how to restore."""
 
-    def __init__(self, cfg: Config, rank: int, coords: dict[str, int], runner, optimizer, sync, trainer_state_fn):
+    def __init__(self, cfg: Config, rank: int, coords: dict[str, int], runner, optimizer, sync, trainer_state_fn,
+                 keeper=None):
         dims = cfg.dims
         replica = coords["dp"] * dims.cp + coords["cp"]
         self.replica, self.replicas = replica, dims.dp * dims.cp
@@ -49,7 +54,12 @@ class TrainerCheckpointer:
         self.trainer_state_fn = trainer_state_fn
         self.engine: Optional[CheckpointEngine] = None
         c = cfg.checkpoint
-        if c.every > 0:
+        self.handover: Optional[KeeperHandover] = None
+        if c.every > 0 and keeper is not None:
+            # L1: every snapshot goes to this node's keeper; the keepers (not trainers) write L2
+            self.handover = KeeperHandover(keeper, rank)
+            self.engine = CheckpointEngine(HostArena(), c.every, 1, self.handover)
+        elif c.every > 0:
             persister = (UniversalPersister(c.dir, rank, tuple(range(dims.world_size)), c.keep)
                          if c.persist_every > 0 else None)
             self.engine = CheckpointEngine(HostArena(), c.every, c.persist_every, persister)
@@ -96,9 +106,21 @@ class TrainerCheckpointer:
         """Newest version copied to host memory (L0) and newest committed to disk (L2) that this rank knows."""
         if self.engine is None:
             return {"ckpt_l0": None, "ckpt_l2": None}
+        if self.handover is not None:
+            return {"ckpt_l0": self.engine.copied_version, "ckpt_handed": self.handover.handed_version}
         persister = self.engine.persister
         return {"ckpt_l0": self.engine.copied_version,
                 "ckpt_l2": persister.committed_version if persister is not None else None}
+
+    def restore_snapshot(self, index: dict, payload) -> TrainerState:
+        """Same-layout restore from a level-1 snapshot (this rank's packed arena, from a keeper)."""
+        parsed = SnapshotIndex.from_json(index)
+        # A fresh optimizer has no state yet: allocate what the snapshot holds, then copy into it.
+        own_prefix = f"{REPLICAS_PREFIX}r{self.replica}."
+        records = {t.name.removeprefix(own_prefix): t for t in parsed.tensors}
+        init_optimizer_state(self.runner, self.optimizer, SimpleNamespace(directory="snapshot", tensors=records))
+        copy_into(self.fragments(), index, payload)
+        return TrainerState.from_json(parsed.meta[TRAINER_STATE_META])
 
     def close(self) -> None:
         if self.engine is not None:

@@ -108,12 +108,20 @@ class SyncConfig:
 
 
 @dataclass
+class ErasureConfig:
+    group_size: int = 0  # keepers per erasure-coded group; 0: all nodes in one group
+    parity: int = 1  # members a group may lose (capped at group size - 1)
+
+
+@dataclass
 class CheckpointConfig:
     dir: Optional[str] = None  # default: <run.dir>/checkpoints
     every: int = 1  # snapshot (L0, host memory, copied while the next step computes) every N steps; 0: off
     persist_every: int = 50  # write every K-th snapshot to disk (L2, universal format) in the background; 0: off
     keep: int = 2  # committed versions kept on disk
     resume_from: Optional[str] = None  # checkpoint root (follows 'latest') or a version directory
+    keepers: bool = False  # level 1: snapshots held by a SnapshotKeeper per node, erasure-coded; keepers write L2
+    ec: ErasureConfig = field(default_factory=ErasureConfig)
 
 
 @dataclass
@@ -227,6 +235,10 @@ def validate(cfg: Config) -> None:
     for key in ("checkpoint.every", "checkpoint.persist_every"):
         _require(_get(cfg, key) >= 0, f"{key}={_get(cfg, key)}: must be >= 0 (0 turns it off)")
     _require(cfg.checkpoint.keep >= 1, f"checkpoint.keep={cfg.checkpoint.keep}: must be >= 1")
+    _require(cfg.checkpoint.ec.parity >= 0 and cfg.checkpoint.ec.group_size >= 0,
+             "checkpoint.ec.parity and checkpoint.ec.group_size: must be >= 0")
+    _require(not cfg.checkpoint.keepers or cfg.checkpoint.every > 0,
+             "checkpoint.keepers=true: needs checkpoint.every >= 1 (snapshots to hold)")
     validate_pipeline(cfg)
     validate_tensor_and_context(cfg)
     _require(not cfg.parallel.dp_shard or cfg.sync.name == "ddp",

@@ -18,6 +18,7 @@ from checkpoint.universal import CheckpointError, committed_versions, discard_un
 from cluster.ray_cluster import RayRuntime, local_capacity
 from cluster.worker_group import PlacementError, WorkerGroup, WorkerGroupError
 from orchestrator.config import Config, ConfigError
+from orchestrator.keepers import KeeperService
 from orchestrator.metrics import MetricsLog
 from orchestrator.progress import ProgressLine
 from orchestrator.worker import TrainWorker
@@ -124,6 +125,8 @@ class Controller:
         self.start_time = time.time()
         self.recovery: Optional[dict] = None  # the recovery in progress, logged at its first finished step
         self.recoveries: list[dict] = []
+        self.keepers: Optional[KeeperService] = None
+        self.restore_version: Optional[int] = None  # the L1 version a recovering gang restores
 
     def preflight(self) -> None:
         """Checks that need to know the cluster; for the embedded cluster they run before anything starts."""
@@ -150,7 +153,12 @@ class Controller:
                 if cfg.cluster.address is not None:
                     res = runtime.resources()
                     check_capacity(cfg, res.cpus, res.gpus, f"the cluster at {cfg.cluster.address}")
-                self._run_group(resolved, result, progress, metrics)
+                self.keepers = KeeperService(cfg.checkpoint, cfg.world_size) if cfg.checkpoint.keepers else None
+                try:
+                    self._run_group(resolved, result, progress, metrics)
+                finally:
+                    if self.keepers is not None:
+                        self.keepers.shutdown()
         except RayError as err:
             if isinstance(err, CheckpointError):  # a bad checkpoint met by the workers: bad input, exit 2
                 raise ConfigError(str(err).strip().splitlines()[-1]) from None
@@ -176,6 +184,10 @@ class Controller:
                 return
             except WorkerGroupError as err:
                 source = recovery_source(self.cfg.checkpoint.dir, result.steps)
+                in_memory = self.keepers is not None and self.keepers.committed is not None and \
+                    self.keepers.holds(err.rank)
+                if in_memory:
+                    source = Path(f"keeper:{self.keepers.committed}")
                 if restarts >= self.cfg.fault.max_restarts or source is None:
                     reason = "no committed checkpoint to restore" if source is None else \
                         f"fault.max_restarts={self.cfg.fault.max_restarts} used up"
@@ -184,10 +196,15 @@ class Controller:
                 self.state = RunState.RECOVERING
                 progress.message(f"{err}; recovering (restart {restarts}/{self.cfg.fault.max_restarts}) "
                                  f"from {source.name}")
-                self.recovery = {"failed_rank": err.rank, "source": "disk", "version": str(source),
+                self.recovery = {"failed_rank": err.rank, "source": "keeper" if in_memory else "disk",
+                                 "version": str(source),
                                  "started": time.time(),
                                  "last_step": max(result.steps, getattr(err, "started_step", 0))}
-                resolved = {**resolved, "checkpoint": {**resolved["checkpoint"], "resume_from": str(source)},
+                resume_from = None if in_memory else str(source)
+                self.restore_version = self.keepers.committed if in_memory else None
+                if self.keepers is not None:
+                    self.keepers.forget_after(self.restore_version or 0)
+                resolved = {**resolved, "checkpoint": {**resolved["checkpoint"], "resume_from": resume_from},
                             "fault": {**resolved["fault"], "kill_rank": None, "at_step": None}}
 
     def _run_once(self, resolved: dict, result: RunResult, progress: ProgressLine, metrics: MetricsLog) -> None:
@@ -199,7 +216,7 @@ class Controller:
             raise ConfigError(f"cluster.cpus_per_worker={c.cpus_per_worker}: {err}") from None
         try:
             try:
-                infos = group.run("setup", resolved)
+                infos = group._get(self._setup_calls(group, resolved))
             except RayError as err:  # a layout the component rejects once built (e.g. fragments vs sync_every)
                 if isinstance(err, ValueError) and not isinstance(err, CheckpointError):
                     raise ConfigError(str(err).strip().splitlines()[-1]) from None
@@ -217,8 +234,14 @@ class Controller:
             self.state = RunState.RUNNING
             reporters = [info["rank"] for info in infos if info["reports_loss"]]
             finals = self._stream_training(group, reporters, result, progress, metrics)
-            if finals[0]["ckpt_l2"] is not None:
+            if self.keepers is not None:
+                self.keepers.drain()
+                self.keepers.offer(result.steps)  # the final version, once every rank handed it over
+                self.keepers.drain()
+                result.checkpoint = self.keepers.persisted
+            else:
                 result.checkpoint = finals[0]["ckpt_l2"]
+            if result.checkpoint is not None:
                 progress.message(f"checkpoint: step {result.checkpoint} committed in {cfg.checkpoint.dir}")
             if cfg.train.eval_batches > 0:
                 losses = [x for x in group.run("evaluate", cfg.train.eval_batches) if x is not None]
@@ -228,6 +251,27 @@ class Controller:
             self.state = RunState.FINISHED
         finally:
             group.shutdown()
+
+    def _offer_level_one(self, record: dict, reports: list[dict]) -> None:
+        handed = [r.get("ckpt_handed") for r in reports]
+        if all(h is not None for h in handed):
+            self.keepers.offer(min(min(handed), record["step"]))
+        record["ckpt_l1"], record["ckpt_l2"] = self.keepers.committed, self.keepers.persisted
+
+    def _setup_calls(self, group: WorkerGroup, resolved: dict) -> list:
+        """Each rank gets its node's keeper (level 1 on) and, after a recovery from memory, the keeper that holds
+        its snapshot of the version to restore."""
+        if self.keepers is None:
+            return group.call_async("setup", resolved)
+        refs, handed_to = [], {}
+        for rank, actor in enumerate(group.actors):
+            keeper = self.keepers.keeper_on(group.infos[rank]["node_id"])
+            restore = (self.restore_version, self.keepers.rank_keeper[rank]) if self.restore_version else None
+            refs.append(actor.setup.remote(resolved, keeper, restore))
+            handed_to[rank] = keeper
+        self.keepers.rank_keeper = handed_to
+        self.restore_version = None
+        return refs
 
     def _log_recovery(self, record: dict, progress: ProgressLine, metrics: MetricsLog) -> None:
         """At the first step finished after a recovery: what failed, the source, seconds taken, steps lost."""
@@ -247,7 +291,8 @@ class Controller:
 
         tokens_per_step = self.cfg.train.global_batch_size * self.cfg.train.seq_len
         pending_by_step: dict[int, dict[int, dict]] = {}
-        polled = sorted({0, *reporters})
+        # with keepers every rank's handover progress decides what can be committed
+        polled = list(range(group.world_size)) if self.keepers is not None else sorted({0, *reporters})
         train_refs = group.call_async("train", self.cfg.train.steps)
         unfinished = list(train_refs)
         while True:
@@ -266,6 +311,8 @@ class Controller:
                 record = aggregate_step(reports, self.start_time, tokens_per_step)
                 if 0 not in reporters:
                     record["loss"] = aggregate_step(reports[1:], self.start_time, tokens_per_step)["loss"]
+                if self.keepers is not None:
+                    self._offer_level_one(record, reports)
                 if self.recovery is not None:
                     self._log_recovery(record, progress, metrics)
                 if record["step"] <= result.steps:

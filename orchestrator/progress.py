@@ -17,7 +17,8 @@ def describe(record: dict) -> str:
     loss = "-" if record.get("loss") is None else f"{record['loss']:.4f}"
     ckpt = ""
     if record.get("ckpt_l0") is not None:
-        ckpt = f" | ckpt L0 {record['ckpt_l0']}" + (f" L2 {record['ckpt_l2']}" if record.get("ckpt_l2") else "")
+        ckpt = f" | ckpt L0 {record['ckpt_l0']}" + "".join(
+            f" {level.upper()[5:]} {record[level]}" for level in ("ckpt_l1", "ckpt_l2") if record.get(level))
     return (f"loss {loss} | {record['tokens_per_s']:,.0f} tok/s | comm {human_bytes(record['comm_bytes'])}"
             f"{ckpt} | {record['wall_time']:.1f}s")
 

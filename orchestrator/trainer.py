@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import math
 import time
+import warnings
 from dataclasses import asdict, dataclass, field
 from typing import Optional, Protocol
 
@@ -113,8 +114,10 @@ class Trainer:
         """Continue after a restored version: the step counter, the sample stream and the LR schedule."""
         self.step = step
         self.sampler.load_state_dict({"consumed": samples_consumed})
-        for _ in range(step):
-            self.scheduler.step()
+        with warnings.catch_warnings():  # stepping the schedule before any optimizer step is the point here
+            warnings.simplefilter("ignore", UserWarning)
+            for _ in range(step):
+                self.scheduler.step()
 
     @torch.no_grad()
     def evaluate(self, window_batches) -> Optional[float]:

@@ -49,7 +49,9 @@ class TrainWorker(DistributedWorker):
         self._lock = threading.Lock()
         self._in_step = False
 
-    def setup(self, cfg_dict: dict) -> dict:
+    def setup(self, cfg_dict: dict, keeper=None, restore_from_keeper=None) -> dict:
+        """``keeper``: this node's SnapshotKeeper (level 1 on). ``restore_from_keeper``: (version, keeper) holding
+        this rank's snapshot of that version, to restore after a failure instead of reading the disk."""
         self.cfg = cfg = config_from_dict(cfg_dict)
         self.cfg_dict = cfg_dict
         torch.set_num_threads(max(1, int(cfg.cluster.cpus_per_worker)))
@@ -66,11 +68,19 @@ class TrainWorker(DistributedWorker):
         sampler = ResumableSampler(data.n_train, cfg.train.global_batch_size, self.coords["dp"], dims.dp,
                                    cfg.train.seed)
         self.checkpointer = TrainerCheckpointer(cfg, self.rank, self.coords, runner, optimizer, sync,
-                                                self._trainer_state)
+                                                self._trainer_state, keeper)
         self.trainer = Trainer(runner, optimizer, scheduler, sync, sampler, data, device, cfg.train.grad_clip,
                                snapshotter=self.checkpointer)
         resumed = None
-        if cfg.checkpoint.resume_from:
+        if restore_from_keeper is not None:
+            import ray
+
+            version, source = restore_from_keeper
+            index, payload = ray.get(source.get.remote(version, self.rank))
+            state = self.checkpointer.restore_snapshot(index, payload)
+            self.trainer.fast_forward(state.step, state.samples_consumed)
+            resumed = state.step
+        elif cfg.checkpoint.resume_from:
             state = self.checkpointer.restore(cfg.checkpoint.resume_from)
             self.trainer.fast_forward(state.step, state.samples_consumed)
             resumed = state.step

@@ -20,6 +20,13 @@ def test_killed_rank_is_recovered_and_the_curve_is_unchanged(tmp_path):
     assert recovery["restored_step"] in (3, 6) and recovery["seconds"] > 0
     assert 1 <= recovery["steps_lost"] <= 8 - recovery["restored_step"]
     assert not ray_processes_of_ours()
+    from_memory = run(tmp_path / "keepers", *overrides, "checkpoint.keepers=true", "fault.kill_rank=0",
+                      "fault.at_step=12")
+    assert from_memory == expected
+    records = [json.loads(line) for line in (tmp_path / "keepers" / "metrics.jsonl").read_text().splitlines()]
+    [recovery] = [r["recovery"] for r in records if "recovery" in r]
+    assert recovery["source"] == "keeper" and recovery["failed_rank"] == 0
+    assert records[-1]["ckpt_l1"] is not None and (tmp_path / "keepers" / "checkpoints" / "latest").exists()
 
 
 @pytest.mark.slow

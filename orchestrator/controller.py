@@ -299,7 +299,11 @@ class Controller:
             if unfinished:
                 _, unfinished = ray.wait(unfinished, num_returns=len(unfinished), timeout=POLL_INTERVAL_S)
                 self._raise_if_failed(group, train_refs, result)
-            polls = group._get(group.call_async("poll_metrics", ranks=polled, control=True))
+            try:
+                polls = group._get(group.call_async("poll_metrics", ranks=polled, control=True))
+            except WorkerGroupError:
+                self._raise_if_failed(group, train_refs, result, suspect=True)
+                raise
             for rank, reports in zip(polled, polls):
                 for report in reports:
                     pending_by_step.setdefault(report["step"], {})[rank] = report
@@ -325,12 +329,14 @@ class Controller:
             if not unfinished and not pending_by_step:
                 return ray.get(train_refs)
 
-    def _raise_if_failed(self, group: WorkerGroup, train_refs: list, result: RunResult) -> None:
-        """A dead rank is the root cause to report; its neighbours' collective errors are only symptoms."""
+    def _raise_if_failed(self, group: WorkerGroup, train_refs: list, result: RunResult,
+                         suspect: bool = False) -> None:
+        """A dead rank is the root cause to report; its neighbours' collective errors are only symptoms.
+        ``suspect``: another call already saw a dead actor, so wait for its training call to report it."""
         import ray
 
         failed = [ref for ref in train_refs if ray.wait([ref], timeout=0)[0] and _raises(ref)]
-        if not failed:
+        if not failed and not suspect:
             return
         deadline = time.monotonic() + DEATH_REPORT_GRACE_S
         while (rank := group.rank_of_failure(train_refs)) is None and time.monotonic() < deadline:
@@ -338,7 +344,8 @@ class Controller:
         if rank is not None:
             finished, started = self._survivor_progress(group, rank)
             raise RankDied(f"rank {rank} died during step {finished + 1}", rank=rank, started_step=started)
-        ray.get(failed[0])  # an application error in a rank: surface its message
+        if failed:
+            ray.get(failed[0])  # an application error in a rank: surface its message
 
     def _survivor_progress(self, group: WorkerGroup, dead_rank: int) -> tuple[int, int]:
         """(newest step every survivor finished, newest step one started); survivors wait for the dead rank."""

@@ -2,6 +2,7 @@ import os
 
 import psutil
 import pytest
+import ray
 import torch
 import torch.distributed as dist
 
@@ -28,7 +29,8 @@ def test_group_rendezvous_runs_on_all_ranks_and_detects_death(local_ray):
         assert group.health_check() == []
         pids = group.run("ping")
         assert len(set(pids)) == 3 and os.getpid() not in pids
-        group.call_async("crash", ranks=[1])
+        crashed = group.call_async("crash", ranks=[1])
+        ray.wait(crashed, timeout=20)  # pings run in another concurrency group and could answer before the crash
         assert group.health_check(timeout_s=10) == [1]
         with pytest.raises(WorkerGroupError):
             group.run("ping", timeout_s=10)

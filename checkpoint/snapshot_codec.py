@@ -1,4 +1,5 @@
-"""One rank's snapshot as ONE flat uint8 buffer plus a JSON-able index, and back, without pickle.
+"""One rank's snapshot as ONE flat uint8 buffer plus a JSON-able index, and back (JSON and raw tensor bytes only:
+no Python-object serialization).
 
 A snapshot is the list of FragmentSpec a rank's engine copies into its arena (checkpoint/engine.py). To hand it to
 a SnapshotKeeper in another process it is packed: every tensor's bytes at an aligned offset of one buffer, and an

@@ -37,8 +37,11 @@ def reference(tmp_path_factory):
 @pytest.mark.parametrize("layout", [
     ["parallel.dp=1", "parallel.tp=2", "parallel.sequence_parallel=true"],
     ["parallel.dp=1", "parallel.cp=2", "parallel.cp_impl=ring"],
+    ["parallel.dp=1", "parallel.cp=2", "parallel.cp_impl=ulysses"],
+    ["parallel.dp=1", "parallel.tp=2", "parallel.cp=2"],
+    ["parallel.dp=2", "parallel.tp=2"],
     ["parallel.dp=1", "parallel.pp=2", "parallel.pp_schedule=interleaved_1f1b", "parallel.pp_virtual_stages=2"],
-], ids=["tp2-sp", "cp2-ring", "pp2-interleaved"])
+], ids=["tp2-sp", "cp2-ring", "cp2-ulysses", "tp2xcp2", "dp2xtp2", "pp2-interleaved"])
 def test_layouts_train_the_same_loss_curve(reference, tmp_path, layout):
     _, expected = reference
     assert_close_curves(run(tmp_path / "run", *layout), expected, 1e-4)

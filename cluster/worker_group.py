@@ -42,11 +42,12 @@ class WorkerGroup:
                 self.placement_group, placement_group_bundle_index=rank)).remote(rank, world_size, *worker_args)
             for rank in range(world_size)
         ]
-        master_addr, master_port = self._get([self.actors[0].rendezvous_address.remote()], start_timeout_s)[0]
-        self.infos = self._get([a.init_distributed.remote(master_addr, master_port, collective_timeout_s)
+        master_addr, master_port = self.gather([self.actors[0].rendezvous_address.remote()], start_timeout_s)[0]
+        self.infos = self.gather([a.init_distributed.remote(master_addr, master_port, collective_timeout_s)
                                 for a in self.actors], start_timeout_s)
 
-    def _get(self, refs: list, timeout_s: Optional[float] = None) -> list:
+    def gather(self, refs: list, timeout_s: Optional[float] = None) -> list:
+        """Results of per-rank calls in order; a dead actor becomes WorkerGroupError naming its rank."""
         try:
             return ray.get(refs, timeout=timeout_s)
         except RayActorError as err:
@@ -78,7 +79,7 @@ class WorkerGroup:
 
     def run(self, method: str, *args: Any, timeout_s: Optional[float] = None, **kwargs: Any) -> list:
         """Run ``method`` on every rank and gather the results in rank order."""
-        return self._get(self.call_async(method, *args, **kwargs), timeout_s)
+        return self.gather(self.call_async(method, *args, **kwargs), timeout_s)
 
     def health_check(self, timeout_s: float = 10.0) -> list[int]:
         """Ranks that did not answer a ping in time (dead or wedged)."""

@@ -294,8 +294,7 @@ def validate_tensor_and_context(cfg: Config) -> None:
 
 
 def llama_config(cfg: Config) -> LlamaConfig:
-    m = cfg.model
-    return LlamaConfig(vocab_size=m.vocab_size, dim=m.dim, n_layers=m.n_layers, n_heads=m.n_heads,
-                       n_kv_heads=m.n_kv_heads, ffn_hidden=m.ffn_hidden, multiple_of=m.multiple_of,
-                       max_seq_len=cfg.train.seq_len, rope_theta=m.rope_theta, norm_eps=m.norm_eps,
-                       tie_embeddings=m.tie_embeddings, init_std=m.init_std)
+    """The model section maps field by field onto LlamaConfig; the rope tables are sized by train.seq_len."""
+    shared = {f.name: getattr(cfg.model, f.name) for f in dataclasses.fields(LlamaConfig)
+              if hasattr(cfg.model, f.name)}
+    return LlamaConfig(**shared, max_seq_len=cfg.train.seq_len)

@@ -216,7 +216,7 @@ class Controller:
             raise ConfigError(f"cluster.cpus_per_worker={c.cpus_per_worker}: {err}") from None
         try:
             try:
-                infos = group._get(self._setup_calls(group, resolved))
+                infos = group.gather(self._setup_calls(group, resolved))
             except RayError as err:  # a layout the component rejects once built (e.g. fragments vs sync_every)
                 if isinstance(err, ValueError) and not isinstance(err, CheckpointError):
                     raise ConfigError(str(err).strip().splitlines()[-1]) from None
@@ -300,7 +300,7 @@ class Controller:
                 _, unfinished = ray.wait(unfinished, num_returns=len(unfinished), timeout=POLL_INTERVAL_S)
                 self._raise_if_failed(group, train_refs, result)
             try:
-                polls = group._get(group.call_async("poll_metrics", ranks=polled, control=True))
+                polls = group.gather(group.call_async("poll_metrics", ranks=polled, control=True))
             except WorkerGroupError:
                 self._raise_if_failed(group, train_refs, result, suspect=True)
                 raise
@@ -313,8 +313,6 @@ class Controller:
                 by_rank = pending_by_step.pop(step)
                 reports = [by_rank[r] for r in polled]
                 record = aggregate_step(reports, self.start_time, tokens_per_step)
-                if 0 not in reporters:
-                    record["loss"] = aggregate_step(reports[1:], self.start_time, tokens_per_step)["loss"]
                 if self.keepers is not None:
                     self._offer_level_one(record, reports)
                 if self.recovery is not None:
@@ -351,7 +349,7 @@ class Controller:
         """(newest step every survivor finished, newest step one started); survivors wait for the dead rank."""
         survivors = [r for r in range(group.world_size) if r != dead_rank]
         try:
-            progress = group._get(group.call_async("progress", ranks=survivors, control=True), 10.0)
+            progress = group.gather(group.call_async("progress", ranks=survivors, control=True), 10.0)
         except Exception:  # noqa: BLE001 - best effort: more ranks may be dying
             return 0, 0
         return min(p[0] for p in progress), max(p[1] for p in progress)

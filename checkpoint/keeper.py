@@ -53,6 +53,8 @@ class HeldVersion:
     chunk_length: int = 0
     parity: dict[int, np.ndarray] = field(default_factory=dict)  # stripe -> parity chunk this keeper stores
     directories: Optional[list[dict]] = None  # every member's directory: rebuilding a lost one needs it
+    group: Optional[GroupMember] = None  # the group it was encoded in (the group may be re-formed later)
+    rebuilt: dict[int, Snapshot] = field(default_factory=dict)  # a lost member's ranks, decoded here for a restore
     committed: bool = False
 
     @property
@@ -116,10 +118,18 @@ class SnapshotKeeper:
         return owned.nbytes
 
     def get(self, version: int, rank: int) -> Snapshot:
-        snapshots = self.get_all(version)
+        """One rank's snapshot: handed over to this keeper, or decoded here by ``restore_member``."""
+        with self._lock:
+            held = self._held(version)
+            snapshots = {**held.rebuilt, **held.snapshots}
         if rank not in snapshots:
             raise NotHeldError(f"keeper holds ranks {sorted(snapshots)} of version {version}, not rank {rank}")
         return snapshots[rank]
+
+    def held_ranks(self) -> dict[int, list[int]]:
+        """version -> ranks handed over to this keeper (what a restore can read without decoding)."""
+        with self._lock:
+            return {version: sorted(held.snapshots) for version, held in self._versions.items()}
 
     def get_all(self, version: int) -> dict[int, Snapshot]:
         with self._lock:
@@ -171,9 +181,9 @@ class SnapshotKeeper:
     def seal(self, version: int) -> dict:
         """Freeze the set of ranks of ``version`` (a node may hold none) and return where each sits in own data."""
         with self._lock:
-            held = self._versions.get(version)
-            if held is None:  # evicted or never handed over: nothing to freeze, and nothing left sealed
-                return _directory({})
+            # a node without ranks still holds parity for the others: it seals an empty version (as does one
+            # that evicted the version; then the commit fails on the rank count and discards it everywhere)
+            held = self._versions.get(version) or self._admit(version)
             if not held.sealed:
                 held.directory = _directory(held.snapshots)
             return held.directory
@@ -185,12 +195,12 @@ class SnapshotKeeper:
         if not held.encoded:
             parity = group.encode_parity(version, chunk_length)
             with self._lock:
-                held.parity, held.directories = parity, list(directories)
+                held.parity, held.directories, held.group = parity, list(directories), group
         return held.nbytes
 
     def shard(self, version: int, stripe: int, chunk_length: Optional[int] = None) -> np.ndarray:
         """This keeper's shard of a stripe: one of its own data chunks, or a parity chunk it stores."""
-        group = self._require_group()
+        group = self._group_of(version)
         shard = group.layout.shard_of(group.index, stripe)
         if shard >= group.layout.data_members:
             with self._lock:
@@ -219,12 +229,28 @@ class SnapshotKeeper:
 
     def rebuild(self, version: int, lost: int) -> dict[int, Snapshot]:
         """rank -> snapshot of lost member ``lost``, decoded from this and the other surviving members."""
-        group = self._require_group()
         held = self._assembled(version)
         if not held.encoded:
             raise NotHeldError(f"version {version} is not encoded on this keeper")
-        data = group.decode_member(version, lost, held.chunk_length, lambda stripe: self.shard(version, stripe))
+        data = held.group.decode_member(version, lost, held.chunk_length,
+                                        lambda stripe: self.shard(version, stripe))
         return split_by_directory(held.directories[lost], data)
+
+    def restore_member(self, version: int, lost: int) -> list[int]:
+        """Decode lost member ``lost``'s ranks of ``version`` and hold them here, so replacement workers read
+        them with ``get`` (the data stays in keepers, never passes through the controller); returns those ranks."""
+        rebuilt = self.rebuild(version, lost)
+        with self._lock:
+            self._held(version).rebuilt.update(rebuilt)
+        return sorted(rebuilt)
+
+    def _group_of(self, version: int) -> GroupMember:
+        """The group a version was encoded in; the current one while it is being encoded."""
+        with self._lock:
+            held = self._versions.get(version)
+            if held is not None and held.group is not None:
+                return held.group
+        return self._require_group()
 
     def _require_group(self) -> GroupMember:
         if self._group is None:
@@ -332,7 +358,9 @@ class KeeperHandover:
         payload = pack_into(index, fragments, self._buffer)
         try:
             ray.get(self.keeper.put.remote(version, self.rank, index.to_json(), payload), timeout=self.timeout_s)
-        except KeeperBusyError as error:
+        except (KeeperBusyError, ray.exceptions.RayActorError) as error:
+            # a busy or lost keeper costs this version its level-1 copy, not the training step: the controller
+            # replaces a lost keeper (TrainWorker.use_keeper) and the next version is protected again
             log.warning("rank %d: level-1 handover of version %d skipped: %s", self.rank, version, error)
             return
         self.handed_version = version

@@ -210,12 +210,20 @@ class KeeperGroup:
 
     def rebuild(self, version: int, lost: int) -> dict[int, tuple[dict, np.ndarray]]:
         """rank -> (index, payload) of a lost member, decoded by the first survivor that answers."""
+        return self._ask_survivor("rebuild", version, lost)[1]
+
+    def restore(self, version: int, lost: int) -> tuple[object, list[int]]:
+        """(survivor, ranks): a survivor decodes lost member ``lost``'s ranks and holds them for ``get``."""
+        return self._ask_survivor("restore_member", version, lost)
+
+    def _ask_survivor(self, method: str, version: int, lost: int) -> tuple[object, object]:
         dead, lacking = {lost}, []
         for member in range(self.layout.size):
             if member == lost:
                 continue
+            survivor = self.keepers[member]
             try:
-                return ray.get(self.keepers[member].rebuild.remote(version, lost), timeout=self.timeout_s)
+                return survivor, ray.get(getattr(survivor, method).remote(version, lost), timeout=self.timeout_s)
             except GroupLostError as error:  # raised in the keeper: re-raise without the remote traceback
                 raise GroupLostError(str(getattr(error, "cause", error))) from None
             except _UNAVAILABLE:
@@ -225,14 +233,6 @@ class KeeperGroup:
         self.layout.check_survivable(dead)
         raise GroupLostError(f"no keeper of the group could rebuild member {lost} of version {version}: members "
                              f"{lacking} do not hold it encoded — fall back to disk")
-
-    def fetch_member(self, version: int, member: int) -> tuple[str, dict[int, tuple[dict, np.ndarray]]]:
-        """Recovery source order for one node's ranks: its own keeper ("keeper"), else group decode ("parity").
-        GroupLostError means: load the version from disk."""
-        try:
-            return "keeper", ray.get(self.keepers[member].get_all.remote(version), timeout=self.timeout_s)
-        except (*_UNAVAILABLE, NotHeldError):
-            return "parity", self.rebuild(version, member)
 
 
 def commit_l1(groups: Sequence[KeeperGroup], version: int, expected_ranks: Collection[int],
@@ -280,8 +280,12 @@ def _seal_and_encode(groups: Sequence[KeeperGroup], keepers: list, version: int,
 
 def persist_l2(keepers: Sequence, version: int, root: str, world_ranks: Sequence[int], keep: int = 2,
                timeout_s: float = 600.0) -> list:
-    """Refs of every (live) keeper writing its ranks of ``version`` to ``root``; keepers[0] also commits it
-    (manifest + ``latest``) once every rank of ``world_ranks`` is written. Wait on the refs off the training loop.
-    A rank whose keeper is lost is written by nobody: rebuild it first, or persist an older version."""
-    return [keeper.persist.remote(version, root, list(world_ranks) if i == 0 else None, keep, timeout_s)
+    """Refs of every (live) keeper writing its ranks of ``version`` to ``root``; the keeper holding the lowest rank
+    (whose snapshot carries the trainer state) also commits it (manifest + ``latest``) once every rank of
+    ``world_ranks`` is written. Wait on the refs off the training loop. A rank whose keeper is lost is written by
+    nobody: rebuild it first, or persist an older version."""
+    held = ray.get([keeper.held_ranks.remote() for keeper in keepers], timeout=timeout_s)
+    first = min(world_ranks)
+    coordinator = next((i for i, versions in enumerate(held) if first in versions.get(version, [])), 0)
+    return [keeper.persist.remote(version, root, list(world_ranks) if i == coordinator else None, keep, timeout_s)
             for i, keeper in enumerate(keepers)]

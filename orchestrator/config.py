@@ -150,14 +150,36 @@ class LoggingConfig:
     log_every: int = 1
 
 
+FAULT_KINDS = ("process", "node", "keeper")
+
+
+@dataclass
+class FaultSpec:
+    """One deliberate failure. ``process``: the rank's process exits abruptly; ``node``: the rank kills its node's
+    raylet, so every process of that node (its trainers and keeper) dies; ``keeper``: the rank kills its node's
+    SnapshotKeeper. It fires when the rank is about to start step ``at_step``, or, with ``during_recovery``,
+    while the rank restores in the next recovery."""
+
+    rank: int = 0
+    at_step: Optional[int] = None
+    kind: str = "process"
+    during_recovery: bool = False
+
+
 @dataclass
 class FaultConfig:
-    """Deliberate failures for testing a setup: rank ``kill_rank`` exits abruptly at ``at_step``."""
+    """Fault injection: ``kill_rank``/``at_step``/``kind`` is one fault; ``schedule`` lists more
+    (``'fault.schedule=[{rank:1,at_step:8},{rank:0,during_recovery:true}]'``)."""
 
     kill_rank: Optional[int] = None
     at_step: Optional[int] = None
     kind: str = "process"
+    schedule: list[FaultSpec] = field(default_factory=list)
     max_restarts: int = 3  # automatic recoveries per run before it fails
+
+    def planned(self) -> list[FaultSpec]:
+        single = [FaultSpec(self.kill_rank, self.at_step, self.kind)] if self.kill_rank is not None else []
+        return single + list(self.schedule)
 
 
 @dataclass
@@ -190,7 +212,6 @@ CHOICES = {
     "optim.name": ("adamw",),
     "optim.schedule": ("cosine", "constant"),
     "sync.name": ("ddp", "diloco", "streaming_diloco", "noloco", "onebit_adam"),
-    "fault.kind": ("process",),
 }
 
 
@@ -243,13 +264,29 @@ def validate(cfg: Config) -> None:
     validate_tensor_and_context(cfg)
     _require(not cfg.parallel.dp_shard or cfg.sync.name == "ddp",
              f"parallel.dp_shard=true: needs sync.name=ddp (got {cfg.sync.name})")
+    validate_faults(cfg)
+
+
+def validate_faults(cfg: Config) -> None:
     f = cfg.fault
-    if f.kill_rank is not None or f.at_step is not None:
-        _require(f.kill_rank is not None and f.at_step is not None,
-                 "fault.kill_rank and fault.at_step: set both or neither")
-        _require(0 <= f.kill_rank < cfg.world_size,
-                 f"fault.kill_rank={f.kill_rank}: valid: 0..{cfg.world_size - 1}")
-        _require(1 <= f.at_step <= t.steps, f"fault.at_step={f.at_step}: valid: 1..{t.steps}")
+    _require((f.kill_rank is None) == (f.at_step is None), "fault.kill_rank and fault.at_step: set both or neither")
+    _require(f.max_restarts >= 0, f"fault.max_restarts={f.max_restarts}: must be >= 0")
+    entries = [({"rank": "fault.kill_rank", "at_step": "fault.at_step", "kind": "fault.kind"}, spec)
+               for spec in f.planned()[:f.kill_rank is not None]]
+    entries += [({name: f"fault.schedule[{i}].{name}" for name in ("rank", "at_step", "kind")}, spec)
+                for i, spec in enumerate(f.schedule)]
+    for key, spec in entries:
+        _require(spec.kind in FAULT_KINDS, f"{key['kind']}={spec.kind}: unknown; valid: {', '.join(FAULT_KINDS)}")
+        _require(0 <= spec.rank < cfg.world_size, f"{key['rank']}={spec.rank}: valid: 0..{cfg.world_size - 1}")
+        _require(spec.during_recovery == (spec.at_step is None),
+                 f"{key['at_step']}={spec.at_step}: set exactly one of at_step and during_recovery=true")
+        _require(spec.at_step is None or 1 <= spec.at_step <= cfg.train.steps,
+                 f"{key['at_step']}={spec.at_step}: valid: 1..{cfg.train.steps}")
+        _require(spec.kind != "keeper" or cfg.checkpoint.keepers,
+                 f"{key['kind']}=keeper: needs checkpoint.keepers=true (there is no keeper to kill)")
+        _require(spec.kind != "node" or cfg.cluster.address is not None,
+                 f"{key['kind']}=node: needs a multi-node cluster (cluster.address); the embedded cluster is one "
+                 f"node")
 
 
 def validate_pipeline(cfg: Config) -> None:

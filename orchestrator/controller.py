@@ -4,9 +4,10 @@ STARTING -> RUNNING -> FINISHED | FAILED   (RECOVERING -> RUNNING arrives with i
 """
 from __future__ import annotations
 
+import dataclasses
 import enum
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from datetime import datetime
 from pathlib import Path
 from typing import Optional
@@ -15,16 +16,18 @@ from omegaconf import OmegaConf
 from ray.exceptions import RayError
 
 from checkpoint.universal import CheckpointError, committed_versions, discard_uncommitted, version_dir
+from cluster.health import await_lost_nodes
 from cluster.ray_cluster import RayRuntime, local_capacity
 from cluster.worker_group import PlacementError, WorkerGroup, WorkerGroupError
-from orchestrator.config import Config, ConfigError
-from orchestrator.keepers import KeeperService
+from orchestrator.config import Config, ConfigError, FaultSpec
+from orchestrator.keepers import KeeperService, RestorePlan
 from orchestrator.metrics import MetricsLog
 from orchestrator.progress import ProgressLine
 from orchestrator.worker import TrainWorker
 
 POLL_INTERVAL_S = 0.2
 DEATH_REPORT_GRACE_S = 3.0
+HEALTH_CHECK_TIMEOUT_S = 5.0
 
 
 def _raises(ref) -> bool:
@@ -38,9 +41,11 @@ def _raises(ref) -> bool:
 
 
 class RankDied(WorkerGroupError):
-    def __init__(self, message: str, rank: int, started_step: int):
+    def __init__(self, message: str, rank: int, step: int, started_step: int, node_ids: list[str]):
         super().__init__(message, rank)
+        self.step = step  # the step during which it died
         self.started_step = started_step  # the newest step a surviving rank started: later work is redone
+        self.node_ids = node_ids  # nodes of the ranks that died or stopped answering
 
 
 class RunState(str, enum.Enum):
@@ -125,8 +130,9 @@ class Controller:
         self.start_time = time.time()
         self.recovery: Optional[dict] = None  # the recovery in progress, logged at its first finished step
         self.recoveries: list[dict] = []
+        self.fired: list[FaultSpec] = []  # injected faults the ranks announced before firing them
         self.keepers: Optional[KeeperService] = None
-        self.restore_version: Optional[int] = None  # the L1 version a recovering gang restores
+        self.restore_plan: Optional[RestorePlan] = None  # where a recovering gang reads its snapshots
 
     def preflight(self) -> None:
         """Checks that need to know the cluster; for the embedded cluster they run before anything starts."""
@@ -176,36 +182,50 @@ class Controller:
         return result
 
     def _run_group(self, resolved: dict, result: RunResult, progress: ProgressLine, metrics: MetricsLog) -> None:
-        """Run the gang; when a rank dies, RECOVERING: a new gang restores the newest committed version."""
-        restarts = 0
+        """Run the gang; when a rank or node dies, RECOVERING: a new gang restores the newest version it can
+        from the fastest source (keepers as handed over, keepers decoding a lost node's ranks, disk)."""
+        restarts, faults, recovering = 0, self.cfg.fault.planned(), False
         while True:
             try:
-                self._run_once(resolved, result, progress, metrics)
+                self._run_once(self._with_faults(resolved, faults, recovering), result, progress, metrics)
                 return
             except WorkerGroupError as err:
-                source = recovery_source(self.cfg.checkpoint.dir, result.steps)
-                in_memory = self.keepers is not None and self.keepers.committed is not None and \
-                    self.keepers.holds(err.rank)
-                if in_memory:
-                    source = Path(f"keeper:{self.keepers.committed}")
-                if restarts >= self.cfg.fault.max_restarts or source is None:
-                    reason = "no committed checkpoint to restore" if source is None else \
-                        f"fault.max_restarts={self.cfg.fault.max_restarts} used up"
+                faults = [f for f in faults if not (f.during_recovery and recovering) and f not in self.fired]
+                lost_nodes = await_lost_nodes(getattr(err, "node_ids", []))
+                plan = self.keepers.plan_restore(result.steps) if self.keepers is not None else None
+                disk = recovery_source(self.cfg.checkpoint.dir, result.steps) if plan is None else None
+                if restarts >= self.cfg.fault.max_restarts or (plan is None and disk is None):
+                    reason = f"fault.max_restarts={self.cfg.fault.max_restarts} used up" if plan or disk else \
+                        "no committed checkpoint to restore"
                     raise WorkerGroupError(f"{err} ({reason})", rank=err.rank) from None
-                restarts += 1
+                restarts, recovering = restarts + 1, True
                 self.state = RunState.RECOVERING
-                progress.message(f"{err}; recovering (restart {restarts}/{self.cfg.fault.max_restarts}) "
-                                 f"from {source.name}")
-                self.recovery = {"failed_rank": err.rank, "source": "keeper" if in_memory else "disk",
-                                 "version": str(source),
+                source = f"{plan.source} version {plan.version}" if plan else f"disk {disk.name}"
+                lost = f", node {', '.join(n[:8] for n in lost_nodes)} lost" if lost_nodes else ""
+                progress.message(f"{err}{lost}; recovering (restart {restarts}/{self.cfg.fault.max_restarts}) "
+                                 f"from {source}")
+                self.recovery = {"failed_rank": err.rank, "lost_nodes": lost_nodes,
+                                 "source": plan.source if plan else "disk",
+                                 "version": plan.version if plan else str(disk),
+                                 "decoded_ranks": plan.decoded_ranks if plan else [],
                                  "started": time.time(),
                                  "last_step": max(result.steps, getattr(err, "started_step", 0))}
-                resume_from = None if in_memory else str(source)
-                self.restore_version = self.keepers.committed if in_memory else None
+                self.restore_plan = plan
                 if self.keepers is not None:
-                    self.keepers.forget_after(self.restore_version or 0)
-                resolved = {**resolved, "checkpoint": {**resolved["checkpoint"], "resume_from": resume_from},
-                            "fault": {**resolved["fault"], "kill_rank": None, "at_step": None}}
+                    if plan is None:
+                        self.keepers.reset()  # the disk version is older than what they hold: start afresh
+                    else:
+                        self.keepers.forget_after(plan.version)
+                        self.keepers.refresh()
+                resolved = {**resolved, "checkpoint": {**resolved["checkpoint"],
+                                                       "resume_from": None if plan else str(disk)}}
+
+    @staticmethod
+    def _with_faults(resolved: dict, faults: list[FaultSpec], recovering: bool) -> dict:
+        """The config a gang gets: the faults still to fire (those during a recovery only when it is one)."""
+        pending = [dataclasses.asdict(f) for f in faults if recovering or not f.during_recovery]
+        return {**resolved, "fault": {**resolved["fault"], "kill_rank": None, "at_step": None,
+                                      "schedule": pending}}
 
     def _run_once(self, resolved: dict, result: RunResult, progress: ProgressLine, metrics: MetricsLog) -> None:
         cfg, c = self.cfg, self.cfg.cluster
@@ -261,17 +281,47 @@ class Controller:
     def _setup_calls(self, group: WorkerGroup, resolved: dict) -> list:
         """Each rank gets its node's keeper (level 1 on) and, after a recovery from memory, the keeper that holds
         its snapshot of the version to restore."""
+        self._check_node_faults(group, resolved)
         if self.keepers is None:
             return group.call_async("setup", resolved)
-        refs, handed_to = [], {}
+        plan, self.restore_plan = self.restore_plan, None
+        refs = []
         for rank, actor in enumerate(group.actors):
             keeper = self.keepers.keeper_on(group.infos[rank]["node_id"])
-            restore = (self.restore_version, self.keepers.rank_keeper[rank]) if self.restore_version else None
+            restore = (plan.version, plan.holders[rank]) if plan is not None else None
             refs.append(actor.setup.remote(resolved, keeper, restore))
-            handed_to[rank] = keeper
-        self.keepers.rank_keeper = handed_to
-        self.restore_version = None
         return refs
+
+    @staticmethod
+    def _check_node_faults(group: WorkerGroup, resolved: dict) -> None:
+        """A node fault on the controller's own node would take the controller down with it."""
+        import ray
+
+        here = ray.get_runtime_context().get_node_id()
+        for spec in resolved["fault"]["schedule"]:
+            if spec["kind"] == "node" and group.infos[spec["rank"]]["node_id"] == here:
+                raise ConfigError(f"fault.kind=node: rank {spec['rank']} runs on the controller's node; give the "
+                                  f"head node no worker CPUs or fault another rank")
+
+    def _replace_lost_keepers(self, group: WorkerGroup, result: RunResult, progress: ProgressLine,
+                              metrics: MetricsLog) -> None:
+        """After a failed L1 commit: a keeper that died (its node still up) is replaced and its ranks told."""
+        if not self.keepers.lost_keepers():
+            return
+        started = set(self.keepers.refresh())
+        ranks = [rank for rank, info in enumerate(group.infos) if info["node_id"] in started]
+        group.gather([group.actors[rank].use_keeper.options(concurrency_group="control").remote(
+            self.keepers.keeper_on(group.infos[rank]["node_id"])) for rank in ranks])
+        message = f"keeper of node(s) {', '.join(n[:8] for n in sorted(started))} lost; replaced, ranks {ranks} " \
+                  f"hand over to the new one"
+        progress.message(message)
+        metrics.log({"step": result.steps, "event": "keeper_replaced", "ranks": ranks})
+
+    def _fault_fired(self, report: dict, progress: ProgressLine, metrics: MetricsLog) -> None:
+        spec = FaultSpec(**report["fault"])
+        self.fired.append(spec)
+        progress.message(f"fault injected: {spec.kind} of rank {spec.rank} before step {spec.at_step}")
+        metrics.log({"step": report["step"], "event": "fault", "fault": report["fault"]})
 
     def _log_recovery(self, record: dict, progress: ProgressLine, metrics: MetricsLog) -> None:
         """At the first step finished after a recovery: what failed, the source, seconds taken, steps lost."""
@@ -291,8 +341,9 @@ class Controller:
 
         tokens_per_step = self.cfg.train.global_batch_size * self.cfg.train.seq_len
         pending_by_step: dict[int, dict[int, dict]] = {}
-        # with keepers every rank's handover progress decides what can be committed
-        polled = list(range(group.world_size)) if self.keepers is not None else sorted({0, *reporters})
+        # with keepers every rank's handover progress decides what can be committed; faults announce themselves
+        everyone = self.keepers is not None or self.cfg.fault.planned()
+        polled = list(range(group.world_size)) if everyone else sorted({0, *reporters})
         train_refs = group.call_async("train", self.cfg.train.steps)
         unfinished = list(train_refs)
         while True:
@@ -304,8 +355,13 @@ class Controller:
             except WorkerGroupError:
                 self._raise_if_failed(group, train_refs, result, suspect=True)
                 raise
+            if self.keepers is not None:
+                self._replace_lost_keepers(group, result, progress, metrics)
             for rank, reports in zip(polled, polls):
                 for report in reports:
+                    if "fault" in report:
+                        self._fault_fired(report, progress, metrics)
+                        continue
                     pending_by_step.setdefault(report["step"], {})[rank] = report
             for step in sorted(pending_by_step):
                 if len(pending_by_step[step]) < len(polled):
@@ -339,17 +395,21 @@ class Controller:
         deadline = time.monotonic() + DEATH_REPORT_GRACE_S
         while (rank := group.rank_of_failure(train_refs)) is None and time.monotonic() < deadline:
             time.sleep(0.1)
-        if rank is not None:
-            finished, started = self._survivor_progress(group, rank)
-            raise RankDied(f"rank {rank} died during step {finished + 1}", rank=rank, started_step=started)
+        # a lost node's actors are declared dead only once Ray notices the node is gone: ask every rank
+        dead = sorted({rank} - {None} | set(group.health_check(HEALTH_CHECK_TIMEOUT_S)))
+        if dead:
+            finished, started = self._survivor_progress(group, dead) or (result.steps, result.steps)
+            raise RankDied(f"rank {dead[0]} died during step {finished + 1}", rank=dead[0], step=finished + 1,
+                           started_step=started, node_ids=[group.infos[r]["node_id"] for r in dead])
         if failed:
             ray.get(failed[0])  # an application error in a rank: surface its message
 
-    def _survivor_progress(self, group: WorkerGroup, dead_rank: int) -> tuple[int, int]:
-        """(newest step every survivor finished, newest step one started); survivors wait for the dead rank."""
-        survivors = [r for r in range(group.world_size) if r != dead_rank]
+    def _survivor_progress(self, group: WorkerGroup, dead_ranks: list[int]) -> Optional[tuple[int, int]]:
+        """(newest step every survivor finished, newest step one started); survivors wait for the dead ranks.
+        None when no rank survived or answered."""
+        survivors = [r for r in range(group.world_size) if r not in dead_ranks]
         try:
             progress = group.gather(group.call_async("progress", ranks=survivors, control=True), 10.0)
         except Exception:  # noqa: BLE001 - best effort: more ranks may be dying
-            return 0, 0
-        return min(p[0] for p in progress), max(p[1] for p in progress)
+            return None
+        return (min(p[0] for p in progress), max(p[1] for p in progress)) if progress else None

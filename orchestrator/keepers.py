@@ -1,43 +1,87 @@
-"""The controller's side of level 1: one SnapshotKeeper per node, erasure-coded groups, commits, and the level-2
-writes the keepers make, all off the training loop (a single background thread).
+"""The controller's side of level 1: one SnapshotKeeper per node, erasure-coded groups, commits, the level-2
+writes the keepers make (all off the training loop, on one background thread), and restore plans after a failure.
 
-A version is offered once every rank handed it over and its metrics are logged, so a recovery from the newest
-L1-committed version never leaves a gap in metrics.jsonl.
+A version is offered once every rank handed it over and its metrics are logged, so a recovery from a version the
+keepers hold never leaves a gap in metrics.jsonl.
 """
 from __future__ import annotations
 
 import logging
 from concurrent.futures import Future, ThreadPoolExecutor
-from typing import Optional
+from dataclasses import dataclass
+from typing import Any, Optional
 
 import ray
 
 from checkpoint.keeper import start_keeper
-from checkpoint.keeper_group import KeeperGroup, L1CommitError, commit_l1, persist_l2
+from checkpoint.keeper_group import GroupLostError, KeeperGroup, L1CommitError, commit_l1, persist_l2
 from orchestrator.config import CheckpointConfig
 
 log = logging.getLogger(__name__)
 KEEPER_VERSIONS = 4
+PING_TIMEOUT_S = 5.0
+
+
+@dataclass
+class RestorePlan:
+    """Where every rank of a recovering gang reads its snapshot of ``version``."""
+
+    version: int
+    source: str  # "keeper": handed-over snapshots, nothing decoded; "parity": lost nodes' ranks decoded
+    holders: dict[int, Any]  # rank -> keeper that holds its snapshot
+    decoded_ranks: list[int]
+
+
+def _answers(keeper) -> bool:
+    try:
+        ray.get(keeper.ping.remote(), timeout=PING_TIMEOUT_S)
+        return True
+    except Exception:  # noqa: BLE001 - dead, or its node is: either way it holds nothing we can read
+        return False
 
 
 class KeeperService:
     def __init__(self, cfg: CheckpointConfig, world_size: int):
         self.cfg, self.world_ranks = cfg, list(range(world_size))
-        nodes = sorted(node["NodeID"] for node in ray.nodes() if node["Alive"])
-        # Hold a few versions: a version handed over while the previous commit runs must still be there to seal.
-        self.keepers = {node: start_keeper(node, keep=KEEPER_VERSIONS) for node in nodes}
-        ordered = [self.keepers[node] for node in nodes]
-        size = cfg.ec.group_size or len(ordered)
-        chunks = [ordered[i:i + size] for i in range(0, len(ordered), size)]
-        self.groups = [KeeperGroup(chunk, parity=min(cfg.ec.parity, len(chunk) - 1)) for chunk in chunks]
-        self.rank_keeper: dict[int, object] = {}  # the keeper each rank of the current gang hands over to
+        self.keepers: dict[str, Any] = {}  # node id -> keeper
+        self.groups: list[KeeperGroup] = []
+        self.refresh()
         self.committed: Optional[int] = None  # newest L1-committed version
+        self.committed_groups: list[KeeperGroup] = []  # the groups it was encoded in
         self.persisted: Optional[int] = None  # newest version the keepers committed to disk
+        self.commit_failures = 0
         self._pool = ThreadPoolExecutor(1, thread_name_prefix="l1-commit")
         self._job: Optional[Future] = None
 
+    # ------------------------------------------------------------------ membership
+
+    def refresh(self) -> list[str]:
+        """Drop keepers that do not answer, start one on every live node without one, and re-form the groups if
+        that changed anything; returns the nodes that got a new keeper. Versions encoded in earlier groups stay
+        decodable (each keeper remembers the group a version was encoded in)."""
+        self.drain()
+        dead = [node for node, keeper in self.keepers.items() if not _answers(keeper)]
+        for node in dead:
+            ray.kill(self.keepers.pop(node), no_restart=True)
+        live = sorted(node["NodeID"] for node in ray.nodes() if node["Alive"])
+        # Hold a few versions: a version handed over while the previous commit runs must still be there to seal.
+        started = [node for node in live if node not in self.keepers]
+        for node in started:
+            self.keepers[node] = start_keeper(node, keep=KEEPER_VERSIONS)
+        if dead or started:
+            self._form_groups()
+        return started
+
+    def _form_groups(self) -> None:
+        ordered = [self.keepers[node] for node in sorted(self.keepers)]
+        size = self.cfg.ec.group_size or len(ordered)
+        chunks = [ordered[i:i + size] for i in range(0, len(ordered), size)]
+        self.groups = [KeeperGroup(chunk, parity=min(self.cfg.ec.parity, len(chunk) - 1)) for chunk in chunks]
+
     def keeper_on(self, node_id: str):
         return self.keepers[node_id]
+
+    # ------------------------------------------------------------------ commits
 
     def offer(self, version: int) -> None:
         """Commit ``version`` in the background unless a commit is running or it is not newer."""
@@ -46,45 +90,97 @@ class KeeperService:
         self._job = self._pool.submit(self._commit, version)
 
     def _commit(self, version: int) -> None:
+        groups = list(self.groups)
         try:
-            commit_l1(self.groups, version, self.world_ranks)
+            commit_l1(groups, version, self.world_ranks)
         except L1CommitError as err:
             log.warning("%s", err)
+            self.commit_failures += 1
             return
-        previous, self.committed = self.committed or 0, version
+        previous, self.committed, self.committed_groups = self.committed or 0, version, groups
         c = self.cfg
         cadence = c.every * c.persist_every
         if cadence and version // cadence > previous // cadence:  # crossed a persist boundary
-            keepers = list(self.keepers.values())
+            keepers = [keeper for group in groups for keeper in group.keepers]
             ray.get(persist_l2(keepers, version, c.dir, self.world_ranks, c.keep))
             self.persisted = version
 
-    def holds(self, rank: int) -> bool:
-        """Whether the keeper that holds ``rank``'s snapshots still answers (a process died, not its node)."""
-        keeper = self.rank_keeper.get(rank)
-        if keeper is None:
-            return False
-        try:
-            ray.get(keeper.ping.remote(), timeout=10)
-            return True
-        except Exception:  # noqa: BLE001 - dead or unreachable: fall back to another source
-            return False
+    def lost_keepers(self) -> list[str]:
+        """Nodes whose keeper stopped answering (checked after a failed commit: a keeper died, or its node)."""
+        if not self.commit_failures:
+            return []
+        self.commit_failures = 0
+        return [node for node, keeper in self.keepers.items() if not _answers(keeper)]
+
+    # ------------------------------------------------------------------ recovery
+
+    def plan_restore(self, logged_step: int) -> Optional[RestorePlan]:
+        """The fastest in-memory source for every rank, or None (restore from disk).
+
+        First the newest version not newer than ``logged_step`` that live keepers hold for every rank as handed
+        over (a process died: no decoding, and at most the unlogged steps are redone); else the newest committed
+        version, with the ranks of lost keepers decoded by a surviving member of their group."""
+        self.drain()
+        live = {node: keeper for node, keeper in self.keepers.items() if _answers(keeper)}
+        holders_of: dict[int, dict[int, Any]] = {}
+        for node, keeper in live.items():
+            for version, ranks in ray.get(keeper.held_ranks.remote(), timeout=PING_TIMEOUT_S).items():
+                holders_of.setdefault(version, {}).update({rank: keeper for rank in ranks})
+        complete = [v for v, holders in holders_of.items() if v <= logged_step and len(holders) == len(
+            self.world_ranks)]
+        if complete:
+            return RestorePlan(max(complete), "keeper", holders_of[max(complete)], [])
+        if self.committed is None:
+            return None
+        return self._decode_plan(self.committed, dict(holders_of.get(self.committed, {})),
+                                 {_actor_id(k) for k in live.values()})
+
+    def _decode_plan(self, version: int, holders: dict[int, Any], live_ids: set[str]) -> Optional[RestorePlan]:
+        decoded: list[int] = []
+        for group in self.committed_groups:
+            for member, keeper in enumerate(group.keepers):
+                if _actor_id(keeper) in live_ids:
+                    continue
+                try:
+                    survivor, ranks = group.restore(version, member)
+                except GroupLostError as err:
+                    log.warning("in-memory restore of version %d impossible: %s", version, err)
+                    return None
+                holders.update({rank: survivor for rank in ranks})
+                decoded += ranks
+        if sorted(holders) != self.world_ranks:
+            log.warning("keepers hold ranks %s of version %d, not all %d", sorted(holders), version,
+                        len(self.world_ranks))
+            return None
+        return RestorePlan(version, "parity", holders, sorted(decoded))
 
     def forget_after(self, version: int) -> None:
         """Before a restored gang hands over again: drop what the failed gang handed over after ``version``."""
         self.drain()
         for keeper in self.keepers.values():
             try:
-                newer = [v for v in ray.get(keeper.versions.remote(), timeout=10) if v > version]
-                ray.get([keeper.discard.remote(v) for v in newer], timeout=10)
+                newer = [v for v in ray.get(keeper.versions.remote(), timeout=PING_TIMEOUT_S) if v > version]
+                ray.get([keeper.discard.remote(v) for v in newer], timeout=PING_TIMEOUT_S)
             except Exception as err:  # noqa: BLE001 - a lost keeper holds nothing to forget
                 log.warning("keeper unreachable while forgetting versions after %d: %s", version, err)
 
+    def reset(self) -> None:
+        """Start over with empty keepers (the run restores an older version from disk than they hold)."""
+        self.drain()
+        for keeper in self.keepers.values():
+            ray.kill(keeper, no_restart=True)
+        self.keepers, self.committed, self.committed_groups = {}, None, []
+        self.refresh()
+
     def drain(self) -> None:
-        if self._job is not None:
+        if getattr(self, "_job", None) is not None:
             self._job.result()
 
     def shutdown(self) -> None:
         self._pool.shutdown(wait=True)
         for keeper in self.keepers.values():
             ray.kill(keeper, no_restart=True)
+
+
+def _actor_id(keeper) -> str:
+    return keeper._actor_id.hex()

@@ -2,8 +2,10 @@
 checkpointing, then trains, keeping per-step metrics for the controller to poll while training runs."""
 from __future__ import annotations
 
+import dataclasses
 import os
 import threading
+import time
 from typing import Optional
 
 import torch
@@ -39,6 +41,16 @@ def build_sync_strategy(cfg: Config, mesh) -> SyncStrategy:
     return build_sync(cfg.sync.name, replicas.get_group(), CommCounter(), cfg.sync.options())
 
 
+def kill_node_of_this_process() -> None:
+    """SIGKILL the raylet that started this worker: the node leaves the cluster with every process on it."""
+    import psutil
+
+    raylet = psutil.Process(os.getpid()).parent()
+    if raylet is None or raylet.name() != "raylet":
+        raise RuntimeError(f"fault.kind=node: this worker's parent is {raylet and raylet.name()}, not a raylet")
+    raylet.kill()
+
+
 class TrainWorker(DistributedWorker):
     def __init__(self, rank: int, world_size: int):
         super().__init__(rank, world_size)
@@ -71,6 +83,8 @@ class TrainWorker(DistributedWorker):
                                                 self._trainer_state, keeper)
         self.trainer = Trainer(runner, optimizer, scheduler, sync, sampler, data, device, cfg.train.grad_clip,
                                snapshotter=self.checkpointer)
+        self.faults = [spec for spec in cfg.fault.planned() if spec.rank == self.rank]
+        self.keeper = keeper
         resumed = None
         if restore_from_keeper is not None:
             import ray
@@ -84,6 +98,7 @@ class TrainWorker(DistributedWorker):
             state = self.checkpointer.restore(cfg.checkpoint.resume_from)
             self.trainer.fast_forward(state.step, state.samples_consumed)
             resumed = state.step
+        self._inject_faults(lambda spec: spec.during_recovery)
         n_params = sum(p.numel() for p in model.parameters())
         return {"rank": self.rank, "reports_loss": runner.reports_loss, "n_params": n_params,
                 "train_windows": data.n_train, "coords": self.coords, "resumed_step": resumed}
@@ -96,16 +111,42 @@ class TrainWorker(DistributedWorker):
 
     def train(self, until_step: int) -> dict:
         """Train from the current step up to ``until_step``; then finish outstanding checkpoint writes."""
-        fault = self.cfg.fault
         while self.trainer.step < until_step:
-            if fault.kill_rank == self.rank and fault.at_step == self.trainer.step + 1:
-                os._exit(1)  # a deliberate abrupt death (fault.kind=process), as a crash would be
+            self._inject_faults(lambda spec: spec.at_step == self.trainer.step + 1)
             self._in_step = True
             metrics = self.trainer.train_step()
             self._in_step = False
             self._publish(metrics)
         self.checkpointer.close()
         return {"step": self.trainer.step, **self.checkpointer.versions()}
+
+    def _inject_faults(self, due) -> None:
+        """Fire this rank's planned faults that are due (``fault.*``): deliberate, abrupt, as a crash would be."""
+        for spec in [spec for spec in self.faults if due(spec)]:
+            self.faults.remove(spec)
+            if not spec.during_recovery:
+                self._announce_fault(spec)
+            if spec.kind == "keeper":
+                import ray
+
+                ray.kill(self.keeper, no_restart=True)
+                continue
+            if spec.kind == "node":
+                kill_node_of_this_process()
+            os._exit(1)
+
+    def _announce_fault(self, spec, timeout_s: float = 5.0) -> None:
+        """Let the controller's metric poll see the fault before it fires, so it is not fired again after the
+        recovery redoes this step."""
+        with self._lock:
+            self._metrics.append({"step": self.trainer.step, "fault": dataclasses.asdict(spec)})
+        deadline = time.monotonic() + timeout_s
+        while time.monotonic() < deadline and any("fault" in record for record in self._metrics):
+            time.sleep(0.02)
+
+    def use_keeper(self, keeper) -> None:
+        """Hand over to ``keeper`` from the next snapshot on (this node's keeper was replaced)."""
+        self.keeper = self.checkpointer.handover.keeper = keeper
 
     def evaluate(self, n_batches: int) -> Optional[float]:
         t = self.trainer

@@ -5,11 +5,6 @@ one node per keeper, all on this machine); node loss is ``cluster.remove_node``.
 one producer actor that hands over the snapshots of two ranks and then dies.
 """
 import json
-import logging
-import os
-import shutil
-import tempfile
-import time
 import warnings
 
 import numpy as np
@@ -29,8 +24,8 @@ from checkpoint.reshard import load_slices
 from checkpoint.snapshot_codec import ALIGNMENT, SnapshotIndex, copy_into, pack, pack_into, plan_index, unpack
 from checkpoint.universal import (CheckpointError, FragmentSpec, SliceSpec, TrainerState, latest_version_dir,
                                   read_manifest)
+from tests.cluster_sim import MiB, SimulatedCluster
 
-MiB = 1 << 20
 NODES, RANKS_PER_NODE, COLUMNS = 4, 2, 512
 WORLD = list(range(NODES * RANKS_PER_NODE))
 
@@ -206,49 +201,6 @@ def test_keeper_refuses_a_payload_that_does_not_match_its_index():
 # ---------------------------------------------------------------------------------------------- simulated cluster
 
 
-class SimulatedCluster:
-    """A head without CPUs plus worker nodes that tests add and remove; shut down by ``shutdown`` only."""
-
-    def __init__(self):
-        from ray.cluster_utils import Cluster
-
-        self.temp_dir = tempfile.mkdtemp(prefix="orch-keeper-", dir="/tmp")  # short: unix socket path limit
-        # Cluster writes its address to $RAY_TMPDIR/ray/ray_current_cluster: keep it out of the shared /tmp/ray
-        self.monkeypatch = pytest.MonkeyPatch()
-        self.monkeypatch.setenv("RAY_TMPDIR", self.temp_dir)
-        os.makedirs(os.path.join(self.temp_dir, "ray"))
-        self.cluster = Cluster()
-        self.nodes = []
-
-    def start(self):
-        self.cluster.add_node(num_cpus=0, include_dashboard=False, object_store_memory=100 * MiB,
-                              temp_dir=self.temp_dir)
-        ray.init(address=self.cluster.address, logging_level=logging.ERROR)
-
-    def live_nodes(self, count):
-        """``count`` worker nodes, adding fresh ones for those removed by earlier tests."""
-        while len(self.nodes) < count:
-            self.nodes.append(self.cluster.add_node(num_cpus=1, object_store_memory=100 * MiB))
-        self.cluster.wait_for_nodes()
-        return list(self.nodes[:count])
-
-    def remove(self, node, timeout_s=60):
-        self.cluster.remove_node(node)
-        self.nodes.remove(node)
-        deadline = time.monotonic() + timeout_s
-        while any(n["NodeID"] == node.node_id and n["Alive"] for n in ray.nodes()):
-            assert time.monotonic() < deadline, "removed node still reported alive"
-            time.sleep(0.2)
-
-    def shutdown(self):
-        try:
-            ray.shutdown()
-            self.cluster.shutdown()
-        finally:
-            self.monkeypatch.undo()
-            shutil.rmtree(self.temp_dir, ignore_errors=True)
-
-
 @pytest.fixture(scope="module")
 def sim():
     cluster = SimulatedCluster()
@@ -355,12 +307,11 @@ def test_group_rebuilds_up_to_parity_lost_nodes_and_refuses_more(sim, keepers, p
         sim.remove(nodes[member])
     for member in lost:
         assert_snapshots_equal(group.rebuild(3, member), 3, node_ranks(member))
-    source, snapshots = group.fetch_member(3, parity)  # a survivor's ranks come from its own keeper
-    assert source == "keeper"
-    assert_snapshots_equal(snapshots, 3, node_ranks(parity))
-    source, snapshots = group.fetch_member(3, 0)
-    assert source == "parity"
-    assert_snapshots_equal(snapshots, 3, node_ranks(0))
+    # a survivor decodes a lost node's ranks and holds them, so replacement workers read them with `get`
+    survivor, ranks = group.restore(3, 0)
+    assert ranks == node_ranks(0) and ray.get(survivor.ping.remote()) == nodes[parity].node_id
+    assert_snapshots_equal({rank: ray.get(survivor.get.remote(3, rank)) for rank in ranks}, 3, node_ranks(0))
+    assert ray.get(survivor.held_ranks.remote()) == {3: node_ranks(parity)}  # its own ranks, not the decoded
 
     sim.remove(nodes[parity])
     with pytest.raises(GroupLostError, match=f"lost {parity + 1} of {NODES} keepers; group survives at most "

@@ -1,0 +1,74 @@
+"""A simulated multi-node Ray cluster for tests: ray.cluster_utils.Cluster with a head without CPUs plus worker
+nodes that tests add and remove, all raylets on 127.0.0.1 of this machine."""
+import logging
+import os
+import shutil
+import tempfile
+import time
+
+import pytest
+import ray
+
+MiB = 1 << 20
+# Ray declares a node dead after failed health checks (default ~15 s); tests kill nodes, so notice it sooner.
+FAST_NODE_DEATH = {"RAY_health_check_period_ms": "500", "RAY_health_check_failure_threshold": "4",
+                   "RAY_health_check_initial_delay_ms": "1000"}
+
+
+class SimulatedCluster:
+    """A head without CPUs plus worker nodes that tests add and remove; shut down by ``shutdown`` only."""
+
+    def __init__(self, cpus_per_node: int = 1):
+        from ray.cluster_utils import Cluster
+
+        self.temp_dir = tempfile.mkdtemp(prefix="orch-sim-", dir="/tmp")  # short: unix socket path limit
+        self.cpus_per_node = cpus_per_node
+        # Cluster writes its address to $RAY_TMPDIR/ray/ray_current_cluster: keep it out of the shared /tmp/ray
+        self.monkeypatch = pytest.MonkeyPatch()
+        self.monkeypatch.setenv("RAY_TMPDIR", self.temp_dir)
+        for key, value in FAST_NODE_DEATH.items():
+            self.monkeypatch.setenv(key, value)
+        os.makedirs(os.path.join(self.temp_dir, "ray"))
+        self.cluster = Cluster()
+        self.nodes = []
+
+    def start(self):
+        self.cluster.add_node(num_cpus=0, include_dashboard=False, object_store_memory=100 * MiB,
+                              temp_dir=self.temp_dir)
+        ray.init(address=self.cluster.address, logging_level=logging.ERROR)
+
+    def live_nodes(self, count):
+        """``count`` worker nodes, adding fresh ones for those removed by earlier tests."""
+        while len(self.nodes) < count:
+            self.nodes.append(self.cluster.add_node(num_cpus=self.cpus_per_node, object_store_memory=100 * MiB))
+        self.cluster.wait_for_nodes()
+        return list(self.nodes[:count])
+
+    def remove(self, node, timeout_s=60):
+        self.cluster.remove_node(node)
+        self.nodes.remove(node)
+        self.wait_until_dead(node.node_id, timeout_s)
+
+    @staticmethod
+    def wait_until_dead(node_id, timeout_s=60):
+        deadline = time.monotonic() + timeout_s
+        while any(n["NodeID"] == node_id and n["Alive"] for n in ray.nodes()):
+            assert time.monotonic() < deadline, "removed node still reported alive"
+            time.sleep(0.2)
+
+    def drop_dead_nodes(self):
+        """Forget (and clean up after) worker nodes that died on their own, e.g. from ``fault.kind=node``."""
+        alive = {n["NodeID"] for n in ray.nodes() if n["Alive"]}
+        for node in [node for node in self.nodes if node.node_id not in alive]:
+            self.cluster.remove_node(node, allow_graceful=False)
+            self.nodes.remove(node)
+
+    def shutdown(self):
+        try:
+            ray.shutdown()
+            self.cluster.shutdown()
+        finally:
+            self.monkeypatch.undo()
+            shutil.rmtree(self.temp_dir, ignore_errors=True)
+
+

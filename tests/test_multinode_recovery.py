@@ -1,0 +1,90 @@
+"""Recovery from node loss on a simulated multi-node cluster (one raylet per node, all on this machine).
+
+Every worker node has one CPU, so the two ranks of ``quickstart`` (cpus_per_worker=1) run on two nodes; the
+others are spares for the replacements. ``fault.kind=node`` SIGKILLs a rank's raylet: the node leaves the
+cluster with its trainers and its SnapshotKeeper. Level 2 is off (``persist_every=0``) unless a test wants the
+disk: a run that finishes with the clean curve then restored from memory only.
+"""
+import json
+
+import pytest
+
+from tests.cluster_sim import SimulatedCluster
+from tests.test_cli import orchestrate
+from tests.test_layouts_e2e import STEPS, run
+
+ON_CLUSTER = ["cluster.cpus_per_worker=1", "checkpoint.keepers=true", "cluster.start_timeout_s=60"]
+
+
+@pytest.fixture(scope="module")
+def sim():
+    cluster = SimulatedCluster()
+    try:
+        cluster.start()
+        yield cluster
+    finally:
+        cluster.shutdown()
+
+
+@pytest.fixture(scope="module")
+def clean_curve(tmp_path_factory):
+    return run(tmp_path_factory.mktemp("clean"), "parallel.dp=2")
+
+
+def launch_on(sim, run_dir, spare_nodes, *overrides):
+    sim.drop_dead_nodes()
+    sim.live_nodes(2 + spare_nodes)
+    return orchestrate("launch", "recipe=quickstart", f"train.steps={STEPS}", "logging.progress=false",
+                       "parallel.dp=2", f"cluster.address={sim.cluster.address}", *ON_CLUSTER, *overrides,
+                       f"run.dir={run_dir}")
+
+
+def records_of(run_dir):
+    return [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
+
+
+def curve_of(run_dir):
+    return {r["step"]: r["loss"] for r in records_of(run_dir) if r.get("loss") is not None}
+
+
+def recoveries_of(run_dir):
+    return [r["recovery"] for r in records_of(run_dir) if "recovery" in r]
+
+
+@pytest.mark.slow
+def test_lost_node_is_decoded_from_the_group_and_the_curve_is_unchanged(sim, clean_curve, tmp_path):
+    result = launch_on(sim, tmp_path, 1, "checkpoint.persist_every=0", "fault.kill_rank=1", "fault.at_step=12",
+                       "fault.kind=node")
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert curve_of(tmp_path) == clean_curve
+    [recovery] = recoveries_of(tmp_path)
+    assert recovery["source"] == "parity" and recovery["decoded_ranks"] == [1] and len(recovery["lost_nodes"]) == 1
+    assert recovery["steps_lost"] >= 0 and recovery["seconds"] > 0
+    assert not (tmp_path / "checkpoints").exists()  # nothing was read from (or written to) disk
+    assert "fault injected: node of rank 1" in result.stdout + result.stderr
+
+
+@pytest.mark.slow
+def test_parity_many_nodes_lost_at_once_are_decoded(sim, clean_curve, tmp_path):
+    both = "[{rank:0,at_step:9,kind:node},{rank:1,at_step:9,kind:node}]"
+    result = launch_on(sim, tmp_path, 2, "checkpoint.persist_every=0", "checkpoint.ec.parity=2",
+                       f"fault.schedule={both}")
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert curve_of(tmp_path) == clean_curve
+    [recovery] = recoveries_of(tmp_path)
+    assert recovery["source"] == "parity" and recovery["decoded_ranks"] == [0, 1]
+    assert len(recovery["lost_nodes"]) == 2
+
+
+@pytest.mark.slow
+def test_more_losses_than_parity_fall_back_to_disk_or_fail_clearly(sim, clean_curve, tmp_path):
+    both = "fault.schedule=[{rank:0,at_step:13,kind:node},{rank:1,at_step:13,kind:node}]"
+    result = launch_on(sim, tmp_path / "disk", 2, "checkpoint.persist_every=5", both)
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert curve_of(tmp_path / "disk") == clean_curve
+    [recovery] = recoveries_of(tmp_path / "disk")
+    assert recovery["source"] == "disk" and recovery["restored_step"] in (5, 10)
+
+    result = launch_on(sim, tmp_path / "none", 2, "checkpoint.persist_every=0", both)
+    assert result.returncode == 1
+    assert "no committed checkpoint to restore" in result.stderr.splitlines()[-1]

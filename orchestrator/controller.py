@@ -48,6 +48,13 @@ class RankDied(WorkerGroupError):
         self.node_ids = node_ids  # nodes of the ranks that died or stopped answering
 
 
+def describe_failure(err: WorkerGroupError) -> str:
+    """One line: Ray's actor-death text runs over many lines."""
+    if isinstance(err, RankDied) or err.rank is None:
+        return str(err).strip().splitlines()[0]
+    return f"rank {err.rank} died while the gang started or restored"
+
+
 class RunState(str, enum.Enum):
     STARTING = "STARTING"
     RUNNING = "RUNNING"
@@ -197,12 +204,14 @@ class Controller:
                 if restarts >= self.cfg.fault.max_restarts or (plan is None and disk is None):
                     reason = f"fault.max_restarts={self.cfg.fault.max_restarts} used up" if plan or disk else \
                         "no committed checkpoint to restore"
-                    raise WorkerGroupError(f"{err} ({reason})", rank=err.rank) from None
+                    raise WorkerGroupError(f"{describe_failure(err)} ({reason})", rank=err.rank) from None
+                if self.recovery is not None:  # the previous recovery failed before a step finished
+                    self._log_interrupted_recovery(err, result, metrics)
                 restarts, recovering = restarts + 1, True
                 self.state = RunState.RECOVERING
                 source = f"{plan.source} version {plan.version}" if plan else f"disk {disk.name}"
                 lost = f", node {', '.join(n[:8] for n in lost_nodes)} lost" if lost_nodes else ""
-                progress.message(f"{err}{lost}; recovering (restart {restarts}/{self.cfg.fault.max_restarts}) "
+                progress.message(f"{describe_failure(err)}{lost}; recovering (restart {restarts}/{self.cfg.fault.max_restarts}) "
                                  f"from {source}")
                 self.recovery = {"failed_rank": err.rank, "lost_nodes": lost_nodes,
                                  "source": plan.source if plan else "disk",
@@ -316,6 +325,14 @@ class Controller:
                   f"hand over to the new one"
         progress.message(message)
         metrics.log({"step": result.steps, "event": "keeper_replaced", "ranks": ranks})
+
+    def _log_interrupted_recovery(self, err: Exception, result: RunResult, metrics: MetricsLog) -> None:
+        recovery, self.recovery = self.recovery, None
+        recovery["seconds"] = round(time.time() - recovery.pop("started"), 3)
+        recovery.pop("last_step")
+        recovery["interrupted_by"] = describe_failure(err)
+        metrics.log({"step": result.steps, "recovery": recovery})
+        self.recoveries.append(recovery)
 
     def _fault_fired(self, report: dict, progress: ProgressLine, metrics: MetricsLog) -> None:
         spec = FaultSpec(**report["fault"])

@@ -35,3 +35,21 @@ def test_without_restarts_left_the_run_fails_clearly(tmp_path):
                          "fault.kill_rank=0", "fault.at_step=5", "fault.max_restarts=0", f"run.dir={tmp_path}")
     assert result.returncode == 1
     assert "rank 0 died during step 5" in result.stderr and "fault.max_restarts=0 used up" in result.stderr
+
+
+@pytest.mark.slow
+def test_keeper_loss_and_a_fault_during_recovery_are_survived(tmp_path):
+    # 40 steps: a replacement keeper takes a few seconds to start (it imports torch) while training goes on
+    overrides = ["checkpoint.persist_every=0", "train.steps=40"]
+    expected = run(tmp_path / "clean", *overrides)
+    schedule = "fault.schedule=[{rank:0,at_step:3,kind:keeper},{rank:1,at_step:36},{rank:0,during_recovery:true}]"
+    assert run(tmp_path / "faulty", *overrides, "checkpoint.keepers=true", schedule) == expected
+    records = [json.loads(line) for line in (tmp_path / "faulty" / "metrics.jsonl").read_text().splitlines()]
+    [replaced] = [r for r in records if r.get("event") == "keeper_replaced"]
+    assert replaced["ranks"] == [0, 1]
+    interrupted, recovered = [r["recovery"] for r in records if "recovery" in r]
+    assert "rank 0" in interrupted["interrupted_by"] and interrupted["source"] == "keeper"
+    # a process died, its keeper did not: the newest version every rank handed over, nothing decoded
+    assert recovered["source"] == "keeper" and recovered["decoded_ranks"] == []
+    assert recovered["restored_step"] == interrupted["version"]
+    assert not (tmp_path / "faulty" / "checkpoints").exists()

@@ -14,9 +14,13 @@ def _here() -> str:
     return ray.get_runtime_context().get_node_id()
 
 
+def live_node_ids() -> list[str]:
+    return [node["NodeID"] for node in ray.nodes() if node["Alive"]]
+
+
 def node_answers(node_id: str, timeout_s: float = 5.0) -> bool:
     """Whether a task pinned to ``node_id`` runs there within ``timeout_s`` (its raylet is alive)."""
-    if not any(n["NodeID"] == node_id and n["Alive"] for n in ray.nodes()):
+    if node_id not in live_node_ids():
         return False
     ref = _here.options(scheduling_strategy=NodeAffinitySchedulingStrategy(node_id, soft=False)).remote()
     try:
@@ -34,8 +38,7 @@ def await_lost_nodes(node_ids: list[str], timeout_s: float = 60.0) -> list[str]:
     lost = [node for node in dict.fromkeys(node_ids) if not node_answers(node)]
     deadline = time.monotonic() + timeout_s
     while time.monotonic() < deadline:
-        alive = {n["NodeID"] for n in ray.nodes() if n["Alive"]}
-        if not alive.intersection(lost):
+        if not set(live_node_ids()).intersection(lost):
             break
         time.sleep(0.2)
     return lost

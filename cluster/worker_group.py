@@ -83,14 +83,22 @@ class WorkerGroup:
 
     def health_check(self, timeout_s: float = 10.0) -> list[int]:
         """Ranks that did not answer a ping in time (dead or wedged)."""
+        dead, unresponsive = self.probe(timeout_s)
+        return sorted(dead + unresponsive)
+
+    def probe(self, timeout_s: float = 10.0) -> tuple[list[int], list[int]]:
+        """(ranks Ray reports dead, ranks that did not answer within ``timeout_s``). Actors of a node that is
+        gone but not yet declared dead are in the second list."""
         refs = self.call_async("ping", control=True)
-        failed = []
+        dead, unresponsive = [], []
         for rank, ref in enumerate(refs):
             try:
                 ray.get(ref, timeout=timeout_s)
-            except (RayActorError, GetTimeoutError):
-                failed.append(rank)
-        return failed
+            except RayActorError:
+                dead.append(rank)
+            except GetTimeoutError:
+                unresponsive.append(rank)
+        return dead, unresponsive
 
     def shutdown(self, timeout_s: float = 10.0) -> None:
         """Destroy process groups where ranks still answer, then kill every actor and free the placement."""

@@ -16,7 +16,7 @@ from omegaconf import OmegaConf
 from ray.exceptions import RayError
 
 from checkpoint.universal import CheckpointError, committed_versions, discard_uncommitted, version_dir
-from cluster.health import await_lost_nodes
+from cluster.health import await_lost_nodes, live_node_ids
 from cluster.ray_cluster import RayRuntime, local_capacity
 from cluster.worker_group import PlacementError, WorkerGroup, WorkerGroupError
 from orchestrator.config import Config, ConfigError, FaultSpec
@@ -413,11 +413,15 @@ class Controller:
         while (rank := group.rank_of_failure(train_refs)) is None and time.monotonic() < deadline:
             time.sleep(0.1)
         # a lost node's actors are declared dead only once Ray notices the node is gone: ask every rank
-        dead = sorted({rank} - {None} | set(group.health_check(HEALTH_CHECK_TIMEOUT_S)))
+        reported, unresponsive = group.probe(HEALTH_CHECK_TIMEOUT_S)
+        dead = sorted({rank} - {None} | set(reported) | set(unresponsive))
         if dead:
             finished, started = self._survivor_progress(group, dead) or (result.steps, result.steps)
+            alive = set(live_node_ids())  # a rank Ray reports dead on a live node lost its process, not its node
+            suspect_nodes = [group.infos[r]["node_id"] for r in dead
+                             if r in unresponsive or group.infos[r]["node_id"] not in alive]
             raise RankDied(f"rank {dead[0]} died during step {finished + 1}", rank=dead[0], step=finished + 1,
-                           started_step=started, node_ids=[group.infos[r]["node_id"] for r in dead])
+                           started_step=started, node_ids=suspect_nodes)
         if failed:
             ray.get(failed[0])  # an application error in a rank: surface its message
 

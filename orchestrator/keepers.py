@@ -52,6 +52,9 @@ class KeeperService:
         self.commit_failures = 0
         self._pool = ThreadPoolExecutor(1, thread_name_prefix="l1-commit")
         self._job: Optional[Future] = None
+        self._persist_pool = ThreadPoolExecutor(1, thread_name_prefix="l2-from-keepers")
+        self._persist: Optional[Future] = None
+        self._persist_target: Optional[int] = None  # newest version a level-2 write was started for
 
     # ------------------------------------------------------------------ membership
 
@@ -100,10 +103,21 @@ class KeeperService:
         previous, self.committed, self.committed_groups = self.committed or 0, version, groups
         c = self.cfg
         cadence = c.every * c.persist_every
-        if cadence and version // cadence > previous // cadence:  # crossed a persist boundary
-            keepers = [keeper for group in groups for keeper in group.keepers]
+        if cadence and version // cadence > (self._persist_target or previous) // cadence:  # a persist boundary
+            if self._persist is None or self._persist.done():  # else the next boundary writes a newer one
+                self._persist_target = version
+                keepers = [keeper for group in groups for keeper in group.keepers]
+                self._persist = self._persist_pool.submit(self._write_l2, keepers, version)
+
+    def _write_l2(self, keepers: list, version: int) -> None:
+        """Level 2 on its own thread: commits of newer versions go on while the keepers write this one (a
+        keeper holds references to what it writes, so a commit that drops the version does not free it)."""
+        c = self.cfg
+        try:
             ray.get(persist_l2(keepers, version, c.dir, self.world_ranks, c.keep))
             self.persisted = version
+        except ray.exceptions.RayError as err:
+            log.warning("level-2 write of version %d from the keepers failed: %s", version, err)
 
     def lost_keepers(self) -> list[str]:
         """Nodes whose keeper stopped answering (checked after a failed commit: a keeper died, or its node)."""
@@ -173,11 +187,14 @@ class KeeperService:
         self.refresh()
 
     def drain(self) -> None:
-        if getattr(self, "_job", None) is not None:
-            self._job.result()
+        """Wait for the running commit and level-2 write."""
+        for job in (getattr(self, "_job", None), getattr(self, "_persist", None)):
+            if job is not None:
+                job.result()
 
     def shutdown(self) -> None:
         self._pool.shutdown(wait=True)
+        self._persist_pool.shutdown(wait=True)
         for keeper in self.keepers.values():
             ray.kill(keeper, no_restart=True)
 

@@ -9,7 +9,7 @@ import json
 
 import pytest
 
-from tests.cluster_sim import SimulatedCluster
+from cluster.simulated import SimulatedCluster
 from tests.test_cli import orchestrate
 from tests.test_layouts_e2e import STEPS, run
 

@@ -1,12 +1,12 @@
-"""A simulated multi-node Ray cluster for tests: ray.cluster_utils.Cluster with a head without CPUs plus worker
-nodes that tests add and remove, all raylets on 127.0.0.1 of this machine."""
+"""A simulated multi-node Ray cluster on one machine (ray.cluster_utils.Cluster): a head without CPUs plus worker
+nodes that are added and removed, every raylet on 127.0.0.1. For tests, benchmarks, and users who want to try
+node-loss recovery (``fault.kind=node``) before they own a cluster: pass ``cluster.address=<sim.address>``."""
 import logging
 import os
 import shutil
 import tempfile
 import time
 
-import pytest
 import ray
 
 MiB = 1 << 20
@@ -21,16 +21,21 @@ class SimulatedCluster:
     def __init__(self, cpus_per_node: int = 1):
         from ray.cluster_utils import Cluster
 
+        from cluster.ray_cluster import configure_local_environment
+
+        configure_local_environment()  # loopback only, no token auth, as for the embedded cluster
         self.temp_dir = tempfile.mkdtemp(prefix="orch-sim-", dir="/tmp")  # short: unix socket path limit
         self.cpus_per_node = cpus_per_node
         # Cluster writes its address to $RAY_TMPDIR/ray/ray_current_cluster: keep it out of the shared /tmp/ray
-        self.monkeypatch = pytest.MonkeyPatch()
-        self.monkeypatch.setenv("RAY_TMPDIR", self.temp_dir)
-        for key, value in FAST_NODE_DEATH.items():
-            self.monkeypatch.setenv(key, value)
+        self.saved_env = {key: os.environ.get(key) for key in ("RAY_TMPDIR", *FAST_NODE_DEATH)}
+        os.environ.update({"RAY_TMPDIR": self.temp_dir, **FAST_NODE_DEATH})
         os.makedirs(os.path.join(self.temp_dir, "ray"))
         self.cluster = Cluster()
         self.nodes = []
+
+    @property
+    def address(self) -> str:
+        return self.cluster.address
 
     def start(self):
         self.cluster.add_node(num_cpus=0, include_dashboard=False, object_store_memory=100 * MiB,
@@ -68,7 +73,11 @@ class SimulatedCluster:
             ray.shutdown()
             self.cluster.shutdown()
         finally:
-            self.monkeypatch.undo()
+            for key, value in self.saved_env.items():
+                if value is None:
+                    os.environ.pop(key, None)
+                else:
+                    os.environ[key] = value
             shutil.rmtree(self.temp_dir, ignore_errors=True)
 
 

@@ -1,7 +1,7 @@
 """Pipeline parallelism composed with tensor and context parallelism, through the trainer's runner
 (``orchestrator.parallelize.build_runner``), against the single-process full-batch oracle of test_pipeline.
 
-pp=2 x tp=2 and pp=2 x cp=2 on 4 real gloo ranks, one spawn per world: the loss and every parameter's gradient
+pp=2 x tp=2 and pp=2 x cp=2 on 4 real gloo ranks and dp=2 x pp=2 x tp=2 on 8, one spawn per layout family: the loss and every parameter's gradient
 of the first step equal the oracle within 1e-5, a short AdamW loss curve within 1e-4, and a forward-only
 evaluation pass (the eval path of ``train.eval_batches``) returns the oracle's loss.
 """
@@ -20,6 +20,10 @@ PP_TP = [
     ("interleaved-tp-sp", dict(pp_schedule="interleaved_1f1b", pp_virtual_stages=2, tp=2, sequence_parallel=True,
                                loss_parallel=True), 1, "sgd"),
     ("zbv-tp", dict(pp_schedule="zbv", pp_virtual_stages=2, tp=2, loss_parallel=True), 1, "sgd"),
+]
+DP_PP_TP = [
+    ("dp-1f1b-tp-sp-lp", dict(dp=2, pp_schedule="1f1b", microbatches=2, tp=2, sequence_parallel=True,
+                              loss_parallel=True), 1, "sgd"),
 ]
 PP_CP = [
     ("1f1b-cp-ring", dict(pp_schedule="1f1b", cp=2, cp_impl="ring"), 1, "sgd"),
@@ -56,16 +60,21 @@ def _run_layout(overrides: dict, n_steps: int, optimizer_name: str) -> dict:
     losses, first_grads = [], None
     for step in range(n_steps):
         optimizer.zero_grad()
-        loss = runner.forward_backward(*_batch(step))
+        loss = runner.forward_backward(*_replica_batch(step, coords["dp"], cfg.parallel.dp))
         sync.before_optimizer(step)
         if step == 0:
             first_grads = {name: (p.grad.full_tensor() if isinstance(p.grad, DTensor) else p.grad).clone()
                            for name, p in runner.named_parameters()}
         optimizer.step()
         losses.append(None if loss is None else loss.item())
-    eval_loss = runner.evaluate(*_batch(1000))
+    eval_loss = runner.evaluate(*_replica_batch(1000, coords["dp"], cfg.parallel.dp))
     return {"losses": losses, "grads": first_grads, "eval": None if eval_loss is None else eval_loss.item(),
             "coords": coords}
+
+
+def _replica_batch(step: int, replica: int, replicas: int):
+    rows = slice(replica * BATCH // replicas, (replica + 1) * BATCH // replicas)
+    return tuple(part[rows] for part in _batch(step))
 
 
 def _ranks(rank, world, cases):
@@ -94,8 +103,8 @@ def _assert_matches_oracle(results: list[dict], cases) -> None:
         ref_losses, ref_grads = _reference(n_steps, optimizer_name)
         per_rank = [r[label] for r in results]
         reporting = [r for r in per_rank if r["losses"][0] is not None]
-        # tp rank 0 of the last stage reports, once per cp rank (its tokens); the controller averages them
-        assert len(reporting) == overrides.get("cp", 1), label
+        # tp rank 0 of the last stage reports, once per dp x cp rank (its tokens); the controller averages them
+        assert len(reporting) == overrides.get("dp", 1) * overrides.get("cp", 1), label
         losses = [sum(step) / len(reporting) for step in zip(*(r["losses"] for r in reporting))]
         tol = 1e-5 if n_steps == 1 else 1e-4
         assert max(abs(a - b) for a, b in zip(losses, ref_losses)) < tol, (label, losses, ref_losses)
@@ -118,3 +127,9 @@ def test_pp2_tp2_matches_full_batch():
 def test_pp2_cp2_matches_full_batch():
     results = run_ranks(4, _ranks, PP_CP, timeout_s=120)
     _assert_matches_oracle(results, PP_CP)
+
+
+@pytest.mark.slow
+def test_dp2_pp2_tp2_matches_full_batch():
+    results = run_ranks(8, _ranks, DP_PP_TP, timeout_s=120)
+    _assert_matches_oracle(results, DP_PP_TP)

@@ -1,9 +1,10 @@
 """Pipeline parallelism composed with tensor and context parallelism, through the trainer's runner
 (``orchestrator.parallelize.build_runner``), against the single-process full-batch oracle of test_pipeline.
 
-pp=2 x tp=2 and pp=2 x cp=2 on 4 real gloo ranks and dp=2 x pp=2 x tp=2 on 8, one spawn per layout family: the loss and every parameter's gradient
-of the first step equal the oracle within 1e-5, a short AdamW loss curve within 1e-4, and a forward-only
-evaluation pass (the eval path of ``train.eval_batches``) returns the oracle's loss.
+Layouts: pp2 x tp2 and pp2 x cp2 on 4 real gloo ranks; dp2 x pp2 x tp2 and pp2 x tp2 x cp2 on 8; one spawn per
+world size. Checked: the loss and every parameter's gradient of the first step equal the oracle within 1e-5, as
+does the gradient norm the trainer clips by; a short AdamW loss curve within 1e-4; and a forward-only
+evaluation pass (the path of ``train.eval_batches``) returns the oracle's loss.
 """
 import pytest
 import torch
@@ -21,9 +22,11 @@ PP_TP = [
                                loss_parallel=True), 1, "sgd"),
     ("zbv-tp", dict(pp_schedule="zbv", pp_virtual_stages=2, tp=2, loss_parallel=True), 1, "sgd"),
 ]
-DP_PP_TP = [
+WORLD8 = [
     ("dp-1f1b-tp-sp-lp", dict(dp=2, pp_schedule="1f1b", microbatches=2, tp=2, sequence_parallel=True,
                               loss_parallel=True), 1, "sgd"),
+    ("gpipe-tp-sp-cp-ring", dict(pp_schedule="gpipe", tp=2, sequence_parallel=True, loss_parallel=True, cp=2,
+                                 cp_impl="ring"), 1, "sgd"),
 ]
 PP_CP = [
     ("1f1b-cp-ring", dict(pp_schedule="1f1b", cp=2, cp_impl="ring"), 1, "sgd"),
@@ -47,6 +50,7 @@ def _run_layout(overrides: dict, n_steps: int, optimizer_name: str) -> dict:
 
     from orchestrator.models import LlamaConfig, build_llama, cross_entropy_loss
     from orchestrator.parallelize import build_runner
+    from orchestrator.trainer import clip_grad_norm_
     from parallel.mesh import build_mesh, replica_group
     from parallel.sync.ddp import DDPSync
     from tests.test_pipeline import _build_optimizer
@@ -65,11 +69,13 @@ def _run_layout(overrides: dict, n_steps: int, optimizer_name: str) -> dict:
         if step == 0:
             first_grads = {name: (p.grad.full_tensor() if isinstance(p.grad, DTensor) else p.grad).clone()
                            for name, p in runner.named_parameters()}
+            # the trainer's clipping sees the whole model's norm: DTensor norms over tp, summed over stages
+            grad_norm = clip_grad_norm_(runner.parameters(), 1e9, runner.pp_group).item()
         optimizer.step()
         losses.append(None if loss is None else loss.item())
     eval_loss = runner.evaluate(*_replica_batch(1000, coords["dp"], cfg.parallel.dp))
     return {"losses": losses, "grads": first_grads, "eval": None if eval_loss is None else eval_loss.item(),
-            "coords": coords}
+            "grad_norm": grad_norm}
 
 
 def _replica_batch(step: int, replica: int, replicas: int):
@@ -113,6 +119,9 @@ def _assert_matches_oracle(results: list[dict], cases) -> None:
         for r in per_rank:
             for name, grad in r["grads"].items():
                 torch.testing.assert_close(grad, ref_grads[name], atol=1e-5, rtol=1e-5, msg=f"{label} {name}")
+        ref_norm = torch.linalg.vector_norm(torch.stack([g.norm() for g in ref_grads.values()])).item()
+        for r in per_rank:
+            assert abs(r["grad_norm"] - ref_norm) < 1e-5 * max(1.0, ref_norm), (label, r["grad_norm"], ref_norm)
         eval_loss = sum(r["eval"] for r in reporting) / len(reporting)
         assert abs(eval_loss - _eval_reference(n_steps, optimizer_name)) < tol, (label, eval_loss)
 
@@ -130,6 +139,6 @@ def test_pp2_cp2_matches_full_batch():
 
 
 @pytest.mark.slow
-def test_dp2_pp2_tp2_matches_full_batch():
-    results = run_ranks(8, _ranks, DP_PP_TP, timeout_s=120)
-    _assert_matches_oracle(results, DP_PP_TP)
+def test_dp2_pp2_tp2_and_pp2_tp2_cp2_match_full_batch():
+    results = run_ranks(8, _ranks, WORLD8, timeout_s=120)
+    _assert_matches_oracle(results, WORLD8)

@@ -34,6 +34,7 @@ import statistics
 import time
 
 import torch
+from torch.utils._python_dispatch import is_traceable_wrapper_subclass
 
 from tests.distributed import run_ranks
 
@@ -52,15 +53,26 @@ def theory_bubble(schedule: str, pp: int, microbatches: int, virtual_stages: int
     return 0.0
 
 
+def _plain_tensors(tensor: torch.Tensor) -> list[torch.Tensor]:
+    """The tensors that own storage under a wrapper subclass (DTensor, funcol's AsyncCollectiveTensor)."""
+    if not is_traceable_wrapper_subclass(tensor):
+        return [tensor]
+    names, _ = tensor.__tensor_flatten__()
+    inner = [getattr(tensor, name) for name in names]
+    return [plain for t in inner if isinstance(t, torch.Tensor) for plain in _plain_tensors(t)]
+
+
 def saved_activation_bytes(module: torch.nn.Module, inputs: torch.Tensor) -> int:
     """Bytes autograd keeps for backward after one forward of ``module``, counting each storage once."""
-    param_storages = {t.untyped_storage().data_ptr() for t in [*module.parameters(), *module.buffers()]}
+    params = [plain for t in [*module.parameters(), *module.buffers()] for plain in _plain_tensors(t)]
+    param_storages = {t.untyped_storage().data_ptr() for t in params}
     storages: dict[int, int] = {}
 
     def pack(tensor: torch.Tensor) -> torch.Tensor:
-        storage = tensor.untyped_storage()
-        if storage.data_ptr() not in param_storages:
-            storages[storage.data_ptr()] = storage.nbytes()
+        for plain in _plain_tensors(tensor):
+            storage = plain.untyped_storage()
+            if storage.data_ptr() not in param_storages:
+                storages[storage.data_ptr()] = storage.nbytes()
         return tensor
 
     with torch.autograd.graph.saved_tensors_hooks(pack, lambda tensor: tensor):

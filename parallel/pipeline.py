@@ -331,7 +331,7 @@ class Pipeline:
         the mean loss on the rank holding the last stage, else None.
 
         Not torch's ``schedule.eval``: its zero-bubble and V schedules still run their backward actions and fail
-        without a backward. Evaluation needs no overlap, so the plain chain is exact for every schedule."""
+        without a backward (seen with zbv). Evaluation needs no overlap, so the plain chain is exact for every schedule."""
         self._check_batch(tokens, targets)
         group = self.stages[0].group
         me, owners = dist.get_rank(group), self.layout.owners
@@ -378,10 +378,10 @@ def _stage_io_examples(stage_id: int, n_stages: int, microbatch_shape: tuple[int
 
 def _owning(loss_fn: Callable[[torch.Tensor, torch.Tensor], torch.Tensor]):
     """Zero-bubble schedules detach the loss in place after the input backward, which fails on a view (a
-    vocabulary-parallel loss is one: ``DTensor.full_tensor`` of a replicated scalar aliases its local tensor)."""
+    vocabulary-parallel loss is one: ``DTensor.full_tensor`` of a replicated scalar aliases its local tensor).
+    Cloning a scalar costs nothing, so every loss gets its own storage."""
     def loss(logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
-        value = loss_fn(logits, targets)
-        return value.clone() if value._is_view() else value
+        return loss_fn(logits, targets).clone()
     return loss
 
 

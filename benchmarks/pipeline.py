@@ -2,18 +2,23 @@
 
 For every schedule at pp=2 and pp=4 (one gloo process per rank), on a small Llama:
 
-- bubble = waiting / step time on each rank (``Pipeline.last_step_timing``: time outside the stages'
-  forward/backward), averaged over ranks, median over the measured steps. Theory: (p-1)/(m+p-1) for GPipe and
-  1F1B; (p-1)/(v*m+p-1) for the looped schedules with v stages per rank; zero-bubble schedules aim at ~0.
-- "net of p2p": the theory assumes free transfers, but the raw waiting also holds the gloo send/recv of
-  activations and gradients between stage processes. We measure one transfer of a boundary tensor by ping-pong
-  between neighbouring ranks that both wait for it (no bubble in it), charge each rank that cost for every
-  message crossing its links in a step (sent and received), and subtract; both figures are printed. For 1F1B
-  at pp=2 this is the transfer time on the critical path: the stages have no slack, so between a rank's
-  backward of microbatch i and its forward of i+1 both ranks wait for a gradient and an activation to cross.
-  Elsewhere it is an estimate (it may subtract a transfer that overlapped compute, or miss a chain of transfers
-  filling a deeper pipeline). What remains also holds the schedule's Python bookkeeping between actions (about
-  8 ms per 1F1B step here, measured by timing torch's p2p waits separately).
+- bubble of a rank = 1 - its compute / the step time, where the step runs from a barrier that starts every rank
+  together to the end of the slowest rank (a rank that finishes early idles until the pipeline drains, as in
+  the theory); averaged over ranks, median over the measured steps. Compute is the time inside the stages'
+  forward/backward and the loss (``Pipeline.last_step_timing``). Theory: (p-1)/(m+p-1) for GPipe and 1F1B;
+  (p-1)/(v*m+p-1) for the looped schedules with v stages per rank; zero-bubble schedules aim at ~0.
+- The theory counts only idle time waiting for neighbours and assumes free transfers and no scheduling cost.
+  The raw bubble also holds (a) the schedule's own Python bookkeeping between actions and (b) the gloo send/recv
+  of activations and gradients between the stage processes. Both are measured and printed, and "net" subtracts
+  them. (a) = the rank's step time minus compute minus the time blocked inside torch's p2p waits
+  (``schedules._wait_batch_p2p``, a private function every schedule calls, wrapped here in the benchmark only).
+  (b): right after every step we time one transfer of a boundary tensor by ping-pong between neighbouring ranks
+  that both wait for it (no bubble in it; per step because the machine's load changes it several-fold) and
+  charge each rank that cost for every message crossing its links in the step (sent and received). For 1F1B at
+  pp=2 those are the transfers on the critical path: the stages have no slack, so between a rank's backward of
+  microbatch i and its forward of i+1 both ranks wait for a gradient and an activation to cross. Elsewhere (b)
+  is an estimate (it may subtract a transfer that overlapped compute, or miss a chain of transfers filling a
+  deeper pipeline).
 - peak activation memory per rank = for each local stage, the most microbatches whose activations it held at
   once (counted by the stage) times the bytes autograd saves for one microbatch (measured with
   saved_tensors_hooks, parameters excluded), summed over the rank's stages (an upper bound when there are two).
@@ -23,7 +28,7 @@ compute, so the measured bubble there is a rough figure. ``--dim`` enlarges the 
 grows with dim^2, a transfer with dim, so the share of transfers in the waiting shrinks. ``--tp 2`` makes each
 stage tensor-parallel (world pp x tp).
 
-    python -m benchmarks.pipeline [--microbatches 8] [--steps 3] [--pp 2 4] [--dim 128] [--tp 1]
+    python -m benchmarks.pipeline [--microbatches 8] [--steps 5] [--pp 2 4] [--dim 128] [--tp 1]
         [--schedules 1f1b gpipe]
 """
 from __future__ import annotations
@@ -98,7 +103,7 @@ def link_messages(owners: list[int], pp_rank: int, microbatches: int) -> int:
     return per_microbatch * microbatches
 
 
-def one_way_transfer_s(shape: tuple[int, ...], group, reps: int = 20) -> float:
+def one_way_transfer_s(shape: tuple[int, ...], group, reps: int = 8) -> float:
     """Seconds for one fp32 message of ``shape`` between neighbouring pipeline ranks that both wait for it (half
     a ping-pong round trip, median over ``reps``); the slowest neighbour pair, known to every rank."""
     import torch.distributed as dist
@@ -126,6 +131,28 @@ def one_way_transfer_s(shape: tuple[int, ...], group, reps: int = 20) -> float:
     return slowest.item()
 
 
+class P2PWaitClock:
+    """Seconds this process spends blocked in torch pipelining's p2p waits since the last ``reset``."""
+
+    def __init__(self):
+        from torch.distributed.pipelining import schedules
+
+        self.seconds = 0.0
+        original = schedules._wait_batch_p2p
+
+        def timed(work):
+            start = time.perf_counter()
+            try:
+                return original(work)
+            finally:
+                self.seconds += time.perf_counter() - start
+
+        schedules._wait_batch_p2p = timed
+
+    def reset(self) -> None:
+        self.seconds = 0.0
+
+
 def _measure_rank(rank, world, model, tp, schedules, microbatches, steps):
     import torch.distributed as dist
 
@@ -139,24 +166,36 @@ def _measure_rank(rank, world, model, tp, schedules, microbatches, steps):
     pp_rank = dist.get_rank(pp_group)
     batch_rows = microbatches * MICROBATCH_ROWS
     tokens = torch.randint(0, model["vocab_size"], (batch_rows, SEQ + 1), generator=torch.Generator().manual_seed(0))
-    transfer_s = one_way_transfer_s((MICROBATCH_ROWS, SEQ, model["dim"]), pp_group)
-    results = {"transfer_s": transfer_s}
+    boundary = (MICROBATCH_ROWS, SEQ, model["dim"])
+    clock = P2PWaitClock()
+    results = {}
     for schedule, virtual_stages in schedules:
         pipe = build_pipeline(build_llama(LlamaConfig(**model), seed=0), pp_group, schedule, microbatches,
                               (MICROBATCH_ROWS, SEQ), cross_entropy_loss, virtual_stages=virtual_stages,
                               parallelize_stage=lambda stage: apply_tp(stage, mesh["tp"], False, False))
-        transfers = link_messages(pipe.layout.owners, pp_rank, microbatches) * transfer_s
-        raw, net = [], []
+        messages = link_messages(pipe.layout.owners, pp_rank, microbatches)
+        samples: dict[str, list[float]] = {key: [] for key in ("raw", "bookkeeping", "transfers", "net", "one_way")}
         for step in range(steps + 1):  # step 0 warms up the schedule and the communicators
+            dist.barrier()
+            clock.reset()
             pipe.step(tokens[:, :-1], tokens[:, 1:])
-            timing = pipe.last_step_timing
+            timing, blocked_s = pipe.last_step_timing, clock.seconds
+            step_s = torch.tensor([timing.total_s])
+            dist.all_reduce(step_s, op=dist.ReduceOp.MAX)
+            step_s = step_s.item()
+            one_way_s = one_way_transfer_s(boundary, pp_group)
+            bookkeeping_s = timing.wait_s - blocked_s
+            transfers_s = messages * one_way_s
             if step > 0:
-                raw.append(timing.wait_s / timing.total_s)
-                net.append(max(0.0, timing.wait_s - transfers) / timing.total_s)
+                for key, value in (("raw", step_s - timing.compute_s), ("bookkeeping", bookkeeping_s),
+                                   ("transfers", transfers_s),
+                                   ("net", max(0.0, step_s - timing.compute_s - bookkeeping_s - transfers_s))):
+                    samples[key].append(value / step_s)
+                samples["one_way"].append(one_way_s)
         activation_bytes = sum(held * saved_activation_bytes(stage, _stage_input(stage, model))
                                for held, stage in zip(timing.peak_in_flight, pipe.stage_modules))
-        results[schedule] = dict(raw=statistics.median(raw), net=statistics.median(net), held=timing.peak_in_flight,
-                                 activation_mib=activation_bytes / 2**20)
+        results[schedule] = {key: statistics.median(values) for key, values in samples.items()}
+        results[schedule].update(held=timing.peak_in_flight, activation_mib=activation_bytes / 2**20)
         dist.barrier()
     return results
 
@@ -164,7 +203,7 @@ def _measure_rank(rank, world, model, tp, schedules, microbatches, steps):
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--microbatches", type=int, default=8)
-    parser.add_argument("--steps", type=int, default=3)
+    parser.add_argument("--steps", type=int, default=5)
     parser.add_argument("--pp", type=int, nargs="+", default=[2, 4])
     parser.add_argument("--dim", type=int, default=MODEL["dim"])
     parser.add_argument("--tp", type=int, default=1)
@@ -174,22 +213,23 @@ def main() -> None:
     schedules = [(name, v) for name, v in SCHEDULES if name in args.schedules]
     print(f"model {model}, microbatch {MICROBATCH_ROWS}x{SEQ} tokens, m={args.microbatches}, tp={args.tp}, "
           f"load average before {os.getloadavg()[0]:.1f}\n")
-    print("| pp | tp | schedule | v | bubble raw | bubble net of p2p | theory | raw / theory | net / theory | "
-          "p2p one-way (ms) | microbatches held per rank | peak activations per rank (MiB) |")
-    print("|---|---|---|---|---|---|---|---|---|---|---|---|")
+    print("| pp | tp | schedule | v | bubble raw | bookkeeping | p2p transfers | bubble net | theory | "
+          "raw / theory | net / theory | p2p one-way (ms) | microbatches held per rank | "
+          "peak activations per rank (MiB) |")
+    print("|---|---|---|---|---|---|---|---|---|---|---|---|---|---|")
     for pp in args.pp:
         ranks = run_ranks(pp * args.tp, _measure_rank, model, args.tp, schedules, args.microbatches, args.steps,
                           timeout_s=300)
         for schedule, virtual_stages in schedules:
             rows = [rank[schedule] for rank in ranks]
-            raw = statistics.mean(row["raw"] for row in rows)
-            net = statistics.mean(row["net"] for row in rows)
+            raw, bookkeeping, transfers, net = (statistics.mean(row[key] for row in rows)
+                                                for key in ("raw", "bookkeeping", "transfers", "net"))
             theory = theory_bubble(schedule, pp, args.microbatches, virtual_stages)
             ratios = f"{theory:.3f} | {raw / theory:.2f} | {net / theory:.2f}" if theory else "~0 | - | -"
             held = " / ".join("+".join(map(str, row["held"])) for row in rows)
             memory = " / ".join(f"{row['activation_mib']:.1f}" for row in rows)
-            print(f"| {pp} | {args.tp} | {schedule} | {virtual_stages} | {raw:.3f} | {net:.3f} | {ratios} | "
-                  f"{ranks[0]['transfer_s'] * 1e3:.2f} | {held} | {memory} |")
+            print(f"| {pp} | {args.tp} | {schedule} | {virtual_stages} | {raw:.3f} | {bookkeeping:.3f} | "
+                  f"{transfers:.3f} | {net:.3f} | {ratios} | {rows[0]['one_way'] * 1e3:.2f} | {held} | {memory} |")
     print(f"\nload average after {os.getloadavg()[0]:.1f}")
 
 

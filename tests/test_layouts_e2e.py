@@ -46,7 +46,8 @@ def eval_loss(run_dir: Path) -> float:
     ["parallel.dp=1", "parallel.tp=2", "parallel.cp=2"],
     ["parallel.dp=2", "parallel.tp=2"],
     ["parallel.dp=1", "parallel.pp=2", "parallel.pp_schedule=interleaved_1f1b", "parallel.pp_virtual_stages=2"],
-], ids=["tp2-sp", "cp2-ring", "cp2-ulysses", "tp2xcp2", "dp2xtp2", "pp2-interleaved"])
+    ["parallel.dp=1", "parallel.pp=2", "parallel.cp=2", "parallel.cp_impl=ring"],
+], ids=["tp2-sp", "cp2-ring", "cp2-ulysses", "tp2xcp2", "dp2xtp2", "pp2-interleaved", "pp2xcp2-ring"])
 def test_layouts_train_the_same_loss_curve(reference, tmp_path, layout):
     _, expected = reference
     assert_close_curves(run(tmp_path / "run", *layout), expected, 1e-4)

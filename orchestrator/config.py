@@ -295,7 +295,6 @@ def validate_pipeline(cfg: Config) -> None:
         return
     from parallel.pipeline import validate_pp
 
-    _require(cfg.train.eval_batches == 0, "train.eval_batches: evaluation is not available with parallel.pp > 1")
     _require(not cfg.model.tie_embeddings, "model.tie_embeddings=true: not available with parallel.pp > 1")
     _require(not p.dp_shard, "parallel.dp_shard=true: not available with parallel.pp > 1")
     try:
@@ -319,9 +318,6 @@ def validate_tensor_and_context(cfg: Config) -> None:
             validate_cp(cfg.train.seq_len, cfg.model.n_heads, p.cp, p.cp_impl, p.tp)
     except ValueError as err:
         raise ConfigError(str(err)) from None
-    if p.pp > 1:
-        _require(p.tp == 1 and p.cp == 1, f"parallel.pp={p.pp}: composing pipeline with parallel.tp or parallel.cp "
-                                          f"is not available yet (valid: tp=1 and cp=1 with pp > 1)")
     _require(cfg.sync.name == "ddp" or p.cp == 1,
              f"sync.name={cfg.sync.name}: needs parallel.cp=1 (context-parallel ranks must average gradients every "
              f"step; valid with cp > 1: ddp)")

@@ -6,14 +6,16 @@ parameters and returns the loss where this rank has it (None elsewhere).
 """
 from __future__ import annotations
 
+import contextlib
 from typing import Callable, Iterator, Optional
 
 import torch
 from torch import nn
 from torch.distributed.device_mesh import DeviceMesh
+from torch.distributed.tensor.parallel import loss_parallel
 
 from orchestrator.config import Config
-from parallel.context import apply_cp, shard_sequence
+from parallel.context import apply_cp, bind_sequence_positions, shard_sequence
 from parallel.pipeline import Pipeline, build_pipeline
 from parallel.tensor import apply_tp, loss_context, tp_loss
 from parallel.sync import SyncStrategy
@@ -65,15 +67,29 @@ class WholeModelRunner:
 
 
 class PipelineRunner:
-    """This rank's pipeline stages; gradients of the stages are averaged over the replica group by ``sync``."""
+    """This rank's pipeline stages; gradients of the stages are averaged over the replica group by ``sync``.
 
-    def __init__(self, pipeline: Pipeline, sync: SyncStrategy, pp_group):
+    Stages may be tensor-parallel (each tp rank runs its own copy of the schedule over its pp group, sending its
+    part of the hidden states) and context-parallel (each cp rank feeds its part of every sequence). With
+    vocabulary-sharded logits the whole schedule runs inside ``loss_parallel``: torch computes each microbatch's
+    loss and its backward inside the schedule, so the context must span both."""
+
+    def __init__(self, pipeline: Pipeline, sync: SyncStrategy, pp_group, vocab_sharded: bool = False,
+                 cp_rank: int = 0, cp: int = 1, reports_loss: bool = True):
         self.pipeline = pipeline
         if isinstance(sync, DDPSync):
             sync.use_torch_ddp = False  # torch DDP cannot wrap stages that a schedule drives
         sync.wrap_model(merge_stages(pipeline.stage_modules))
-        self.reports_loss = pipeline.is_last_stage
+        self.reports_loss = pipeline.is_last_stage and reports_loss
         self.pp_group = pp_group
+        self.loss_context = loss_parallel if vocab_sharded else contextlib.nullcontext
+        self.cp_rank, self.cp = cp_rank, cp
+
+    def _local(self, inputs: torch.Tensor, targets: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        if self.cp == 1:
+            return inputs, targets
+        inputs, targets, _ = shard_sequence(inputs, targets, self.cp_rank, self.cp)
+        return inputs, targets
 
     def named_parameters(self) -> Iterator[tuple[str, nn.Parameter]]:
         return self.pipeline.named_parameters()
@@ -82,7 +98,15 @@ class PipelineRunner:
         return self.pipeline.parameters()
 
     def forward_backward(self, inputs: torch.Tensor, targets: torch.Tensor) -> Optional[torch.Tensor]:
-        return self.pipeline.step(inputs, targets)
+        with self.loss_context():
+            loss = self.pipeline.step(*self._local(inputs, targets))
+        return loss if self.reports_loss else None
+
+    @torch.no_grad()
+    def evaluate(self, inputs: torch.Tensor, targets: torch.Tensor) -> Optional[torch.Tensor]:
+        with self.loss_context():
+            loss = self.pipeline.evaluate(*self._local(inputs, targets))
+        return loss if self.reports_loss else None
 
     def step_timing(self) -> dict[str, float]:
         """This rank's split of the last pipeline step: time in its stages' compute vs waiting for neighbours."""
@@ -113,8 +137,20 @@ def build_runner(cfg: Config, mesh: DeviceMesh, coords: dict[str, int], model: n
         apply_tp(model, mesh["tp"], p.sequence_parallel, p.loss_parallel)
         apply_cp(model, mesh["cp"], p.cp_impl)
         return WholeModelRunner(model, sync, coords["cp"], p.cp, reports_loss=coords["tp"] == 0)
+
+    def parallelize_stage(stage: nn.Module) -> nn.Module:
+        apply_tp(stage, mesh["tp"], p.sequence_parallel, p.loss_parallel)
+        bind_sequence_positions(stage, cfg.train.seq_len, coords["cp"], p.cp)
+        return apply_cp(stage, mesh["cp"], p.cp_impl)
+
     per_replica_batch = cfg.train.global_batch_size // p.dp
+    local_seq = cfg.train.seq_len // p.cp
+    # Stages exchange the hidden states each rank holds: with sequence parallelism, its sequence shard.
+    boundary_seq = local_seq // p.tp if p.sequence_parallel else local_seq
     pipeline = build_pipeline(
-        model, mesh["pp"], p.pp_schedule, p.microbatches, (per_replica_batch // p.microbatches, cfg.train.seq_len),
-        loss_fn, virtual_stages=p.pp_virtual_stages, split=list(p.pp_split) if p.pp_split else None)
-    return PipelineRunner(pipeline, sync, mesh["pp"].get_group())
+        model, mesh["pp"], p.pp_schedule, p.microbatches, (per_replica_batch // p.microbatches, local_seq),
+        tp_loss if p.tp > 1 else loss_fn, virtual_stages=p.pp_virtual_stages,
+        split=list(p.pp_split) if p.pp_split else None, parallelize_stage=parallelize_stage,
+        boundary_seq_len=boundary_seq)
+    return PipelineRunner(pipeline, sync, mesh["pp"].get_group(), vocab_sharded=p.tp > 1 and p.loss_parallel,
+                          cp_rank=coords["cp"], cp=p.cp, reports_loss=coords["tp"] == 0)

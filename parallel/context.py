@@ -256,3 +256,21 @@ def apply_cp(model: nn.Module, cp_mesh: DeviceMesh, impl: str, load_balance: boo
     for layer in model.layers.values():
         layer.attention.attention_core = core
     return model
+
+
+def bind_sequence_positions(model: nn.Module, seq_len: int, cp_rank: int, cp: int,
+                            load_balance: bool = True) -> nn.Module:
+    """Make ``model`` (e.g. a pipeline stage, which a schedule calls with hidden states only) default to the
+    absolute positions of this cp rank's part of a ``seq_len`` sequence. Prepended, so sequence parallelism's
+    own position default (parallel/tensor.py) sees them and steps aside. A cp degree of 1 changes nothing."""
+    if cp == 1:
+        return model
+    positions = sequence_positions(seq_len, cp_rank, cp, load_balance)
+
+    def hook(module, args, kwargs):
+        if len(args) > 1 or kwargs.get("positions") is not None:
+            return None
+        return args, {**kwargs, "positions": positions.to(args[0].device)}
+
+    model.register_forward_pre_hook(hook, with_kwargs=True, prepend=True)
+    return model

@@ -271,14 +271,25 @@ class StepTiming:
         return max(0.0, self.total_s - self.compute_s)
 
 
+@dataclass
+class StageLayout:
+    """Where the stages live and what crosses between them, for the forward-only evaluation pass."""
+
+    owners: list[int]  # pipeline-group rank of every stage id
+    boundary_shape: tuple[int, int, int]  # hidden states a stage sends on, for the whole per-replica batch
+    dtype: torch.dtype
+
+
 class Pipeline:
     """This rank's stages and the schedule that runs them. The trainer calls ``step`` on every pipeline rank."""
 
-    def __init__(self, schedule, stages: list[InstrumentedStage], batch_shape: tuple[int, int]):
+    def __init__(self, schedule, stages: list[InstrumentedStage], batch_shape: tuple[int, int],
+                 loss_fn: Callable[[torch.Tensor, torch.Tensor], torch.Tensor], layout: StageLayout):
         self.schedule = schedule
         self.stages = stages
         self.stage_modules: list[nn.Module] = [stage.submod for stage in stages]
         self.batch_shape = batch_shape
+        self.loss_fn, self.layout = loss_fn, layout
         self.is_first_stage = any(stage.is_first for stage in stages)
         self.is_last_stage = any(stage.is_last for stage in stages)
         self.last_step_timing: Optional[StepTiming] = None
@@ -299,9 +310,7 @@ class Pipeline:
         the last reads targets. Returns the full-batch mean loss (detached) on the rank holding the last stage,
         else None.
         """
-        if tuple(tokens.shape) != self.batch_shape or tuple(targets.shape) != self.batch_shape:
-            raise ValueError(f"pipeline batch: tokens {tuple(tokens.shape)} and targets {tuple(targets.shape)} "
-                             f"must both be {self.batch_shape} (static stage shapes)")
+        self._check_batch(tokens, targets)
         for stage in self.stages:
             stage.compute_s, stage.in_flight, stage.peak_in_flight = 0.0, 0, 0
         args = (tokens,) if self.is_first_stage else ()
@@ -316,30 +325,80 @@ class Pipeline:
             return None
         return torch.stack([loss.detach() for loss in losses]).mean()
 
+    @torch.no_grad()
+    def evaluate(self, tokens: torch.Tensor, targets: torch.Tensor) -> Optional[torch.Tensor]:
+        """Forward only, the whole batch stage after stage in stage order, with blocking send/recv between ranks;
+        the mean loss on the rank holding the last stage, else None.
 
-def _stage_io_examples(stage_id: int, n_stages: int, microbatch_shape: tuple[int, int], dim: int, vocab: int,
-                       dtype: torch.dtype, device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
+        Not torch's ``schedule.eval``: its zero-bubble and V schedules still run their backward actions and fail
+        without a backward (seen with zbv). Evaluation needs no overlap, so the plain chain is exact for every schedule."""
+        self._check_batch(tokens, targets)
+        group = self.stages[0].group
+        me, owners = dist.get_rank(group), self.layout.owners
+        by_id = {stage.stage_index: stage.submod for stage in self.stages}
+        hidden = tokens
+        for stage_id in sorted(by_id):
+            if stage_id > 0 and owners[stage_id - 1] != me:
+                hidden = torch.empty(self.layout.boundary_shape, dtype=self.layout.dtype, device=tokens.device)
+                dist.recv(hidden, group=group, group_src=owners[stage_id - 1])
+            hidden = by_id[stage_id](hidden)
+            if stage_id == len(owners) - 1:
+                return self.loss_fn(hidden, targets).detach()
+            if owners[stage_id + 1] != me:
+                dist.send(hidden.contiguous(), group=group, group_dst=owners[stage_id + 1])
+        return None
+
+    def _check_batch(self, tokens: torch.Tensor, targets: torch.Tensor) -> None:
+        if tuple(tokens.shape) != self.batch_shape or tuple(targets.shape) != self.batch_shape:
+            raise ValueError(f"pipeline batch: tokens {tuple(tokens.shape)} and targets {tuple(targets.shape)} "
+                             f"must both be {self.batch_shape} (static stage shapes)")
+
+
+def _stage_io_examples(stage_id: int, n_stages: int, microbatch_shape: tuple[int, int], boundary_seq_len: int,
+                       dim: int, vocab: int, dtype: torch.dtype,
+                       device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
     """Static input/output examples. They must require grad (except token ids), else torch's static path builds
-    no gradient buffers and backward fails with 'grad can be implicitly created only for scalar outputs'."""
+    no gradient buffers and backward fails with 'grad can be implicitly created only for scalar outputs'.
+
+    Only the hidden states between stages are sent, as plain (local) tensors of ``boundary_seq_len`` positions.
+    The last stage's logits are never sent or checked against this example, so it stays a plain tensor even when
+    tensor parallelism returns vocabulary-sharded DTensor logits (a DTensor example would make torch ask for
+    gradient examples too)."""
     mb, seq = microbatch_shape
     if stage_id == 0:
         inputs = torch.empty(mb, seq, dtype=torch.long, device=device)
     else:
-        inputs = torch.empty(mb, seq, dim, dtype=dtype, device=device, requires_grad=True)
-    out_width = vocab if stage_id == n_stages - 1 else dim
-    outputs = torch.empty(mb, seq, out_width, dtype=dtype, device=device, requires_grad=True)
+        inputs = torch.empty(mb, boundary_seq_len, dim, dtype=dtype, device=device, requires_grad=True)
+    if stage_id == n_stages - 1:
+        outputs = torch.empty(mb, seq, vocab, dtype=dtype, device=device, requires_grad=True)
+    else:
+        outputs = torch.empty(mb, boundary_seq_len, dim, dtype=dtype, device=device, requires_grad=True)
     return inputs, outputs
+
+
+def _owning(loss_fn: Callable[[torch.Tensor, torch.Tensor], torch.Tensor]):
+    """Zero-bubble schedules detach the loss in place after the input backward, which fails on a view (a
+    vocabulary-parallel loss is one: ``DTensor.full_tensor`` of a replicated scalar aliases its local tensor).
+    Cloning a scalar costs nothing, so every loss gets its own storage."""
+    def loss(logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
+        return loss_fn(logits, targets).clone()
+    return loss
 
 
 def build_pipeline(model: nn.Module, pp_group, schedule_name: str, microbatches: int,
                    microbatch_shape: tuple[int, int], loss_fn: Callable[[torch.Tensor, torch.Tensor], torch.Tensor],
-                   virtual_stages: int = 1, split: Optional[Sequence[int]] = None) -> Pipeline:
+                   virtual_stages: int = 1, split: Optional[Sequence[int]] = None,
+                   parallelize_stage: Optional[Callable[[nn.Module], nn.Module]] = None,
+                   boundary_seq_len: Optional[int] = None) -> Pipeline:
     """Cut ``model`` into stages, keep this rank's, and wrap them in the named torch schedule.
 
     ``pp_group``: the pipeline process group (or a 1-d DeviceMesh such as ``mesh["pp"]``).
-    ``microbatch_shape``: (sequences per microbatch, sequence length); the per-replica batch is
-    ``microbatches * microbatch_shape[0]`` sequences. ``loss_fn(logits, targets)`` is a mean over one
+    ``microbatch_shape``: (sequences per microbatch, sequence length this rank feeds in); the per-replica batch
+    is ``microbatches * microbatch_shape[0]`` sequences. ``loss_fn(logits, targets)`` is a mean over one
     microbatch. ``split``: explicit cut points (``parallel.pp_split``), else cost-balanced.
+    ``parallelize_stage``: applied to each stage module after the split (tensor/context parallelism), in place
+    or returning the module to run. ``boundary_seq_len``: positions of the hidden states a stage sends on
+    (default: the microbatch sequence length; sequence parallelism sends only its sequence shard).
     """
     if isinstance(pp_group, DeviceMesh):
         pp_group = pp_group.get_group()
@@ -351,17 +410,26 @@ def build_pipeline(model: nn.Module, pp_group, schedule_name: str, microbatches:
     n_stages = pp * virtual_stages
     cuts = split_points(model, n_stages, explicit=split)
     stage_ids = build_stage_ids(schedule_name, pp_rank, pp, virtual_stages)
+    owners = [0] * n_stages
+    for rank in range(pp):
+        for stage_id in build_stage_ids(schedule_name, rank, pp, virtual_stages):
+            owners[stage_id] = rank
     param = next(model.parameters())
     stages = []
+    boundary_seq_len = boundary_seq_len or microbatch_shape[1]
     for stage_id, module in zip(stage_ids, build_stage_modules(model, stage_ids, cuts)):
-        inputs, outputs = _stage_io_examples(stage_id, n_stages, microbatch_shape, cfg.dim, cfg.vocab_size,
-                                             param.dtype, param.device)
+        if parallelize_stage is not None:
+            module = parallelize_stage(module)
+        inputs, outputs = _stage_io_examples(stage_id, n_stages, microbatch_shape, boundary_seq_len, cfg.dim,
+                                             cfg.vocab_size, param.dtype, param.device)
         stages.append(InstrumentedStage(module, stage_id, n_stages, param.device, input_args=inputs,
                                         output_args=outputs, group=pp_group))
     schedule_cls = PIPELINE_SCHEDULES[schedule_name]
     stage_arg = stages[0] if schedule_name in SINGLE_STAGE_SCHEDULES else stages
     # The schedule computes the loss outside the stage's forward; count it as the last stage's compute.
     last_stage = next((stage for stage in stages if stage.is_last), stages[-1])
-    timed_loss_fn = functools.partial(last_stage.run_timed, loss_fn)
+    timed_loss_fn = functools.partial(last_stage.run_timed, _owning(loss_fn))
     schedule = schedule_cls(stage_arg, n_microbatches=microbatches, loss_fn=timed_loss_fn, scale_grads=True)
-    return Pipeline(schedule, stages, (microbatches * microbatch_shape[0], microbatch_shape[1]))
+    batch = microbatches * microbatch_shape[0]
+    layout = StageLayout(owners, (batch, boundary_seq_len, cfg.dim), param.dtype)
+    return Pipeline(schedule, stages, (batch, microbatch_shape[1]), loss_fn, layout)

@@ -38,3 +38,11 @@ def test_every_packaged_recipe_composes_and_validates():
     for name in packaged_recipes():
         cfg = compose_config([f"recipe={name}"])
         assert cfg.run.name == name and cfg.world_size * cfg.cluster.cpus_per_worker <= 2
+
+
+def test_pipeline_composes_with_tensor_context_and_evaluation():
+    cfg = compose_config(["recipe=quickstart", "parallel.dp=1", "parallel.pp=2", "parallel.tp=2", "parallel.cp=2",
+                          "parallel.sequence_parallel=true", "train.eval_batches=2"])
+    assert cfg.world_size == 8
+    with pytest.raises(ConfigError, match="parallel.pp with parallel.tp: needs sync.name=ddp"):
+        compose_config(["recipe=quickstart", "parallel.dp=1", "parallel.pp=2", "parallel.tp=2", "sync.name=diloco"])

@@ -30,7 +30,12 @@ def assert_close_curves(actual: dict[int, float], expected: dict[int, float], to
 @pytest.fixture(scope="module")
 def reference(tmp_path_factory):
     run_dir = tmp_path_factory.mktemp("reference")
-    return run_dir, run(run_dir, "parallel.dp=2")
+    return run_dir, run(run_dir, "parallel.dp=2", "train.eval_batches=2")
+
+
+def eval_loss(run_dir: Path) -> float:
+    records = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
+    return next(r["eval_loss"] for r in records if "eval_loss" in r)
 
 
 @pytest.mark.slow
@@ -41,10 +46,27 @@ def reference(tmp_path_factory):
     ["parallel.dp=1", "parallel.tp=2", "parallel.cp=2"],
     ["parallel.dp=2", "parallel.tp=2"],
     ["parallel.dp=1", "parallel.pp=2", "parallel.pp_schedule=interleaved_1f1b", "parallel.pp_virtual_stages=2"],
-], ids=["tp2-sp", "cp2-ring", "cp2-ulysses", "tp2xcp2", "dp2xtp2", "pp2-interleaved"])
+    ["parallel.dp=1", "parallel.pp=2", "parallel.cp=2", "parallel.cp_impl=ring"],
+], ids=["tp2-sp", "cp2-ring", "cp2-ulysses", "tp2xcp2", "dp2xtp2", "pp2-interleaved", "pp2xcp2-ring"])
 def test_layouts_train_the_same_loss_curve(reference, tmp_path, layout):
     _, expected = reference
     assert_close_curves(run(tmp_path / "run", *layout), expected, 1e-4)
+
+
+@pytest.mark.slow
+def test_pp2_tp2_trains_evaluates_and_resumes_elsewhere(reference, tmp_path):
+    """3-D layout pp x tp with sequence parallelism: the loss curve and the held-out loss of the dp=2 run, and
+    its checkpoint continues the same curve on a single worker."""
+    ref_dir, expected = reference
+    run_dir = tmp_path / "pp2xtp2"
+    curve = run(run_dir, "parallel.dp=1", "parallel.pp=2", "parallel.tp=2", "parallel.sequence_parallel=true",
+                "train.eval_batches=2")
+    assert_close_curves(curve, expected, 1e-4)
+    assert abs(eval_loss(run_dir) - eval_loss(ref_dir)) <= 1e-4
+    resumed = run(tmp_path / "resumed", f"ckpt={run_dir / 'checkpoints' / 'step-000000000010'}", "parallel.dp=1",
+                  command="resume")
+    assert sorted(resumed) == list(range(11, STEPS + 1))
+    assert_close_curves(resumed, expected, 1e-4)
 
 
 @pytest.mark.slow
@@ -59,7 +81,9 @@ def test_resume_same_layout_is_bit_identical(reference, tmp_path):
 
 @pytest.mark.slow
 @pytest.mark.parametrize("layout", [["parallel.dp=1"], ["parallel.dp=1", "parallel.tp=2"],
-                                    ["parallel.dp=1", "parallel.pp=2"]], ids=["dp1", "tp2", "pp2"])
+                                    ["parallel.dp=1", "parallel.pp=2"],
+                                    ["parallel.dp=1", "parallel.pp=2", "parallel.tp=2"]],
+                         ids=["dp1", "tp2", "pp2", "pp2xtp2"])
 def test_resume_on_another_layout_continues_the_curve(reference, tmp_path, layout):
     run_dir, expected = reference
     resumed = run(tmp_path / "resumed", f"ckpt={run_dir / 'checkpoints' / 'step-000000000010'}", *layout,

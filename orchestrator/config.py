@@ -16,6 +16,7 @@ from parallel.sync.diloco import DiLoCoConfig
 from parallel.sync.noloco import NoLoCoConfig
 from parallel.sync.onebit_adam import OneBitAdamConfig
 from parallel.sync.streaming_diloco import StreamingDiLoCoConfig
+from parallel.sync.zero_one_adam import ZeroOneAdamConfig
 
 
 class ConfigError(ValueError):
@@ -100,6 +101,7 @@ class SyncConfig:
     streaming_diloco: StreamingDiLoCoConfig = field(default_factory=StreamingDiLoCoConfig)
     noloco: NoLoCoConfig = field(default_factory=NoLoCoConfig)
     onebit_adam: OneBitAdamConfig = field(default_factory=OneBitAdamConfig)
+    zero_one_adam: ZeroOneAdamConfig = field(default_factory=ZeroOneAdamConfig)
 
     def options(self) -> dict:
         """The chosen strategy's hyper-parameters as plain values (empty for ddp)."""
@@ -189,7 +191,7 @@ CHOICES = {
     "data.source": ("stdlib", "path"),
     "optim.name": ("adamw",),
     "optim.schedule": ("cosine", "constant"),
-    "sync.name": ("ddp", "diloco", "streaming_diloco", "noloco", "onebit_adam"),
+    "sync.name": ("ddp", "diloco", "streaming_diloco", "noloco", "onebit_adam", "zero_one_adam"),
     "fault.kind": ("process",),
 }
 

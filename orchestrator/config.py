@@ -287,9 +287,6 @@ def validate_tensor_and_context(cfg: Config) -> None:
     if p.pp > 1:
         _require(p.tp == 1 and p.cp == 1, f"parallel.pp={p.pp}: composing pipeline with parallel.tp or parallel.cp "
                                           f"is not available yet (valid: tp=1 and cp=1 with pp > 1)")
-    _require(cfg.sync.name == "ddp" or p.cp == 1,
-             f"sync.name={cfg.sync.name}: needs parallel.cp=1 (context-parallel ranks must average gradients every "
-             f"step; valid with cp > 1: ddp)")
     _require(cfg.sync.name == "ddp" or p.pp == 1 or p.tp == 1, "parallel.pp with parallel.tp: needs sync.name=ddp")
     _require(not (p.dp_shard and (p.tp > 1 or p.cp > 1)),
              "parallel.dp_shard=true: not available with parallel.tp > 1 or parallel.cp > 1 yet")

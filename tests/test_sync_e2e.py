@@ -34,10 +34,13 @@ def _comm_bytes(run_dir) -> list[int]:
 @pytest.mark.slow
 def test_diloco_with_context_parallel_follows_the_cp1_curve(tmp_path):
     """dp=2 x cp=2: the cp ranks average gradients every step, DiLoCo averages pseudo-gradients across dp only,
-    and the cp all-reduce is not in comm_bytes (the same bytes as dp=2 x cp=1)."""
+    the cp all-reduce is not in comm_bytes (the same bytes as dp=2 x cp=1), and a resume is bit-identical."""
     overrides = ["sync.name=diloco", "sync.diloco.sync_every=4"]
     expected = run(tmp_path / "cp1", *overrides)
     actual = run(tmp_path / "cp2", "parallel.cp=2", *overrides)
     assert_close_curves(actual, expected, 1e-4)
     assert actual.keys() == expected.keys()
     assert _comm_bytes(tmp_path / "cp2") == _comm_bytes(tmp_path / "cp1") and _comm_bytes(tmp_path / "cp1")[-1] > 0
+    resumed = run(tmp_path / "resumed", f"ckpt={tmp_path / 'cp2' / 'checkpoints' / 'step-000000000010'}",
+                  command="resume")
+    assert resumed == {s: actual[s] for s in range(11, 21)}

@@ -1,24 +1,34 @@
-"""Low-communication sync strategies vs DDP on the toy task of shared/specs/lowcomm.md section 5, as markdown.
+"""Low-communication sync strategies vs DDP: final eval loss and bytes on the wire, as markdown tables.
 
-Teacher-student 10-class classification (32-dim inputs; student MLP 32-128-10), W workers (default 4), batch 64
-per worker, AdamW lr 3e-3 without weight decay as the inner/base optimizer, the same data stream for every run.
-Reported per run: final eval cross-entropy on 4096 held-out samples (averaged over replicas: NoLoCo's differ;
-Streaming DiLoCo is evaluated on its outer parameters), its ratio to DDP, and the bytes rank 0 sent in total and
-in its largest single sync, relative to DDP. The gates are the spec's suggested ones (one seed: calibrate first).
+Two tasks, every run on the same model init, data stream, steps and W workers (default 4):
 
-    .venv/bin/python -m benchmarks.lowcomm [--steps 1500] [--workers 4]
+``toy``: the spec's section 5 protocol (shared/specs/lowcomm.md): teacher-student 10-class classification
+    (32-dim inputs; teacher 32-64-10 tanh MLP, labels its argmax; student MLP 32-128-10), batch 64 per worker,
+    1500 steps, AdamW lr 3e-3 without weight decay or schedule; eval on 4096 held-out samples.
+``llama``: the product: our Llama (dim 64, 4 layers, 4 heads, 2 kv heads) on byte-level stdlib text, sequence 64,
+    batch 8 per worker, the trainer's AdamW (lr 3e-3, betas 0.9/0.95, wd 0.1 on matrices, 5 warmup steps then
+    cosine to 0.1x) with grad clipping 1.0; eval on 32 held-out windows.
+
+Reported per run: final eval cross-entropy (averaged over replicas: NoLoCo's differ; Streaming DiLoCo is evaluated
+on its outer parameters; 0/1 Adam's replicas may be between syncs), its ratio to DDP, the bytes rank 0 sent in
+total and in its largest single sync relative to DDP (1-bit Adam: also per step of its compressed phase), and the
+spec's section 5 gates (loss gates for H <= 50). 0/1 Adam (no gate in the spec) freezes v after 20% of the steps
+and doubles its local-step interval every 10% of the steps (1, 2, 4, 8, 16).
+
+    .venv/bin/python -m benchmarks.lowcomm [--task toy|llama|both] [--steps N] [--workers 4]
 """
 from __future__ import annotations
 
 import argparse
 from dataclasses import dataclass, field
+from typing import Callable, Optional
 
 import torch
 from torch import nn
 
 from tests.distributed import run_ranks
 
-INPUTS, HIDDEN, CLASSES, BATCH, LR = 32, 128, 10, 64, 3e-3
+DDP, SINGLE, TWIN = "DDP AdamW", "single worker", "uncompressed twin (no-bias-correction Adam)"
 
 
 @dataclass
@@ -27,116 +37,220 @@ class Run:
     sync: str  # a parallel.sync.STRATEGIES name
     options: dict = field(default_factory=dict)
     single_worker: bool = False
+    loss_gate: Optional[tuple[str, float]] = None  # (reference run, max ratio)
+    beat_single: bool = False
+    max_bytes_ratio: Optional[float] = None  # of total bytes (or per compressed step) vs DDP
+    phase_start: Optional[int] = None  # count bytes from this step on (1-bit Adam's compressed phase)
 
 
-def runs(steps: int) -> list[Run]:
+def runs(steps: int, layers_per_fragment: int) -> list[Run]:
+    freeze = max(1, steps // 5)
+    loss = dict(loss_gate=(DDP, 1.10), beat_single=True)
+    streaming = dict(layers_per_fragment=layers_per_fragment, quant_block=64)
     return [
-        Run("DDP AdamW", "ddp"),
-        Run("single worker", "ddp", single_worker=True),
-        Run("DiLoCo H=10", "diloco", dict(sync_every=10)),
-        Run("DiLoCo H=50", "diloco", dict(sync_every=50)),
+        Run(DDP, "ddp"),
+        Run(SINGLE, "ddp", single_worker=True),
+        Run("DiLoCo H=10", "diloco", dict(sync_every=10), **loss),
+        Run("DiLoCo H=50", "diloco", dict(sync_every=50), **loss),
+        Run("DiLoCo H=100", "diloco", dict(sync_every=100), max_bytes_ratio=1 / 100),
         Run("FedAvg H=50", "diloco", dict(sync_every=50, outer_lr=1.0, outer_momentum=0.0, nesterov=False)),
-        Run("Streaming DiLoCo H=50 P=2 tau=1 e3m0", "streaming_diloco",
-            dict(sync_every=50, outer_lr=0.7, layers_per_fragment=1, quant_block=64)),
-        Run("NoLoCo H=10", "noloco", dict(sync_every=10)),
-        Run("NoLoCo H=50", "noloco", dict(sync_every=50)),
-        Run("1-bit Adam T_w=20%", "onebit_adam", dict(freeze_step=max(1, steps // 5))),
-        Run("uncompressed twin (no-bias-correction Adam)", "onebit_adam", dict(freeze_step=steps + 1)),
+        Run("Streaming DiLoCo H=50 tau=1 e3m0", "streaming_diloco", dict(sync_every=50, **streaming), **loss),
+        Run("Streaming DiLoCo H=100 tau=1 e3m0", "streaming_diloco", dict(sync_every=100, **streaming),
+            max_bytes_ratio=1 / 400),
+        Run("NoLoCo H=10", "noloco", dict(sync_every=10), loss_gate=(DDP, 1.25), beat_single=True),
+        Run("NoLoCo H=50", "noloco", dict(sync_every=50), loss_gate=(DDP, 1.25), beat_single=True),
+        Run("1-bit Adam T_w=20%", "onebit_adam", dict(freeze_step=freeze), loss_gate=(TWIN, 1.05),
+            max_bytes_ratio=1 / 30, phase_start=freeze),
+        Run(TWIN, "onebit_adam", dict(freeze_step=steps + 1)),
+        Run("0/1 Adam T_v=20%", "zero_one_adam", dict(var_freeze_step=freeze, local_step_scaler=max(1, steps // 10))),
     ]
 
 
-class Student(nn.Module):
-    """32-128-10 MLP; blocks are named ``layers.<i>`` so Streaming DiLoCo can fragment them."""
+class ToyTask:
+    INPUTS, HIDDEN, CLASSES, BATCH, LR = 32, 128, 10, 64, 3e-3
+    layers_per_fragment = 1  # 2 blocks -> 2 fragments
 
-    def __init__(self):
-        super().__init__()
+    def __init__(self, rank: int, world: int):
+        torch.manual_seed(1234)
+        self.teacher = nn.Sequential(nn.Linear(self.INPUTS, 64), nn.Tanh(),
+                                     nn.Linear(64, self.CLASSES)).requires_grad_(False)
+        self.eval_set = self._samples(4096, torch.Generator().manual_seed(99))
+        self.rank = rank
+
+    def _samples(self, count: int, generator: torch.Generator):
+        x = torch.randn(count, self.INPUTS, generator=generator)
+        return x, self.teacher(x).argmax(-1)
+
+    def model(self) -> nn.Module:
+        """32-128-10 MLP; blocks are named ``layers.<i>`` so Streaming DiLoCo can fragment them."""
         torch.manual_seed(0)
-        self.layers = nn.ModuleDict({"0": nn.Linear(INPUTS, HIDDEN), "1": nn.Linear(HIDDEN, CLASSES)})
+        return _Student(nn.ModuleDict({"0": nn.Linear(self.INPUTS, self.HIDDEN),
+                                       "1": nn.Linear(self.HIDDEN, self.CLASSES)}))
+
+    def optimizer(self, model: nn.Module):
+        return lambda params: torch.optim.AdamW(params, lr=self.LR, weight_decay=0.0), None
+
+    def batches(self) -> Callable[[], tuple]:
+        generator = torch.Generator().manual_seed(self.rank)
+        return lambda: self._samples(self.BATCH, generator)
+
+    def loss(self, output, target):
+        return nn.functional.cross_entropy(output, target)
+
+    def evaluate(self, model: nn.Module, params: dict) -> float:
+        logits = torch.func.functional_call(model, params, (self.eval_set[0],))
+        return self.loss(logits, self.eval_set[1]).item()
+
+
+class _Student(nn.Module):
+    def __init__(self, layers: nn.ModuleDict):
+        super().__init__()
+        self.layers = layers
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.layers["1"](torch.relu(self.layers["0"](x)))
 
 
-def teacher() -> nn.Module:
-    torch.manual_seed(1234)
-    net = nn.Sequential(nn.Linear(INPUTS, 64), nn.Tanh(), nn.Linear(64, CLASSES))
-    return net.requires_grad_(False)
+class LlamaTask:
+    SEQ, BATCH, EVAL_WINDOWS = 64, 8, 32
+    layers_per_fragment = 2  # 4 blocks -> 2 block fragments + the non-block fragment
+
+    def __init__(self, rank: int, world: int, steps: int):
+        from orchestrator.config import OptimConfig
+        from orchestrator.data import WindowedTokens, load_tokens
+        from orchestrator.models import LlamaConfig
+
+        self.rank, self.world, self.steps = rank, world, steps
+        self.model_config = LlamaConfig(dim=64, n_layers=4, n_heads=4, n_kv_heads=2, max_seq_len=self.SEQ)
+        self.optim = OptimConfig()
+        self.data = WindowedTokens(load_tokens("stdlib", None, 2_000_000), self.SEQ, 0.02)
+        ids = torch.arange(self.data.n_train, self.data.n_train + self.EVAL_WINDOWS).numpy()
+        self.eval_set = self.data.batch(ids)
+
+    def model(self) -> nn.Module:
+        from orchestrator.models import build_llama
+
+        return build_llama(self.model_config, seed=0)
+
+    def optimizer(self, model: nn.Module):
+        from orchestrator.trainer import build_lr_scheduler, build_optimizer
+
+        return (lambda _params: build_optimizer(self.optim, model),
+                lambda optimizer: build_lr_scheduler(self.optim, self.steps, optimizer))
+
+    def batches(self) -> Callable[[], tuple]:
+        from orchestrator.data import ResumableSampler
+
+        sampler = ResumableSampler(self.data.n_train, self.BATCH * self.world, self.rank, self.world, seed=0)
+        return lambda: self.data.batch(sampler.next_window_ids())
+
+    def loss(self, output, target):
+        from orchestrator.models import cross_entropy_loss
+
+        return cross_entropy_loss(output, target)
+
+    def evaluate(self, model: nn.Module, params: dict) -> float:
+        logits = torch.func.functional_call(model, params, (self.eval_set[0],))
+        return self.loss(logits, self.eval_set[1]).item()
 
 
-def samples(net: nn.Module, count: int, generator: torch.Generator) -> tuple[torch.Tensor, torch.Tensor]:
-    x = torch.randn(count, INPUTS, generator=generator)
-    return x, net(x).argmax(-1)
+GRAD_CLIP = {"toy": 0.0, "llama": 1.0}
 
 
-def _train(run: Run, steps: int, rank: int, net: nn.Module, eval_set) -> dict:
+def _train(run: Run, task, task_name: str, steps: int, rank: int) -> dict:
     import torch.distributed as dist
 
+    from orchestrator.trainer import clip_grad_norm_
     from parallel.sync import build_sync
 
     singletons = [dist.new_group([r]) for r in range(dist.get_world_size())] if run.single_worker else None
     group = singletons[rank] if run.single_worker else dist.group.WORLD
-    model = Student()
+    model = task.model()
     sync = build_sync(run.sync, group, options=run.options)
     wrapped = sync.wrap_model(model)
-    optimizer = sync.build_optimizer(model.parameters(),
-                                     lambda params: torch.optim.AdamW(params, lr=LR, weight_decay=0.0))
-    generator = torch.Generator().manual_seed(rank)
+    build_default, build_scheduler = task.optimizer(model)
+    optimizer = sync.build_optimizer(model.parameters(), build_default)
+    scheduler = build_scheduler(optimizer) if build_scheduler else None
+    next_batch = task.batches()
+    phase_bytes = 0
     for step in range(steps):
-        x, y = samples(net, BATCH, generator)
+        if step == run.phase_start:
+            phase_bytes = sync.counter.total
+        x, y = next_batch()
         optimizer.zero_grad()
-        nn.functional.cross_entropy(wrapped(x), y).backward()
+        task.loss(wrapped(x), y).backward()
         sync.before_optimizer(step)
+        if GRAD_CLIP[task_name]:
+            clip_grad_norm_(model.parameters(), GRAD_CLIP[task_name])
         optimizer.step()
+        if scheduler is not None:
+            scheduler.step()
         sync.after_optimizer(step)
     if hasattr(sync, "wait_for_exchanges"):
         sync.wait_for_exchanges()
     params = sync.outer_parameters() if run.sync == "streaming_diloco" else dict(model.named_parameters())
     with torch.no_grad():
-        logits = torch.func.functional_call(model, params, (eval_set[0],))
-        loss = nn.functional.cross_entropy(logits, eval_set[1]).item()
-    return {"loss": loss, "total": sync.counter.total, "peak": sync.counter.peak}
+        loss = task.evaluate(model, params)
+    phase_steps = steps - (run.phase_start or 0)
+    return {"loss": loss, "total": sync.counter.total, "peak": sync.counter.peak,
+            "per_step": (sync.counter.total - phase_bytes) / phase_steps}
 
 
-def _worker(rank: int, world: int, steps: int) -> list[dict]:
+def _worker(rank: int, world: int, task_name: str, steps: int) -> list[dict]:
     torch.manual_seed(0)
-    net = teacher()
-    eval_set = samples(net, 4096, torch.Generator().manual_seed(99))
-    return [_train(run, steps, rank, net, eval_set) for run in runs(steps)]
+    task = ToyTask(rank, world) if task_name == "toy" else LlamaTask(rank, world, steps)
+    return [_train(run, task, task_name, steps, rank) for run in runs(steps, task.layers_per_fragment)]
 
 
-def _gates(losses: dict[str, float], single: float, ddp: float) -> dict[str, tuple[str, bool]]:
-    gates = {}
-    for name, loss in losses.items():
-        if name.startswith(("DiLoCo", "Streaming")):
-            gates[name] = ("<= 1.10x DDP and < single", loss <= 1.10 * ddp and loss < single)
-        elif name.startswith("NoLoCo"):
-            gates[name] = ("<= 1.25x DDP and < single", loss <= 1.25 * ddp and loss < single)
-    twin = losses["uncompressed twin (no-bias-correction Adam)"]
-    gates["1-bit Adam T_w=20%"] = ("<= 1.05x uncompressed twin", losses["1-bit Adam T_w=20%"] <= 1.05 * twin)
-    gates["FedAvg H=50"] = ("(soft) DiLoCo H=50 < FedAvg", losses["DiLoCo H=50"] < losses["FedAvg H=50"])
-    return gates
+def _verdicts(run: Run, losses: dict[str, float], bytes_ratio: float) -> tuple[str, str]:
+    checks = []
+    if run.loss_gate:
+        reference, factor = run.loss_gate
+        ok = losses[run.name] <= factor * losses[reference]
+        label = f"CE <= {factor:.2f}x {'DDP' if reference == DDP else 'twin'}"
+        if run.beat_single:
+            ok, label = ok and losses[run.name] < losses[SINGLE], label + " and < single"
+        checks.append((label, ok))
+    if run.max_bytes_ratio:
+        what = "bytes/step compressed" if run.phase_start is not None else "bytes"
+        checks.append((f"{what} <= 1/{round(1 / run.max_bytes_ratio)} DDP", bytes_ratio <= run.max_bytes_ratio))
+    if run.name == "FedAvg H=50":
+        checks.append(("(soft) DiLoCo H=50 < FedAvg", losses["DiLoCo H=50"] < losses[run.name]))
+    return "; ".join(label for label, _ in checks), " ".join("yes" if ok else "NO" for _, ok in checks)
+
+
+def report(task_name: str, workers: int, steps: int, per_rank: list[list[dict]], layers_per_fragment: int) -> None:
+    table = runs(steps, layers_per_fragment)
+    losses = {run.name: sum(r[i]["loss"] for r in per_rank) / workers for i, run in enumerate(table)}
+    rank0 = {run.name: per_rank[0][i] for i, run in enumerate(table)}
+    ddp = rank0[DDP]
+    print(f"\n{task_name}: {workers} workers, {steps} steps\n")
+    print("| run | eval CE | CE / DDP | total bytes / DDP | peak bytes / DDP | gate | pass |")
+    print("|---|---|---|---|---|---|---|")
+    for run in table:
+        row = rank0[run.name]
+        total = row["total"] / ddp["total"]
+        bytes_ratio = row["per_step"] / ddp["per_step"] if run.phase_start is not None else total
+        shown = f"{total:.4f}" + (f" ({bytes_ratio:.4f}/step compressed)" if run.phase_start is not None else "")
+        gate, verdict = _verdicts(run, losses, bytes_ratio)
+        print(f"| {run.name} | {losses[run.name]:.3f} | {losses[run.name] / losses[DDP]:.3f} | {shown} | "
+              f"{row['peak'] / ddp['peak']:.4f} | {gate} | {verdict} |")
+
+
+DEFAULT_STEPS = {"toy": 1500, "llama": 200}
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--steps", type=int, default=1500)
+    parser.add_argument("--task", choices=("toy", "llama", "both"), default="both")
+    parser.add_argument("--steps", type=int, default=None, help="default: 1500 (toy), 200 (llama)")
     parser.add_argument("--workers", type=int, default=4)
     args = parser.parse_args()
-    per_rank = run_ranks(args.workers, _worker, args.steps, timeout_s=600)
-    names = [run.name for run in runs(args.steps)]
-    losses = {name: sum(r[i]["loss"] for r in per_rank) / args.workers for i, name in enumerate(names)}
-    rank0 = dict(zip(names, per_rank[0]))
-    ddp = rank0["DDP AdamW"]
-    gates = _gates(losses, losses["single worker"], losses["DDP AdamW"])
-    print(f"{args.workers} workers, {args.steps} steps, batch {BATCH} per worker\n")
-    print("| run | eval CE | CE / DDP | total bytes / DDP | peak bytes / DDP | gate | pass |")
-    print("|---|---|---|---|---|---|---|")
-    for name in names:
-        gate, passed = gates.get(name, ("", None))
-        verdict = "" if passed is None else ("yes" if passed else "NO")
-        print(f"| {name} | {losses[name]:.3f} | {losses[name] / losses['DDP AdamW']:.3f} | "
-              f"{rank0[name]['total'] / ddp['total']:.4f} | {rank0[name]['peak'] / ddp['peak']:.4f} | "
-              f"{gate} | {verdict} |")
+    for task_name in (("toy", "llama") if args.task == "both" else (args.task,)):
+        steps = args.steps or DEFAULT_STEPS[task_name]
+        per_rank = run_ranks(args.workers, _worker, task_name, steps, timeout_s=900)
+        fragments = ToyTask.layers_per_fragment if task_name == "toy" else LlamaTask.layers_per_fragment
+        report(task_name, args.workers, steps, per_rank, fragments)
 
 
 if __name__ == "__main__":

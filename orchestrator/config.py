@@ -16,6 +16,7 @@ from parallel.sync.diloco import DiLoCoConfig
 from parallel.sync.noloco import NoLoCoConfig
 from parallel.sync.onebit_adam import OneBitAdamConfig
 from parallel.sync.streaming_diloco import StreamingDiLoCoConfig
+from parallel.sync.zero_one_adam import ZeroOneAdamConfig
 
 
 class ConfigError(ValueError):
@@ -100,6 +101,7 @@ class SyncConfig:
     streaming_diloco: StreamingDiLoCoConfig = field(default_factory=StreamingDiLoCoConfig)
     noloco: NoLoCoConfig = field(default_factory=NoLoCoConfig)
     onebit_adam: OneBitAdamConfig = field(default_factory=OneBitAdamConfig)
+    zero_one_adam: ZeroOneAdamConfig = field(default_factory=ZeroOneAdamConfig)
 
     def options(self) -> dict:
         """The chosen strategy's hyper-parameters as plain values (empty for ddp)."""
@@ -211,7 +213,7 @@ CHOICES = {
     "data.source": ("stdlib", "path"),
     "optim.name": ("adamw",),
     "optim.schedule": ("cosine", "constant"),
-    "sync.name": ("ddp", "diloco", "streaming_diloco", "noloco", "onebit_adam"),
+    "sync.name": ("ddp", "diloco", "streaming_diloco", "noloco", "onebit_adam", "zero_one_adam"),
 }
 
 
@@ -318,9 +320,6 @@ def validate_tensor_and_context(cfg: Config) -> None:
             validate_cp(cfg.train.seq_len, cfg.model.n_heads, p.cp, p.cp_impl, p.tp)
     except ValueError as err:
         raise ConfigError(str(err)) from None
-    _require(cfg.sync.name == "ddp" or p.cp == 1,
-             f"sync.name={cfg.sync.name}: needs parallel.cp=1 (context-parallel ranks must average gradients every "
-             f"step; valid with cp > 1: ddp)")
     _require(cfg.sync.name == "ddp" or p.pp == 1 or p.tp == 1, "parallel.pp with parallel.tp: needs sync.name=ddp")
     _require(not (p.dp_shard and (p.tp > 1 or p.cp > 1)),
              "parallel.dp_shard=true: not available with parallel.tp > 1 or parallel.cp > 1 yet")

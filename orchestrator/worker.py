@@ -22,6 +22,7 @@ from orchestrator.trainer import StepMetrics, Trainer, build_lr_scheduler, build
 from parallel.comm import CommCounter
 from parallel.mesh import build_mesh, replica_mesh
 from parallel.sync import SyncStrategy, build_sync
+from parallel.sync.context_mean import ContextMeanSync
 from parallel.sync.fsdp import FSDPSync
 
 
@@ -35,10 +36,14 @@ def build_data(cfg: Config) -> WindowedTokens:
 
 
 def build_sync_strategy(cfg: Config, mesh) -> SyncStrategy:
+    """DDP and FSDP average over dp x cp; other strategies act across dp, after a cp gradient mean (cp > 1)."""
     replicas = replica_mesh(mesh)
     if cfg.parallel.dp_shard:
         return FSDPSync(replicas, CommCounter())
-    return build_sync(cfg.sync.name, replicas.get_group(), CommCounter(), cfg.sync.options())
+    if cfg.sync.name == "ddp":
+        return build_sync(cfg.sync.name, replicas.get_group(), CommCounter())
+    strategy = build_sync(cfg.sync.name, mesh["dp"].get_group(), CommCounter(), cfg.sync.options())
+    return strategy if cfg.parallel.cp == 1 else ContextMeanSync(strategy, mesh["cp"].get_group())
 
 
 def kill_node_of_this_process() -> None:

@@ -24,7 +24,7 @@ from checkpoint.reshard import load_slices
 from checkpoint.snapshot_codec import ALIGNMENT, SnapshotIndex, copy_into, pack, pack_into, plan_index, unpack
 from checkpoint.universal import (CheckpointError, FragmentSpec, SliceSpec, TrainerState, latest_version_dir,
                                   read_manifest)
-from cluster.simulated import MiB, SimulatedCluster
+from cluster.simulated import SimulatedCluster
 
 NODES, RANKS_PER_NODE, COLUMNS = 4, 2, 512
 WORLD = list(range(NODES * RANKS_PER_NODE))

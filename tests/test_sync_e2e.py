@@ -1,13 +1,18 @@
-"""Every low-communication strategy trains through the CLI and resumes bit-identically on the same layout."""
+"""Every low-communication strategy trains through the CLI and resumes bit-identically on the same layout; with
+context parallelism a strategy syncs across dp only and follows the cp=1 curve."""
+import json
+
 import pytest
 
-from tests.test_layouts_e2e import run
+from tests.test_layouts_e2e import assert_close_curves, run
 
 STRATEGIES = {
     "diloco": ["sync.diloco.sync_every=4"],
     "streaming_diloco": ["sync.streaming_diloco.sync_every=8"],
     "noloco": ["sync.noloco.sync_every=4"],
     "onebit_adam": ["sync.onebit_adam.freeze_step=4"],
+    "zero_one_adam": ["sync.zero_one_adam.var_freeze_step=6", "sync.zero_one_adam.var_update_scaler=2",
+                      "sync.zero_one_adam.local_step_scaler=3", "sync.zero_one_adam.local_step_clipper=4"],
 }
 
 
@@ -20,3 +25,22 @@ def test_strategy_trains_and_resumes_bit_identically(tmp_path, name):
     checkpoint = tmp_path / "full" / "checkpoints" / "step-000000000010"
     resumed = run(tmp_path / "resumed", f"ckpt={checkpoint}", command="resume")
     assert resumed == {s: expected[s] for s in range(11, 21)}
+
+
+def _comm_bytes(run_dir) -> list[int]:
+    return [json.loads(line)["comm_bytes"] for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
+
+
+@pytest.mark.slow
+def test_diloco_with_context_parallel_follows_the_cp1_curve(tmp_path):
+    """dp=2 x cp=2: the cp ranks average gradients every step, DiLoCo averages pseudo-gradients across dp only,
+    the cp all-reduce is not in comm_bytes (the same bytes as dp=2 x cp=1), and a resume is bit-identical."""
+    overrides = ["sync.name=diloco", "sync.diloco.sync_every=4"]
+    expected = run(tmp_path / "cp1", *overrides)
+    actual = run(tmp_path / "cp2", "parallel.cp=2", *overrides)
+    assert_close_curves(actual, expected, 1e-4)
+    assert actual.keys() == expected.keys()
+    assert _comm_bytes(tmp_path / "cp2") == _comm_bytes(tmp_path / "cp1") and _comm_bytes(tmp_path / "cp1")[-1] > 0
+    resumed = run(tmp_path / "resumed", f"ckpt={tmp_path / 'cp2' / 'checkpoints' / 'step-000000000010'}",
+                  command="resume")
+    assert resumed == {s: actual[s] for s in range(11, 21)}

@@ -10,6 +10,7 @@ from parallel.sync.diloco import DiLoCoConfig, DiLoCoSync
 from parallel.sync.noloco import NoLoCoConfig, NoLoCoSync
 from parallel.sync.onebit_adam import OneBitAdamConfig, OneBitAdamSync
 from parallel.sync.streaming_diloco import StreamingDiLoCoConfig, StreamingDiLoCoSync
+from parallel.sync.zero_one_adam import ZeroOneAdamConfig, ZeroOneAdamSync
 
 # name -> factory(replica_group, counter, options) ; strategies register here as they land.
 STRATEGIES: dict[str, Callable[..., SyncStrategy]] = {
@@ -19,6 +20,7 @@ STRATEGIES: dict[str, Callable[..., SyncStrategy]] = {
         group, counter, StreamingDiLoCoConfig(**options)),
     "noloco": lambda group, counter, options: NoLoCoSync(group, counter, NoLoCoConfig(**options)),
     "onebit_adam": lambda group, counter, options: OneBitAdamSync(group, counter, OneBitAdamConfig(**options)),
+    "zero_one_adam": lambda group, counter, options: ZeroOneAdamSync(group, counter, ZeroOneAdamConfig(**options)),
 }
 
 

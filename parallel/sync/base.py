@@ -1,8 +1,10 @@
 """The one small interface every synchronisation strategy implements (DESIGN.md section 5).
 
-A strategy acts across the replica dimension (``replica_group``: the data-parallel ranks, flattened with the
-context-parallel ranks, which hold the same parameters but see other tokens). It composes with tp/pp inside a
-replica because it only touches the local tensors of this rank's parameters.
+A strategy acts across the replica dimension (``replica_group``). For DDP that is the data-parallel ranks
+flattened with the context-parallel ranks (which hold the same parameters but see other tokens); the other
+strategies get the data-parallel ranks only and, with cp > 1, are wrapped in ``ContextMeanSync`` (context_mean.py),
+which averages gradients over cp every step. A strategy composes with tp/pp inside a replica because it only
+touches the local tensors of this rank's parameters.
 
 Training-step contract (DESIGN.md section 2):
     loss.backward(); sync.before_optimizer(step); optimizer.step(); sync.after_optimizer(step)

@@ -197,15 +197,24 @@ class OneBitAdamSync(SyncStrategy):
         self._gradient_mean.wrap_model(model)
         return model
 
-    def build_optimizer(self, params: Iterable[nn.Parameter], build_default) -> torch.optim.Optimizer:
+    @staticmethod
+    def _default_groups(params: Iterable[nn.Parameter], build_default) -> list[dict]:
+        """The default optimizer's param groups with their lr, weight decay, betas and eps."""
         default = build_default(list(params))
-        groups = [{"params": group["params"], "lr": group["lr"], "weight_decay": group.get("weight_decay", 0.0),
-                   "betas": group.get("betas", (0.9, 0.999)), "eps": group.get("eps", 1e-8)}
-                  for group in default.param_groups]
+        return [{"params": group["params"], "lr": group["lr"], "weight_decay": group.get("weight_decay", 0.0),
+                 "betas": group.get("betas", (0.9, 0.999)), "eps": group.get("eps", 1e-8)}
+                for group in default.param_groups]
+
+    def _one_bit_mean(self, groups: list[dict]) -> OneBitAllReduce:
+        """One flat error-compensated 1-bit mean over all the groups' local shards."""
         all_params = [p for group in groups for p in group["params"]]
         numel = sum(local_tensor(p).numel() for p in all_params)
         self.momentum_mean = OneBitAllReduce(numel, outer_dtype(all_params), self.replica_group, self.counter)
-        self.optimizer = OneBitAdam(groups, self.momentum_mean, freeze_step=self.config.freeze_step,
+        return self.momentum_mean
+
+    def build_optimizer(self, params: Iterable[nn.Parameter], build_default) -> torch.optim.Optimizer:
+        groups = self._default_groups(params, build_default)
+        self.optimizer = OneBitAdam(groups, self._one_bit_mean(groups), freeze_step=self.config.freeze_step,
                                     bias_correction=self.config.bias_correction)
         return self.optimizer
 

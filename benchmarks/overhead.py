@@ -75,7 +75,7 @@ def _plain_rank(rank: int, world: int, port: int, steps: int, recipe: list[str],
 
 
 def run_plain(steps: int, warmup: int, world: int = 2) -> float:
-    from tests.distributed import free_port
+    from parallel.local_ranks import free_port
 
     ctx = mp.get_context("spawn")
     with ctx.Manager() as manager:

@@ -27,7 +27,7 @@ import torch.distributed as dist
 from torch.utils._python_dispatch import TorchDispatchMode
 
 from parallel import comm
-from tests.distributed import run_ranks
+from parallel.local_ranks import run_ranks
 
 # A 2048-token vocabulary makes the per-token memory large (logits) while attention stays cheap at the lengths
 # that fill the budget, so the sweep finishes in minutes.

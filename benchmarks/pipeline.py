@@ -41,7 +41,7 @@ import time
 import torch
 from torch.utils._python_dispatch import is_traceable_wrapper_subclass
 
-from tests.distributed import run_ranks
+from parallel.local_ranks import run_ranks
 
 MODEL = dict(dim=128, n_layers=8, n_heads=4, n_kv_heads=2, vocab_size=256, max_seq_len=128)
 MICROBATCH_ROWS, SEQ = 2, 128

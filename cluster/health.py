@@ -42,3 +42,16 @@ def await_lost_nodes(node_ids: list[str], timeout_s: float = 60.0) -> list[str]:
             break
         time.sleep(0.2)
     return lost
+
+
+def worker_slots(cpus_per_worker: float, gpus_per_worker: float = 0.0) -> int:
+    """How many workers of that size the live nodes can hold (each worker fits on one node)."""
+    slots = 0
+    for node in ray.nodes():
+        if node["Alive"]:
+            resources = node["Resources"]
+            fit = int(resources.get("CPU", 0) / cpus_per_worker + 1e-9)
+            if gpus_per_worker:
+                fit = min(fit, int(resources.get("GPU", 0) / gpus_per_worker + 1e-9))
+            slots += fit
+    return slots

@@ -49,6 +49,13 @@ class SimulatedCluster:
         self.cluster.wait_for_nodes()
         return list(self.nodes[:count])
 
+    def resize(self, count):
+        """Exactly ``count`` live worker nodes: dead ones forgotten, missing ones added, extra ones removed."""
+        self.drop_dead_nodes()
+        for node in self.nodes[count:]:
+            self.remove(node)
+        return self.live_nodes(count)
+
     def remove(self, node, timeout_s=60):
         self.cluster.remove_node(node)
         self.nodes.remove(node)

@@ -4,6 +4,7 @@ STARTING -> RUNNING -> FINISHED | FAILED   (RECOVERING -> RUNNING arrives with i
 """
 from __future__ import annotations
 
+import copy
 import dataclasses
 import enum
 import time
@@ -16,10 +17,10 @@ from omegaconf import OmegaConf
 from ray.exceptions import RayError
 
 from checkpoint.universal import CheckpointError, committed_versions, discard_uncommitted, version_dir
-from cluster.health import await_lost_nodes, live_node_ids
+from cluster.health import await_lost_nodes, live_node_ids, worker_slots
 from cluster.ray_cluster import RayRuntime, local_capacity
 from cluster.worker_group import PlacementError, WorkerGroup, WorkerGroupError
-from orchestrator.config import Config, ConfigError, FaultSpec
+from orchestrator.config import Config, ConfigError, FaultSpec, validate
 from orchestrator.keepers import KeeperService, RestorePlan
 from orchestrator.metrics import MetricsLog
 from orchestrator.progress import ProgressLine
@@ -199,7 +200,9 @@ class Controller:
             except WorkerGroupError as err:
                 faults = [f for f in faults if not (f.during_recovery and recovering) and f not in self.fired]
                 lost_nodes = await_lost_nodes(getattr(err, "node_ids", []))
-                plan = self.keepers.plan_restore(result.steps) if self.keepers is not None else None
+                smaller_dp = self._data_parallel_that_fits(err) if lost_nodes else None
+                # a smaller layout restores from the universal format: only disk versions reshard
+                plan = self.keepers.plan_restore(result.steps) if self.keepers and not smaller_dp else None
                 disk = recovery_source(self.cfg.checkpoint.dir, result.steps) if plan is None else None
                 if restarts >= self.cfg.fault.max_restarts or (plan is None and disk is None):
                     reason = f"fault.max_restarts={self.cfg.fault.max_restarts} used up" if plan or disk else \
@@ -211,8 +214,8 @@ class Controller:
                 self.state = RunState.RECOVERING
                 source = f"{plan.source} version {plan.version}" if plan else f"disk {disk.name}"
                 lost = f", node {', '.join(n[:8] for n in lost_nodes)} lost" if lost_nodes else ""
-                progress.message(f"{describe_failure(err)}{lost}; recovering (restart {restarts}/{self.cfg.fault.max_restarts}) "
-                                 f"from {source}")
+                progress.message(f"{describe_failure(err)}{lost}; recovering (restart {restarts}/"
+                                 f"{self.cfg.fault.max_restarts}) from {source}")
                 self.recovery = {"failed_rank": err.rank, "lost_nodes": lost_nodes,
                                  "source": plan.source if plan else "disk",
                                  "version": plan.version if plan else str(disk),
@@ -220,14 +223,44 @@ class Controller:
                                  "started": time.time(),
                                  "last_step": max(result.steps, getattr(err, "started_step", 0))}
                 self.restore_plan = plan
+                if smaller_dp:
+                    resolved = self._shrink_data_parallel(resolved, smaller_dp, progress)
+                    faults = [f for f in faults if f.rank < self.cfg.world_size]
                 if self.keepers is not None:
-                    if plan is None:
-                        self.keepers.reset()  # the disk version is older than what they hold: start afresh
+                    if plan is None:  # the disk version is older than what they hold: start afresh
+                        self.keepers.reset(self.cfg.world_size)
                     else:
                         self.keepers.forget_after(plan.version)
                         self.keepers.refresh()
                 resolved = {**resolved, "checkpoint": {**resolved["checkpoint"],
                                                        "resume_from": None if plan else str(disk)}}
+
+    def _data_parallel_that_fits(self, err: WorkerGroupError) -> Optional[int]:
+        """After a node loss: None if the layout still fits the cluster, else the largest smaller data-parallel
+        degree that does and is a valid layout."""
+        c = self.cfg.cluster
+        slots = worker_slots(c.cpus_per_worker, c.gpus_per_worker)
+        if slots >= self.cfg.world_size:
+            return None
+        for dp in range(self.cfg.parallel.dp - 1, 0, -1):
+            candidate = copy.deepcopy(self.cfg)
+            candidate.parallel.dp, candidate.cluster.num_workers = dp, None
+            try:
+                validate(candidate)
+            except ConfigError:
+                continue
+            if candidate.world_size <= slots:
+                return dp
+        raise WorkerGroupError(f"{describe_failure(err)}; the cluster has room for {slots} workers, too few for any "
+                               f"data-parallel degree of this layout", rank=err.rank)
+
+    def _shrink_data_parallel(self, resolved: dict, dp: int, progress: ProgressLine) -> dict:
+        progress.message(f"the cluster has no room for parallel.dp={self.cfg.parallel.dp} any more: resuming "
+                         f"elastically with parallel.dp={dp} from the universal checkpoint")
+        self.recovery["elastic"] = {"dp_from": self.cfg.parallel.dp, "dp_to": dp}
+        self.cfg.parallel.dp, self.cfg.cluster.num_workers = dp, None
+        return {**resolved, "parallel": {**resolved["parallel"], "dp": dp},
+                "cluster": {**resolved["cluster"], "num_workers": None}}
 
     @staticmethod
     def _with_faults(resolved: dict, faults: list[FaultSpec], recovering: bool) -> dict:
@@ -286,6 +319,7 @@ class Controller:
         if all(h is not None for h in handed):
             self.keepers.offer(min(min(handed), record["step"]))
         record["ckpt_l1"], record["ckpt_l2"] = self.keepers.committed, self.keepers.persisted
+        record["ckpt_l1_s"] = self.keepers.last_commit_s
 
     def _setup_calls(self, group: WorkerGroup, resolved: dict) -> list:
         """Each rank gets its node's keeper (level 1 on) and, after a recovery from memory, the keeper that holds

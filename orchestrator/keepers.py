@@ -7,6 +7,7 @@ keepers hold never leaves a gap in metrics.jsonl.
 from __future__ import annotations
 
 import logging
+import time
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass
 from typing import Any, Optional
@@ -50,8 +51,10 @@ class KeeperService:
         self.committed_groups: list[KeeperGroup] = []  # the groups it was encoded in
         self.persisted: Optional[int] = None  # newest version the keepers committed to disk
         self.commit_failures = 0
+        self.last_commit_s: Optional[float] = None  # seconds the newest L1 commit took (seal + encode + mark)
         self._pool = ThreadPoolExecutor(1, thread_name_prefix="l1-commit")
         self._job: Optional[Future] = None
+        self._wanted: Optional[int] = None  # newest version offered
         self._persist_pool = ThreadPoolExecutor(1, thread_name_prefix="l2-from-keepers")
         self._persist: Optional[Future] = None
         self._persist_target: Optional[int] = None  # newest version a level-2 write was started for
@@ -87,20 +90,27 @@ class KeeperService:
     # ------------------------------------------------------------------ commits
 
     def offer(self, version: int) -> None:
-        """Commit ``version`` in the background unless a commit is running or it is not newer."""
-        if (self._job is not None and not self._job.done()) or (self.committed or 0) >= version:
-            return
-        self._job = self._pool.submit(self._commit, version)
+        """Commit ``version`` in the background; while a commit runs, the newest offer is committed next, right
+        after it (back to back: the newest committed version lags the handovers by about one commit)."""
+        self._wanted = max(self._wanted or 0, version)
+        if (self._job is None or self._job.done()) and (self.committed or 0) < version:
+            self._job = self._pool.submit(self._commit_newest)
 
-    def _commit(self, version: int) -> None:
-        groups = list(self.groups)
+    def _commit_newest(self) -> None:
+        while (version := self._wanted) is not None and (self.committed or 0) < version:
+            if not self._commit(version):
+                return  # the next offer tries again
+
+    def _commit(self, version: int) -> bool:
+        groups, start = list(self.groups), time.perf_counter()
         try:
             commit_l1(groups, version, self.world_ranks)
         except L1CommitError as err:
             log.warning("%s", err)
             self.commit_failures += 1
-            return
+            return False
         previous, self.committed, self.committed_groups = self.committed or 0, version, groups
+        self.last_commit_s = time.perf_counter() - start
         c = self.cfg
         cadence = c.every * c.persist_every
         if cadence and version // cadence > (self._persist_target or previous) // cadence:  # a persist boundary
@@ -108,6 +118,7 @@ class KeeperService:
                 self._persist_target = version
                 keepers = [keeper for group in groups for keeper in group.keepers]
                 self._persist = self._persist_pool.submit(self._write_l2, keepers, version)
+        return True
 
     def _write_l2(self, keepers: list, version: int) -> None:
         """Level 2 on its own thread: commits of newer versions go on while the keepers write this one (a
@@ -170,6 +181,7 @@ class KeeperService:
 
     def forget_after(self, version: int) -> None:
         """Before a restored gang hands over again: drop what the failed gang handed over after ``version``."""
+        self._wanted = None
         self.drain()
         for keeper in self.keepers.values():
             try:
@@ -178,9 +190,12 @@ class KeeperService:
             except Exception as err:  # noqa: BLE001 - a lost keeper holds nothing to forget
                 log.warning("keeper unreachable while forgetting versions after %d: %s", version, err)
 
-    def reset(self) -> None:
-        """Start over with empty keepers (the run restores an older version from disk than they hold)."""
+    def reset(self, world_size: int) -> None:
+        """Start over with empty keepers (the run restores from disk a version older than they hold, maybe on a
+        smaller layout)."""
+        self._wanted = None
         self.drain()
+        self.world_ranks = list(range(world_size))
         for keeper in self.keepers.values():
             ray.kill(keeper, no_restart=True)
         self.keepers, self.committed, self.committed_groups = {}, None, []

@@ -30,7 +30,7 @@ from typing import Callable, Optional
 import torch
 from torch import nn
 
-from tests.distributed import run_ranks
+from parallel.local_ranks import run_ranks
 
 DDP, SINGLE, TWIN = "DDP AdamW", "single worker", "uncompressed twin (no-bias-correction Adam)"
 

@@ -20,7 +20,7 @@ from checkpoint.universal import CheckpointError, committed_versions, discard_un
 from cluster.health import await_lost_nodes, live_node_ids, worker_slots
 from cluster.ray_cluster import RayRuntime, local_capacity
 from cluster.worker_group import PlacementError, WorkerGroup, WorkerGroupError
-from orchestrator.config import Config, ConfigError, FaultSpec, validate
+from orchestrator.config import Config, ConfigError, FaultConfig, FaultSpec, validate
 from orchestrator.keepers import KeeperService, RestorePlan
 from orchestrator.metrics import MetricsLog
 from orchestrator.progress import ProgressLine
@@ -245,6 +245,7 @@ class Controller:
         for dp in range(self.cfg.parallel.dp - 1, 0, -1):
             candidate = copy.deepcopy(self.cfg)
             candidate.parallel.dp, candidate.cluster.num_workers = dp, None
+            candidate.fault = FaultConfig()  # faults of ranks the smaller gang lacks are dropped, not invalid
             try:
                 validate(candidate)
             except ConfigError:

@@ -10,9 +10,10 @@ import time
 import ray
 
 MiB = 1 << 20
-# Ray declares a node dead after failed health checks (default ~15 s); tests kill nodes, so notice it sooner.
-FAST_NODE_DEATH = {"RAY_health_check_period_ms": "500", "RAY_health_check_failure_threshold": "4",
-                   "RAY_health_check_initial_delay_ms": "1000"}
+# Ray declares a node dead after failed health checks (default 5 x 3 s); notice killed nodes sooner, but not so
+# soon that a raylet starved of CPU on a busy 2-core machine is declared dead while alive (seen at 4 x 0.5 s).
+FAST_NODE_DEATH = {"RAY_health_check_period_ms": "1000", "RAY_health_check_failure_threshold": "5",
+                   "RAY_health_check_timeout_ms": "2000", "RAY_health_check_initial_delay_ms": "2000"}
 
 
 class SimulatedCluster:

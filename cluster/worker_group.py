@@ -4,7 +4,7 @@ from __future__ import annotations
 from typing import Any, Optional
 
 import ray
-from ray.exceptions import GetTimeoutError, RayActorError
+from ray.exceptions import ActorUnavailableError, GetTimeoutError, RayActorError
 from ray.util.placement_group import placement_group, remove_placement_group
 from ray.util.scheduling_strategies import PlacementGroupSchedulingStrategy
 
@@ -94,10 +94,10 @@ class WorkerGroup:
         for rank, ref in enumerate(refs):
             try:
                 ray.get(ref, timeout=timeout_s)
+            except (GetTimeoutError, ActorUnavailableError):  # maybe a node that is gone but not declared dead
+                unresponsive.append(rank)
             except RayActorError:
                 dead.append(rank)
-            except GetTimeoutError:
-                unresponsive.append(rank)
         return dead, unresponsive
 
     def shutdown(self, timeout_s: float = 10.0) -> None:

@@ -17,3 +17,13 @@ def local_ray():
 
     with RayRuntime(address=None, num_cpus=2, object_store_mb=256) as runtime:
         yield runtime
+
+
+@pytest.fixture(scope="session")
+def reference(tmp_path_factory):
+    """(run dir, step -> loss) of quickstart on dp=2 for 20 steps with checkpoints every 10 and evaluation: the
+    curve every layout, resume and recovery test compares against (checkpoint settings do not change losses)."""
+    from tests.test_layouts_e2e import run
+
+    run_dir = tmp_path_factory.mktemp("reference")
+    return run_dir, run(run_dir, "parallel.dp=2", "train.eval_batches=2")

@@ -14,7 +14,7 @@ from checkpoint.reshard import load_slices, plan_load
 from checkpoint.universal import (FORMAT_VERSION, MANIFEST_FILE, CheckpointError, FragmentSpec, SliceSpec,
                                   TrainerState, commit_version, committed_versions, discard_uncommitted,
                                   latest_version_dir, read_manifest, version_dir, write_fragments)
-from tests.distributed import run_ranks
+from parallel.local_ranks import run_ranks
 
 REPO = Path(__file__).resolve().parent.parent
 

@@ -11,7 +11,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from tests.distributed import run_ranks
+from parallel.local_ranks import run_ranks
 from tests.test_tensor_parallel import assert_matches_reference, parallel_run, reference_run
 
 CORE_SHAPE = dict(batch=2, heads=4, seq=32, head_dim=8)

@@ -27,12 +27,6 @@ def assert_close_curves(actual: dict[int, float], expected: dict[int, float], to
     assert worst <= tolerance, (worst, actual, expected)
 
 
-@pytest.fixture(scope="module")
-def reference(tmp_path_factory):
-    run_dir = tmp_path_factory.mktemp("reference")
-    return run_dir, run(run_dir, "parallel.dp=2", "train.eval_batches=2")
-
-
 def eval_loss(run_dir: Path) -> float:
     records = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
     return next(r["eval_loss"] for r in records if "eval_loss" in r)

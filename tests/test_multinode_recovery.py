@@ -11,7 +11,7 @@ import pytest
 
 from cluster.simulated import SimulatedCluster
 from tests.test_cli import orchestrate
-from tests.test_layouts_e2e import STEPS, assert_close_curves, run
+from tests.test_layouts_e2e import STEPS, assert_close_curves
 
 ON_CLUSTER = ["cluster.cpus_per_worker=1", "checkpoint.keepers=true", "cluster.start_timeout_s=60"]
 
@@ -27,8 +27,8 @@ def sim():
 
 
 @pytest.fixture(scope="module")
-def clean_curve(tmp_path_factory):
-    return run(tmp_path_factory.mktemp("clean"), "parallel.dp=2")
+def clean_curve(reference):
+    return reference[1]
 
 
 def launch_on(sim, run_dir, spare_nodes, *overrides):
@@ -90,7 +90,7 @@ def test_more_losses_than_parity_fall_back_to_disk_or_fail_clearly(sim, clean_cu
     [recovery] = recoveries_of(tmp_path / "disk")
     assert recovery["source"] == "disk" and 5 <= recovery["restored_step"] <= 12  # the first committed after 5
 
-    result = launch_on(sim, tmp_path / "none", 2, "checkpoint.persist_every=0", both)
+    result = launch_on(sim, tmp_path / "none", 2, "checkpoint.persist_every=0", both.replace("13", "3"))
     assert result.returncode == 1
     assert "no committed checkpoint to restore" in result.stderr.splitlines()[-1]
 

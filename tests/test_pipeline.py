@@ -7,7 +7,7 @@ from functools import lru_cache
 import pytest
 import torch
 
-from tests.distributed import run_ranks
+from parallel.local_ranks import run_ranks
 
 MODEL = dict(dim=32, n_layers=8, n_heads=4, n_kv_heads=2, max_seq_len=16, vocab_size=64)
 BATCH, SEQ = 8, 16

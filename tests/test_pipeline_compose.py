@@ -9,7 +9,7 @@ evaluation pass (the path of ``train.eval_batches``) returns the oracle's loss.
 import pytest
 import torch
 
-from tests.distributed import run_ranks
+from parallel.local_ranks import run_ranks
 from tests.test_pipeline import BATCH, MODEL, SEQ, _batch, _reference
 
 CURVE_STEPS = 5

@@ -9,9 +9,9 @@ from tests.test_layouts_e2e import run
 
 
 @pytest.mark.slow
-def test_killed_rank_is_recovered_and_the_curve_is_unchanged(tmp_path):
+def test_killed_rank_is_recovered_and_the_curve_is_unchanged(reference, tmp_path):
     overrides = ["checkpoint.persist_every=3", "checkpoint.keep=2"]
-    expected = run(tmp_path / "clean", *overrides)
+    _, expected = reference
     recovered = run(tmp_path / "faulty", *overrides, "fault.kill_rank=1", "fault.at_step=8")
     assert recovered == expected
     records = [json.loads(line) for line in (tmp_path / "faulty" / "metrics.jsonl").read_text().splitlines()]

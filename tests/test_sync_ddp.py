@@ -1,6 +1,6 @@
 import torch
 
-from tests.distributed import run_ranks
+from parallel.local_ranks import run_ranks
 
 
 def _ddp_grads(rank, world, use_torch_ddp):

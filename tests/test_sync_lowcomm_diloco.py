@@ -6,7 +6,7 @@ import copy
 
 import torch
 
-from tests.distributed import run_ranks
+from parallel.local_ranks import run_ranks
 from tests.lowcomm_utils import (TinyNet, adamw, batch, fingerprint, flat_params, full_batch, loss_fn, sgd,
                                  singleton_group, train_step)
 

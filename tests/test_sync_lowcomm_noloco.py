@@ -3,7 +3,7 @@ import copy
 
 import torch
 
-from tests.distributed import run_ranks
+from parallel.local_ranks import run_ranks
 from tests.lowcomm_utils import TinyNet, adamw, batch, fingerprint, flat_params, loss_fn, sgd, train_step
 
 

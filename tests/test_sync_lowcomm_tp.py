@@ -4,7 +4,7 @@ Each strategy must act on the replica group only and on this rank's local shard 
 """
 import torch
 
-from tests.distributed import run_ranks
+from parallel.local_ranks import run_ranks
 from tests.lowcomm_utils import TinyNet
 
 

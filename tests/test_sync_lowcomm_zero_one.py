@@ -5,7 +5,7 @@ import copy
 
 import torch
 
-from tests.distributed import run_ranks
+from parallel.local_ranks import run_ranks
 from tests.lowcomm_utils import TinyNet, batch, fingerprint, flat_params, singleton_group, train_step
 from tests.test_sync_lowcomm_onebit import LR, _reference_adam
 

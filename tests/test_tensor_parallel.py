@@ -9,7 +9,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from tests.distributed import run_ranks
+from parallel.local_ranks import run_ranks
 
 MODEL = dict(vocab_size=256, dim=32, n_layers=2, n_heads=4, n_kv_heads=2, max_seq_len=32)
 BATCH, SEQ, STEPS, LR = 4, 16, 5, 1e-2

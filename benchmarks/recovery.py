@@ -31,7 +31,10 @@ def recover(steps: int, at_step: int, persist_every: int, *overrides: str) -> di
         subprocess.run([sys.executable, "-m", "orchestrator", "launch", *args], check=True, capture_output=True)
         records = [json.loads(line) for line in (Path(tmp) / "run" / "metrics.jsonl").read_text().splitlines()]
     [recovery] = [r["recovery"] for r in records if "recovery" in r]
-    return recovery
+    commits = sorted(r["ckpt_l1_s"] for r in records if r.get("ckpt_l1_s") is not None)
+    steps = sorted(r["step_time"] for r in records if "step_time" in r)
+    return {**recovery, "l1_commit_s": commits[len(commits) // 2] if commits else None,
+            "step_s": steps[len(steps) // 2]}
 
 
 def recover_from_node_loss(steps: int, at_step: int, persist_every: int) -> dict:
@@ -57,11 +60,14 @@ def main() -> None:
             ("rank 1's process, no keepers", recover(*common, "checkpoint.keepers=false"))]
     print(f"Recovery: quickstart, 2 workers, fault before step {args.at_step}, disk every {args.persist_every} "
           f"steps, snapshot every step\n")
-    print("| lost | source | restored step | steps redone | seconds to next finished step | goal |")
-    print("|---|---|---|---|---|---|")
+    print("| lost | source | restored step | steps redone | seconds to next finished step | goal | median step "
+          "(s) | median L1 commit (s) |")
+    print("|---|---|---|---|---|---|---|---|")
     for lost, r in runs:
         goal = "-" if r["source"] == "disk" else "<= 10 s, <= 1 step"
-        print(f"| {lost} | {r['source']} | {r['restored_step']} | {r['steps_lost']} | {r['seconds']:.1f} | {goal} |")
+        commit = "-" if r["l1_commit_s"] is None else f"{r['l1_commit_s']:.2f}"
+        print(f"| {lost} | {r['source']} | {r['restored_step']} | {r['steps_lost']} | {r['seconds']:.1f} | {goal} "
+              f"| {r['step_s']:.3f} | {commit} |")
 
 
 if __name__ == "__main__":

@@ -21,6 +21,7 @@ from __future__ import annotations
 import functools
 import logging
 import threading
+import time
 from dataclasses import asdict, dataclass, field
 from typing import Any, Optional, Sequence
 
@@ -357,13 +358,23 @@ class KeeperHandover:
             self._buffer = np.empty(index.nbytes, dtype=np.uint8)
         payload = pack_into(index, fragments, self._buffer)
         try:
-            ray.get(self.keeper.put.remote(version, self.rank, index.to_json(), payload), timeout=self.timeout_s)
+            self._put(version, index, payload)
         except (KeeperBusyError, ray.exceptions.RayActorError) as error:
             # a busy or lost keeper costs this version its level-1 copy, not the training step: the controller
             # replaces a lost keeper (TrainWorker.use_keeper) and the next version is protected again
             log.warning("rank %d: level-1 handover of version %d skipped: %s", self.rank, version, error)
             return
         self.handed_version = version
+
+    def _put(self, version: int, index: SnapshotIndex, payload: np.ndarray, attempts: int = 3) -> None:
+        for attempt in range(attempts):  # a keeper on a busy node can be briefly unreachable: try again
+            try:
+                ray.get(self.keeper.put.remote(version, self.rank, index.to_json(), payload), timeout=self.timeout_s)
+                return
+            except ray.exceptions.ActorUnavailableError:
+                if attempt == attempts - 1:
+                    raise
+                time.sleep(0.2 * (attempt + 1))
 
     def close(self) -> None:
         pass

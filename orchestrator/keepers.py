@@ -33,12 +33,18 @@ class RestorePlan:
     decoded_ranks: list[int]
 
 
-def _answers(keeper) -> bool:
-    try:
-        ray.get(keeper.ping.remote(), timeout=PING_TIMEOUT_S)
-        return True
-    except Exception:  # noqa: BLE001 - dead, or its node is: either way it holds nothing we can read
-        return False
+def _answers(keeper, attempts: int = 3) -> bool:
+    """False once Ray reports the keeper dead. A keeper that is only slow or briefly unreachable (a busy node)
+    gets a few tries: replacing it would throw away every version it holds."""
+    for attempt in range(attempts):
+        try:
+            ray.get(keeper.ping.remote(), timeout=PING_TIMEOUT_S)
+            return True
+        except (ray.exceptions.GetTimeoutError, ray.exceptions.ActorUnavailableError):
+            time.sleep(0.5 * (attempt + 1))
+        except Exception:  # noqa: BLE001 - dead, or its node is: either way it holds nothing we can read
+            return False
+    return False
 
 
 class KeeperService:

@@ -112,21 +112,21 @@ def wait_for_step(run_dir, step, process, timeout_s=120):
 
 @pytest.mark.slow
 def test_more_losses_than_parity_fall_back_to_disk_or_fail_clearly(sim, clean_curve, tmp_path):
-    both = "fault.schedule=[{rank:0,at_step:13,kind:node},{rank:1,at_step:13,kind:node}]"
+    both = "fault.schedule=[{rank:0,at_step:16,kind:node},{rank:1,at_step:16,kind:node}]"
     result = launch_on(sim, tmp_path / "disk", 2, "checkpoint.persist_every=5", both)
     assert result.returncode == 0, controller_lines(result)
     assert curve_of(tmp_path / "disk") == clean_curve
     [recovery] = recoveries_of(tmp_path / "disk")
-    assert recovery["source"] == "disk" and 5 <= recovery["restored_step"] <= 12  # the first committed after 5
+    assert recovery["source"] == "disk" and 5 <= recovery["restored_step"] <= 15  # first committed after 5, 10
 
-    result = launch_on(sim, tmp_path / "none", 2, "checkpoint.persist_every=0", both.replace("13", "3"))
+    result = launch_on(sim, tmp_path / "none", 2, "checkpoint.persist_every=0", both.replace("16", "3"))
     assert result.returncode == 1
     assert "no committed checkpoint to restore" in result.stderr.splitlines()[-1]
 
 
 @pytest.mark.slow
 def test_without_room_for_the_layout_the_run_resumes_elastically_with_fewer_replicas(sim, clean_curve, tmp_path):
-    result = launch_on(sim, tmp_path, 0, "checkpoint.persist_every=5", "fault.kill_rank=1", "fault.at_step=13",
+    result = launch_on(sim, tmp_path, 0, "checkpoint.persist_every=5", "fault.kill_rank=1", "fault.at_step=16",
                        "fault.kind=node")
     assert result.returncode == 0, controller_lines(result)
     [recovery] = recoveries_of(tmp_path)

@@ -149,6 +149,12 @@ def compose_resume_config(ckpt: str, overrides: Sequence[str]) -> Config:
                                  OmegaConf.from_dotlist(list(overrides)))
         cfg = to_config(merged)
         cfg.checkpoint.resume_from = str(Path(ckpt).resolve())
+        # the saved config names the source run's folders: a resumed run writes its own (never over the source's
+        # committed versions, which another resume may be reading)
+        for section in (cfg.run, cfg.checkpoint):
+            key = "run.dir" if section is cfg.run else "checkpoint.dir"
+            if not any(o.startswith(f"{key}=") for o in overrides):
+                section.dir = None
         validate(cfg)
         with torch.device("meta"):
             model = Llama(llama_config(cfg))

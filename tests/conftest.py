@@ -27,3 +27,16 @@ def reference(tmp_path_factory):
 
     run_dir = tmp_path_factory.mktemp("reference")
     return run_dir, run(run_dir, "parallel.dp=2", "train.eval_batches=2")
+
+
+@pytest.fixture(scope="module")
+def sim():
+    """A simulated multi-node Ray cluster (cluster/simulated.py) shared by the tests of one module."""
+    from cluster.simulated import SimulatedCluster
+
+    cluster = SimulatedCluster()
+    try:
+        cluster.start()
+        yield cluster
+    finally:
+        cluster.shutdown()

@@ -24,7 +24,6 @@ from checkpoint.reshard import load_slices
 from checkpoint.snapshot_codec import ALIGNMENT, SnapshotIndex, copy_into, pack, pack_into, plan_index, unpack
 from checkpoint.universal import (CheckpointError, FragmentSpec, SliceSpec, TrainerState, latest_version_dir,
                                   read_manifest)
-from cluster.simulated import SimulatedCluster
 
 NODES, RANKS_PER_NODE, COLUMNS = 4, 2, 512
 WORLD = list(range(NODES * RANKS_PER_NODE))
@@ -199,16 +198,6 @@ def test_keeper_refuses_a_payload_that_does_not_match_its_index():
 
 
 # ---------------------------------------------------------------------------------------------- simulated cluster
-
-
-@pytest.fixture(scope="module")
-def sim():
-    cluster = SimulatedCluster()
-    try:
-        cluster.start()
-        yield cluster
-    finally:
-        cluster.shutdown()
 
 
 @ray.remote(num_cpus=0)

@@ -13,21 +13,10 @@ import time
 import pytest
 import ray
 
-from cluster.simulated import SimulatedCluster
 from tests.test_cli import ENV, orchestrate
 from tests.test_layouts_e2e import STEPS, assert_close_curves
 
 ON_CLUSTER = ["cluster.cpus_per_worker=1", "checkpoint.keepers=true", "cluster.start_timeout_s=60"]
-
-
-@pytest.fixture(scope="module")
-def sim():
-    cluster = SimulatedCluster()
-    try:
-        cluster.start()
-        yield cluster
-    finally:
-        cluster.shutdown()
 
 
 @pytest.fixture(scope="module")

@@ -11,7 +11,8 @@ the returned ref) would also be owned by the keeper, but would keep every snapsh
 track worker handles.
 
 Versions: at most ``keep`` (>= 2) are held: the newest committed one is never dropped, nor one whose commit is
-in progress (sealed); a new version evicts the oldest other one, or is refused with KeeperBusyError.
+in progress (sealed); a new version evicts the second-oldest pending one (the oldest stays for a lagging commit),
+or is refused with KeeperBusyError.
 
 Create keepers with ``start_keeper(node_id)``: a threaded actor (group members call each other while serving
 calls) with no CPU reservation, pinned to its node.
@@ -165,11 +166,14 @@ class SnapshotKeeper:
         if self._committed is not None and version <= self._committed:
             raise CheckpointError(f"version {version} is not newer than the committed version {self._committed}")
         if len(self._versions) >= self.keep:
-            droppable = [v for v in sorted(self._versions)
-                         if v != self._committed and not self._versions[v].sealed]
-            if not droppable:
+            pending = [v for v in sorted(self._versions) if v != self._committed and not self._versions[v].sealed]
+            if not pending:
                 raise KeeperBusyError(f"keeper holds versions {sorted(self._versions)} (committed "
                                       f"{self._committed}, the others being committed); version {version} skipped")
+            # The oldest pending version stays (unless it is the only one): when commits lag behind the
+            # handovers, the controller can still commit it, where always dropping the oldest left nothing
+            # every keeper held by the time a commit started.
+            droppable = pending[1:] or pending
             del self._versions[droppable[0]]
         held = self._versions[version] = HeldVersion(version)
         return held

@@ -375,6 +375,21 @@ class Controller:
         progress.message(f"fault injected: {spec.kind} of rank {spec.rank} before step {spec.at_step}")
         metrics.log({"step": report["step"], "event": "fault", "fault": report["fault"]})
 
+    def _faults_announced_before_failing(self, poll_refs: list, progress: ProgressLine,
+                                         metrics: MetricsLog) -> None:
+        """The ranks that answered a poll that failed elsewhere may have announced a fault: count it as fired,
+        or the recovered gang would fire it again."""
+        import ray
+
+        for ref in poll_refs:
+            try:
+                reports = ray.get(ref, timeout=1.0)
+            except Exception:  # noqa: BLE001 - this rank is the one that failed (or is failing)
+                continue
+            for report in reports:
+                if "fault" in report:
+                    self._fault_fired(report, progress, metrics)
+
     def _log_recovery(self, record: dict, progress: ProgressLine, metrics: MetricsLog) -> None:
         """At the first step finished after a recovery: what failed, the source, seconds taken, steps lost."""
         recovery, self.recovery = self.recovery, None
@@ -402,9 +417,11 @@ class Controller:
             if unfinished:
                 _, unfinished = ray.wait(unfinished, num_returns=len(unfinished), timeout=POLL_INTERVAL_S)
                 self._raise_if_failed(group, train_refs, result)
+            poll_refs = group.call_async("poll_metrics", ranks=polled, control=True)
             try:
-                polls = group.gather(group.call_async("poll_metrics", ranks=polled, control=True))
+                polls = group.gather(poll_refs)
             except WorkerGroupError:
+                self._faults_announced_before_failing(poll_refs, progress, metrics)
                 self._raise_if_failed(group, train_refs, result, suspect=True)
                 raise
             if self.keepers is not None:

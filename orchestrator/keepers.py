@@ -103,9 +103,37 @@ class KeeperService:
             self._job = self._pool.submit(self._commit_newest)
 
     def _commit_newest(self) -> None:
-        while (version := self._wanted) is not None and (self.committed or 0) < version:
-            if not self._commit(version):
+        while (wanted := self._wanted) is not None and (self.committed or 0) < wanted:
+            version = self._newest_complete(wanted)
+            if version is None or not self._commit(version):
                 return  # the next offer tries again
+
+    def _newest_complete(self, limit: int) -> Optional[int]:
+        """The newest version up to ``limit`` (offered: handed over and logged) that the keepers hold every rank
+        of right now. When commits lag behind the handovers, the version offered last may be gone from some
+        keepers already while an older one they all kept is still there."""
+        try:
+            holders_of = self._holders([k for group in self.groups for k in group.keepers])
+        except ray.exceptions.RayError as err:
+            log.warning("asking the keepers what they hold failed: %s", err)
+            self.commit_failures += 1
+            return None
+        return self._newest_held_by_all(holders_of, (self.committed or 0) + 1, limit)
+
+    @staticmethod
+    def _holders(keepers: list) -> dict[int, dict[int, Any]]:
+        """version -> rank -> the keeper that holds its handed-over snapshot."""
+        holders_of: dict[int, dict[int, Any]] = {}
+        answers = ray.get([keeper.held_ranks.remote() for keeper in keepers], timeout=PING_TIMEOUT_S)
+        for keeper, versions in zip(keepers, answers):
+            for version, ranks in versions.items():
+                holders_of.setdefault(version, {}).update({rank: keeper for rank in ranks})
+        return holders_of
+
+    def _newest_held_by_all(self, holders_of: dict[int, dict[int, Any]], lowest: int, limit: int) -> Optional[int]:
+        complete = [v for v, holders in holders_of.items()
+                    if lowest <= v <= limit and len(holders) == len(self.world_ranks)]
+        return max(complete, default=None)
 
     def _commit(self, version: int) -> bool:
         groups, start = list(self.groups), time.perf_counter()
@@ -153,14 +181,10 @@ class KeeperService:
         version, with the ranks of lost keepers decoded by a surviving member of their group."""
         self.drain()
         live = {node: keeper for node, keeper in self.keepers.items() if _answers(keeper)}
-        holders_of: dict[int, dict[int, Any]] = {}
-        for node, keeper in live.items():
-            for version, ranks in ray.get(keeper.held_ranks.remote(), timeout=PING_TIMEOUT_S).items():
-                holders_of.setdefault(version, {}).update({rank: keeper for rank in ranks})
-        complete = [v for v, holders in holders_of.items() if v <= logged_step and len(holders) == len(
-            self.world_ranks)]
-        if complete:
-            return RestorePlan(max(complete), "keeper", holders_of[max(complete)], [])
+        holders_of = self._holders(list(live.values()))
+        newest = self._newest_held_by_all(holders_of, 0, logged_step)
+        if newest is not None:
+            return RestorePlan(newest, "keeper", holders_of[newest], [])
         if self.committed is None:
             return None
         return self._decode_plan(self.committed, dict(holders_of.get(self.committed, {})),

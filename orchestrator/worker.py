@@ -64,6 +64,7 @@ class TrainWorker(DistributedWorker):
         self.checkpointer: Optional[TrainerCheckpointer] = None
         self._metrics: list[dict] = []
         self._lock = threading.Lock()
+        self._polls = 0  # poll_metrics calls answered
         self._in_step = False
 
     def setup(self, cfg_dict: dict, keeper=None, restore_from_keeper=None) -> dict:
@@ -145,8 +146,11 @@ class TrainWorker(DistributedWorker):
         recovery redoes this step."""
         with self._lock:
             self._metrics.append({"step": self.trainer.step, "fault": dataclasses.asdict(spec)})
+            polls_before = self._polls
+        # poll polls_before + 1 takes the announcement; the controller sends the next one only after that reply
+        # arrived (a reply still in flight when the node dies would be lost)
         deadline = time.monotonic() + timeout_s
-        while time.monotonic() < deadline and any("fault" in record for record in self._metrics):
+        while time.monotonic() < deadline and self._polls < polls_before + 2:
             time.sleep(0.02)
 
     def use_keeper(self, keeper) -> None:
@@ -173,4 +177,5 @@ class TrainWorker(DistributedWorker):
         """Metrics of the steps finished since the last poll (runs beside train in the control group)."""
         with self._lock:
             drained, self._metrics = self._metrics, []
+            self._polls += 1
         return drained

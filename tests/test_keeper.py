@@ -169,7 +169,11 @@ def test_keeper_keeps_the_committed_version_and_at_most_two():
     keeper.join_group(0, [None], 0)
     for version in (1, 2, 3):
         keeper.put(version, 0, *packed_snapshot(version, 0))
-    assert keeper.versions() == [2, 3]  # nothing committed: the oldest goes
+    # nothing committed: the oldest pending version stays for a commit that lags behind, the newer one rolls
+    assert keeper.versions() == [1, 3]
+    keeper.discard(1)  # its commit failed
+    keeper.put(2, 0, *packed_snapshot(2, 0))
+    assert keeper.versions() == [2, 3]
     commit_alone(keeper, 2)
     assert keeper.committed_version() == 2 and keeper.versions() == [2, 3]
     keeper.put(3, 0, *packed_snapshot(3, 0))
@@ -188,6 +192,13 @@ def test_keeper_keeps_the_committed_version_and_at_most_two():
     with pytest.raises(NotHeldError):
         keeper.get(3, 0)
     assert keeper.held_bytes() == keeper.get(2, 0)[1].nbytes + keeper.get(4, 0)[1].nbytes
+
+
+def test_keeper_keeps_the_oldest_pending_version_while_newer_ones_roll():
+    keeper = SnapshotKeeper(keep=4)
+    for version in range(1, 7):
+        keeper.put(version, 0, *packed_snapshot(version, 0))
+    assert keeper.versions() == [1, 4, 5, 6]
 
 
 def test_keeper_refuses_a_payload_that_does_not_match_its_index():

@@ -42,10 +42,11 @@ def _raises(ref) -> bool:
 
 
 class RankDied(WorkerGroupError):
-    def __init__(self, message: str, rank: int, step: int, started_step: int, node_ids: list[str]):
+    def __init__(self, message: str, rank: int, step: int, finished_step: int, node_ids: list[str]):
         super().__init__(message, rank)
         self.step = step  # the step during which it died
-        self.started_step = started_step  # the newest step a surviving rank started: later work is redone
+        # the newest step a surviving rank finished (without gradient all-reduce, survivors may run ahead)
+        self.finished_step = finished_step
         self.node_ids = node_ids  # nodes of the ranks that died or stopped answering
 
 
@@ -221,7 +222,7 @@ class Controller:
                                  "version": plan.version if plan else str(disk),
                                  "decoded_ranks": plan.decoded_ranks if plan else [],
                                  "started": time.time(),
-                                 "last_step": max(result.steps, getattr(err, "started_step", 0))}
+                                 "last_step": max(result.steps, getattr(err, "finished_step", 0))}
                 self.restore_plan = plan
                 if smaller_dp:
                     resolved = self._shrink_data_parallel(resolved, smaller_dp, progress)
@@ -468,21 +469,21 @@ class Controller:
         reported, unresponsive = group.probe(HEALTH_CHECK_TIMEOUT_S)
         dead = sorted({rank} - {None} | set(reported) | set(unresponsive))
         if dead:
-            finished, started = self._survivor_progress(group, dead) or (result.steps, result.steps)
+            finished, newest = self._survivor_progress(group, dead) or (result.steps, result.steps)
             alive = set(live_node_ids())  # a rank Ray reports dead on a live node lost its process, not its node
             suspect_nodes = [group.infos[r]["node_id"] for r in dead
                              if r in unresponsive or group.infos[r]["node_id"] not in alive]
             raise RankDied(f"rank {dead[0]} died during step {finished + 1}", rank=dead[0], step=finished + 1,
-                           started_step=started, node_ids=suspect_nodes)
+                           finished_step=newest, node_ids=suspect_nodes)
         if failed:
             ray.get(failed[0])  # an application error in a rank: surface its message
 
     def _survivor_progress(self, group: WorkerGroup, dead_ranks: list[int]) -> Optional[tuple[int, int]]:
-        """(newest step every survivor finished, newest step one started); survivors wait for the dead ranks.
+        """(newest step every survivor finished, newest step one finished); survivors wait for the dead ranks.
         None when no rank survived or answered."""
         survivors = [r for r in range(group.world_size) if r not in dead_ranks]
         try:
             progress = group.gather(group.call_async("progress", ranks=survivors, control=True), 10.0)
         except Exception:  # noqa: BLE001 - best effort: more ranks may be dying
             return None
-        return (min(p[0] for p in progress), max(p[1] for p in progress)) if progress else None
+        return (min(p[0] for p in progress), max(p[0] for p in progress)) if progress else None

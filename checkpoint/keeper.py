@@ -10,9 +10,8 @@ freed instead of occupying (and spilling from) the object store. A pull (keeper 
 the returned ref) would also be owned by the keeper, but would keep every snapshot in plasma and make the keeper
 track worker handles.
 
-Versions: at most ``keep`` (>= 2) are held: the newest committed one is never dropped, nor one whose commit is
-in progress (sealed); a new version evicts the second-oldest pending one (the oldest stays for a lagging commit),
-or is refused with KeeperBusyError.
+Versions: at most ``keep`` (>= 2) are held: the newest committed one and the oldest pending ones; a new version
+beyond that is refused with KeeperBusyError (the handover skips it) until a commit frees the older ones.
 
 Create keepers with ``start_keeper(node_id)``: a threaded actor (group members call each other while serving
 calls) with no CPU reservation, pinned to its node.
@@ -109,14 +108,12 @@ class SnapshotKeeper:
         if source.dtype != np.uint8 or source.ndim != 1 or source.nbytes != expected:
             raise CheckpointError(f"put(version={version}, rank={rank}): payload must be a 1-D uint8 array of "
                                   f"{expected} bytes, got {source.dtype}{list(source.shape)}")
+        with self._lock:
+            self._admit_for_put(version, rank)  # a refused version is refused before it is copied
         owned = np.empty(source.nbytes, dtype=np.uint8)
         owned[:] = source
         with self._lock:
-            held = self._admit(version)
-            if held.sealed:
-                raise CheckpointError(f"put(version={version}, rank={rank}): the version is already being "
-                                      f"committed; this rank's part came too late")
-            held.snapshots[rank] = (dict(index), owned)
+            self._admit_for_put(version, rank).snapshots[rank] = (dict(index), owned)
         return owned.nbytes
 
     def get(self, version: int, rank: int) -> Snapshot:
@@ -160,21 +157,24 @@ class SnapshotKeeper:
             raise NotHeldError(f"keeper holds versions {sorted(self._versions)}, not {version}")
         return held
 
+    def _admit_for_put(self, version: int, rank: int) -> HeldVersion:
+        held = self._admit(version)
+        if held.sealed:
+            raise CheckpointError(f"put(version={version}, rank={rank}): the version is already being committed; "
+                                  f"this rank's part came too late")
+        return held
+
     def _admit(self, version: int) -> HeldVersion:
         if version in self._versions:
             return self._versions[version]
         if self._committed is not None and version <= self._committed:
             raise CheckpointError(f"version {version} is not newer than the committed version {self._committed}")
         if len(self._versions) >= self.keep:
-            pending = [v for v in sorted(self._versions) if v != self._committed and not self._versions[v].sealed]
-            if not pending:
-                raise KeeperBusyError(f"keeper holds versions {sorted(self._versions)} (committed "
-                                      f"{self._committed}, the others being committed); version {version} skipped")
-            # The oldest pending version stays (unless it is the only one): when commits lag behind the
-            # handovers, the controller can still commit it, where always dropping the oldest left nothing
-            # every keeper held by the time a commit started.
-            droppable = pending[1:] or pending
-            del self._versions[droppable[0]]
+            # Refuse rather than evict: every keeper then holds the same oldest versions after the committed one
+            # (handovers arrive in version order), so a commit that lags behind still finds one they all hold.
+            # Evicting made keepers keep different versions, and commits starved for many steps.
+            raise KeeperBusyError(f"keeper holds versions {sorted(self._versions)} (committed {self._committed}); "
+                                  f"version {version} skipped until one of them is committed")
         held = self._versions[version] = HeldVersion(version)
         return held
 
@@ -188,7 +188,9 @@ class SnapshotKeeper:
         with self._lock:
             # a node without ranks still holds parity for the others: it seals an empty version (as does one
             # that evicted the version; then the commit fails on the rank count and discards it everywhere)
-            held = self._versions.get(version) or self._admit(version)
+            held = self._versions.get(version)
+            if held is None:  # empty: costs no memory, so it does not count against ``keep``
+                held = self._versions[version] = HeldVersion(version)
             if not held.sealed:
                 held.directory = _directory(held.snapshots)
             return held.directory
@@ -363,9 +365,12 @@ class KeeperHandover:
         payload = pack_into(index, fragments, self._buffer)
         try:
             self._put(version, index, payload)
-        except (KeeperBusyError, ray.exceptions.RayActorError) as error:
-            # a busy or lost keeper costs this version its level-1 copy, not the training step: the controller
-            # replaces a lost keeper (TrainWorker.use_keeper) and the next version is protected again
+        except KeeperBusyError as error:  # the keeper holds enough uncommitted versions: normal while commits lag
+            log.debug("rank %d: level-1 handover of version %d skipped: %s", self.rank, version, error)
+            return
+        except ray.exceptions.RayActorError as error:
+            # a lost keeper costs this version its level-1 copy, not the training step: the controller replaces
+            # it (TrainWorker.use_keeper) and the next version is protected again
             log.warning("rank %d: level-1 handover of version %d skipped: %s", self.rank, version, error)
             return
         self.handed_version = version

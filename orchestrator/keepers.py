@@ -110,14 +110,22 @@ class KeeperService:
 
     def _newest_complete(self, limit: int) -> Optional[int]:
         """The newest version up to ``limit`` (offered: handed over and logged) that the keepers hold every rank
-        of right now. When commits lag behind the handovers, the version offered last may be gone from some
-        keepers already while an older one they all kept is still there."""
+        of right now. When commits lag behind the handovers, full keepers refuse newer versions (the handover
+        skips them), so the version offered last may be missing on some keeper while an older one is complete."""
         try:
             holders_of = self._holders([k for group in self.groups for k in group.keepers])
         except ray.exceptions.RayError as err:
             log.warning("asking the keepers what they hold failed: %s", err)
             self.commit_failures += 1
             return None
+        # every rank has handed over a version >= limit, in order: a version up to limit that some keeper lacks
+        # will never be complete; drop it, or full keepers would refuse every newer version forever
+        incomplete = [v for v, holders in holders_of.items()
+                      if v <= limit and v != self.committed and len(holders) < len(self.world_ranks)]
+        keepers = [k for group in self.groups for k in group.keepers]
+        if incomplete:
+            ray.wait([k.discard.remote(v) for k in keepers for v in incomplete],
+                     num_returns=len(keepers) * len(incomplete), timeout=PING_TIMEOUT_S)
         return self._newest_held_by_all(holders_of, (self.committed or 0) + 1, limit)
 
     @staticmethod

@@ -164,21 +164,20 @@ def commit_alone(keeper, version):
     keeper.mark_committed(version)
 
 
-def test_keeper_keeps_the_committed_version_and_at_most_two():
+def test_keeper_keeps_the_committed_version_and_refuses_more_than_it_may_hold():
     keeper = SnapshotKeeper(keep=2)
     keeper.join_group(0, [None], 0)
-    for version in (1, 2, 3):
+    for version in (1, 2):
         keeper.put(version, 0, *packed_snapshot(version, 0))
-    # nothing committed: the oldest pending version stays for a commit that lags behind, the newer one rolls
-    assert keeper.versions() == [1, 3]
-    keeper.discard(1)  # its commit failed
-    keeper.put(2, 0, *packed_snapshot(2, 0))
-    assert keeper.versions() == [2, 3]
+    # full: newer versions are refused (not evicting older ones), so every keeper keeps the same oldest versions
+    with pytest.raises(KeeperBusyError, match="version 3 skipped"):
+        keeper.put(3, 0, *packed_snapshot(3, 0))
+    assert keeper.versions() == [1, 2]
     commit_alone(keeper, 2)
-    assert keeper.committed_version() == 2 and keeper.versions() == [2, 3]
+    assert keeper.committed_version() == 2 and keeper.versions() == [2]
     keeper.put(3, 0, *packed_snapshot(3, 0))
     keeper.put(3, 1, *packed_snapshot(3, 1))
-    keeper.seal(3)  # a commit of 3 is in progress: neither 2 nor 3 may be dropped
+    keeper.seal(3)  # a commit of 3 is in progress
     with pytest.raises(KeeperBusyError, match="version 4 skipped"):
         keeper.put(4, 0, *packed_snapshot(4, 0))
     with pytest.raises(CheckpointError, match="came too late"):
@@ -194,11 +193,11 @@ def test_keeper_keeps_the_committed_version_and_at_most_two():
     assert keeper.held_bytes() == keeper.get(2, 0)[1].nbytes + keeper.get(4, 0)[1].nbytes
 
 
-def test_keeper_keeps_the_oldest_pending_version_while_newer_ones_roll():
-    keeper = SnapshotKeeper(keep=4)
-    for version in range(1, 7):
+def test_a_full_keeper_still_seals_an_empty_version_for_a_commit():
+    keeper = SnapshotKeeper(keep=2)
+    for version in (1, 2):
         keeper.put(version, 0, *packed_snapshot(version, 0))
-    assert keeper.versions() == [1, 4, 5, 6]
+    assert keeper.seal(5)["ranks"] == [] and keeper.versions() == [1, 2, 5]
 
 
 def test_keeper_refuses_a_payload_that_does_not_match_its_index():

@@ -44,8 +44,8 @@ def median_step_s(records: list[dict]) -> float:
 def recover(steps: int, at_step: int, persist_every: int, *overrides: str) -> dict:
     records = launch(steps, persist_every, "fault.kill_rank=1", f"fault.at_step={at_step}", *overrides)
     [recovery] = [r["recovery"] for r in records if "recovery" in r]
-    commits = sorted(r["ckpt_l1_s"] for r in records if r.get("ckpt_l1_s") is not None)
-    return {**recovery, "l1_commit_s": commits[len(commits) // 2] if commits else None,
+    commits = [r["ckpt_l1_s"] for r in records if r.get("ckpt_l1_s") is not None]
+    return {**recovery, "l1_commit_s": statistics.median(commits) if commits else None,
             "step_s": median_step_s(records)}
 
 

@@ -483,7 +483,7 @@ class Controller:
         None when no rank survived or answered."""
         survivors = [r for r in range(group.world_size) if r not in dead_ranks]
         try:
-            progress = group.gather(group.call_async("progress", ranks=survivors, control=True), 10.0)
+            finished = group.gather(group.call_async("finished_steps", ranks=survivors, control=True), 10.0)
         except Exception:  # noqa: BLE001 - best effort: more ranks may be dying
             return None
-        return (min(p[0] for p in progress), max(p[0] for p in progress)) if progress else None
+        return (min(finished), max(finished)) if finished else None

@@ -112,8 +112,9 @@ class KeeperService:
         """The newest version up to ``limit`` (offered: handed over and logged) that the keepers hold every rank
         of right now. When commits lag behind the handovers, full keepers refuse newer versions (the handover
         skips them), so the version offered last may be missing on some keeper while an older one is complete."""
+        keepers = [k for group in self.groups for k in group.keepers]
         try:
-            holders_of = self._holders([k for group in self.groups for k in group.keepers])
+            holders_of = self._holders(keepers)
         except ray.exceptions.RayError as err:
             log.warning("asking the keepers what they hold failed: %s", err)
             self.commit_failures += 1
@@ -122,7 +123,6 @@ class KeeperService:
         # will never be complete; drop it, or full keepers would refuse every newer version forever
         incomplete = [v for v, holders in holders_of.items()
                       if v <= limit and v != self.committed and len(holders) < len(self.world_ranks)]
-        keepers = [k for group in self.groups for k in group.keepers]
         if incomplete:
             ray.wait([k.discard.remote(v) for k in keepers for v in incomplete],
                      num_returns=len(keepers) * len(incomplete), timeout=PING_TIMEOUT_S)

@@ -168,10 +168,10 @@ class TrainWorker(DistributedWorker):
         with self._lock:
             self._metrics.append(record)
 
-    def progress(self) -> tuple[int, int]:
-        """(steps finished, steps started): they differ while a step is running."""
+    def finished_steps(self) -> int:
+        """Steps finished: one fewer than started while a step is running."""
         started = self.trainer.step
-        return (started - 1 if started and self._in_step else started), started
+        return started - 1 if started and self._in_step else started
 
     def poll_metrics(self) -> list[dict]:
         """Metrics of the steps finished since the last poll (runs beside train in the control group)."""

@@ -1,144 +1,315 @@
-"""Training-visible stall per checkpoint: orchestrate's lazy engine against torch.save and DCP.
+"""End-to-end cost of checkpointing: training iteration time per method, as a ratio to no checkpointing.
 
-State: 1 GiB fp32 laid out like specs/checkpointing.md section 5 (31 x [4096, 2048] + 128 x [256, 256]).
-"Stall" is the time the training thread cannot compute:
-- orchestrate (lazy): ``snapshot`` + ``wait_until_copied`` with a simulated forward/backward in between, as the
-  training-step contract places them; persistence to the universal format runs in the background.
-- orchestrate (no overlap): ``wait_until_copied`` right after ``snapshot``: the full copy, the worst case.
-- ``torch.save`` to the page cache, ``dcp.save(no_dist=True)`` (defaults: fsync), and the blocking part of
-  ``dcp.async_save(no_dist=True)`` (staging); their background part is awaited outside the measurement.
+The model is a Llama whose training state (parameters + AdamW moments, fp32) is >= 1 GiB by default.
 
-Run: ``.venv/bin/python -m benchmarks.checkpoint [--gib 1.0] [--repeats 3] [--step-ms 400]``
-Prints a markdown table; ratios are each method's median stall over the lazy engine's and over the copy floor.
+Both harnesses train the same model, optimizer, LR schedule, grad clip and data, composed from the same overrides
+as ``orchestrate launch``, torch using every core. orchestrate: ``python -m orchestrator launch parallel.dp=1``
+(one worker), ``step_time`` per step from ``metrics.jsonl``. Plain PyTorch: one process, no Ray, wall time per
+iteration (data, forward, backward, clip, optimizer step, checkpoint call).
+
+A run's iteration time is the MEAN over steps 3..N (steps 1-2 are warm-up): a save every 10 steps is amortized as
+a user pays it, where a median would hide it; the default N=12 puts exactly one every-10 save (step 10) in the
+window. Background writes still running after step N are not counted, on either harness. A row's ratio is the
+median over repeats of its ratio to the same harness's no-checkpointing run of that repeat; every repeat runs
+each method once, one process at a time, in alternating order, so a change in machine load hits all alike.
+
+Run: ``.venv/bin/python -m benchmarks.checkpoint [--repeats 5] [--steps 12] [--dim 1024] [--layers 8]``
+(``--quick``: a tiny model and 2 repeats, a smoke test). Prints a markdown table.
 """
 from __future__ import annotations
 
 import argparse
-import shutil
+import json
+import os
+import signal
 import statistics
+import subprocess
+import sys
 import tempfile
 import time
 import warnings
+from dataclasses import dataclass, field
+from functools import partial
 from pathlib import Path
-from typing import Callable
+from typing import Callable, Optional
 
 import torch
 import torch.distributed.checkpoint as dcp
+from torch.distributed.checkpoint.staging import DefaultStager, StagingOptions
+from torch.distributed.checkpoint.state_dict import get_state_dict
 
-from checkpoint.arena import HostArena
-from checkpoint.engine import CheckpointEngine, UniversalPersister
-from checkpoint.universal import FragmentSpec, TrainerState
+from orchestrator.cli import compose_config
+from orchestrator.data import ResumableSampler
+from orchestrator.models import Llama, build_llama, cross_entropy_loss
+from orchestrator.trainer import build_lr_scheduler, build_optimizer, clip_grad_norm_
+from orchestrator.worker import build_data, llama_config
 
-
-def make_state(gib: float) -> dict[str, torch.Tensor]:
-    rows = max(1, int(4096 * gib))  # other sizes scale the big tensors' rows and keep 159 tensors
-    state = {f"layers.{i}.weight": torch.randn(rows, 2048) for i in range(31)}
-    state.update({f"norms.{i}.weight": torch.randn(256, 256) for i in range(128)})
-    return state
-
-
-def calibrated_step(step_ms: float) -> Callable[[], None]:
-    """A stand-in forward/backward: fixed matmul work that takes about ``step_ms`` on an idle core."""
-    a = torch.randn(512, 512)
-
-    def work(iterations: int) -> None:
-        x = a
-        for _ in range(iterations):
-            x = torch.tanh(x @ a / 512)
-
-    started = time.perf_counter()
-    work(20)
-    per_iteration = (time.perf_counter() - started) / 20
-    iterations = max(1, int(step_ms / 1000 / per_iteration))
-    return lambda: work(iterations)
-
-
-def timed(fn: Callable[[], object]) -> tuple[float, object]:
-    started = time.perf_counter()
-    result = fn()
-    return time.perf_counter() - started, result
+REPO = Path(__file__).resolve().parents[1]
+CORES = len(os.sched_getaffinity(0))
+WARMUP_STEPS = 2
+EVERY_STEP_KEEPERS = "orchestrate, snapshot every step + keepers, disk every 10"
+ORCHESTRATE_METHODS = {
+    "orchestrate, no checkpointing": ["checkpoint.every=0", "checkpoint.persist_every=0", "checkpoint.keepers=false"],
+    EVERY_STEP_KEEPERS: ["checkpoint.every=1", "checkpoint.keepers=true", "checkpoint.persist_every=10"],
+    "orchestrate, snapshot every step, disk every 10, no keepers":
+        ["checkpoint.every=1", "checkpoint.keepers=false", "checkpoint.persist_every=10"],
+}
+PLAIN_METHODS = {  # label -> (saver, save every N steps)
+    "plain PyTorch, no checkpointing": ("none", 0),
+    "plain PyTorch, torch.save every 10": ("torch.save", 10),
+    "plain PyTorch, DCP async_save every 10": ("dcp.async_save", 10),
+    "plain PyTorch, torch.save every step": ("torch.save", 1),
+}
+BASELINE = {"orchestrate": "orchestrate, no checkpointing", "plain": "plain PyTorch, no checkpointing"}
 
 
-def bench_engine(state, root: Path, repeats: int, simulated_step) -> dict[str, list[float]]:
-    """Stalls with and without overlap, then background persist times, all through one reused arena."""
-    fragments = [FragmentSpec.whole(name, tensor) for name, tensor in state.items()]
-    arena = HostArena()
-    stalls = {"lazy": [], "floor": [], "persist": []}
-    with CheckpointEngine(arena, every=1) as engine:
-        for step in range(1, 2 * (repeats + 1) + 1):
-            engine.snapshot(step, lambda: fragments)
-            overlapped = step % 2 == 1
-            if overlapped:
-                simulated_step()
-            engine.wait_until_copied()
-            if step > 2:  # the first two snapshots fault in the arena pages
-                stalls["lazy" if overlapped else "floor"].append(engine.stats[-1].blocked_s)
-    for step in range(1, repeats + 1):
-        persister = UniversalPersister(root / "orchestrate", keep=1)
-        with CheckpointEngine(arena, every=1, persist_every=1, persister=persister) as engine:
-            engine.snapshot(step, lambda: fragments, TrainerState(step=step))
-        stalls["persist"].append(engine.stats[-1].persist_s)
-    return stalls
+@dataclass
+class MethodResults:
+    step_times: list[Optional[list[float]]] = field(default_factory=list)  # per repeat; None: that run failed
+    errors: list[str] = field(default_factory=list)
+
+    def iteration_s(self, repeat: int) -> Optional[float]:
+        times = self.step_times[repeat]
+        return statistics.fmean(times[WARMUP_STEPS:]) if times else None
 
 
-def bench_baselines(state, root: Path, repeats: int) -> dict[str, list[float]]:
-    results = {"torch.save": [], "dcp.save": [], "dcp.async_save": [], "dcp.async_save total": []}
-    for attempt in range(repeats + 1):
-        target = root / f"baseline-{attempt}"
-        target.mkdir()
-        seconds = {}
-        seconds["torch.save"], _ = timed(lambda: torch.save(state, target / "state.pt"))
-        seconds["dcp.save"], _ = timed(lambda: dcp.save(state, checkpoint_id=target / "dcp", no_dist=True))
-        blocking, future = timed(lambda: dcp.async_save(state, checkpoint_id=target / "async", no_dist=True))
-        seconds["dcp.async_save"] = blocking
-        seconds["dcp.async_save total"] = blocking + timed(future.result)[0]
-        shutil.rmtree(target)
-        if attempt:  # the first round warms allocators and the page cache
-            for name, value in seconds.items():
-                results[name].append(value)
+def attention_heads(dim: int) -> tuple[int, int]:
+    heads = max(2, dim // 64)
+    return heads, heads // 2  # grouped-query attention: two query heads per key/value head
+
+
+def shared_overrides(args) -> list[str]:
+    """What both harnesses compose (recipe quickstart + these), so model, optimizer and batch are identical."""
+    heads, kv_heads = attention_heads(args.dim)
+    return [f"model.dim={args.dim}", f"model.n_layers={args.layers}", f"model.n_heads={heads}",
+            f"model.n_kv_heads={kv_heads}", "model.vocab_size=256", f"train.global_batch_size={args.batch}",
+            f"train.seq_len={args.seq_len}", f"train.steps={args.steps}", "train.eval_batches=0",
+            "data.max_bytes=2000000", "parallel.dp=1", f"cluster.cpus_per_worker={CORES}"]
+
+
+def run_subprocess(command: list[str], timeout_s: float) -> subprocess.CompletedProcess:
+    """In its own process group, so a run that hangs is stopped with everything it started (its Ray cluster)."""
+    process = subprocess.Popen(command, cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                               start_new_session=True)
+    try:
+        out, err = process.communicate(timeout=timeout_s)
+    except subprocess.TimeoutExpired:
+        process.send_signal(signal.SIGINT)  # KeyboardInterrupt: the CLI stops the Ray processes it started
+        try:
+            out, err = process.communicate(timeout=60)
+        except subprocess.TimeoutExpired:
+            os.killpg(process.pid, signal.SIGKILL)
+            out, err = process.communicate()
+        err += f"\ntimed out after {timeout_s:.0f} s"
+    return subprocess.CompletedProcess(command, process.returncode, out, err)
+
+
+def last_line(text: str) -> str:
+    lines = [line for line in text.strip().splitlines() if line.strip()]
+    return lines[-1].strip().replace("|", "/") if lines else "(no output)"
+
+
+def run_orchestrate(overrides: list[str], timeout_s: float) -> tuple[Optional[list[float]], str]:
+    """Step times of one ``orchestrate launch``, or None and the last line of its stderr."""
+    with tempfile.TemporaryDirectory(prefix="ckpt-bench-") as tmp:
+        done = run_subprocess([sys.executable, "-m", "orchestrator", "launch", *overrides, "logging.progress=false",
+                               f"run.dir={tmp}/run"], timeout_s)
+        metrics = Path(tmp) / "run" / "metrics.jsonl"
+        records = [json.loads(line) for line in metrics.read_text().splitlines()] if metrics.exists() else []
+    if done.returncode != 0:
+        return None, last_line(done.stderr)
+    steps = sorted((r["step"], r["step_time"]) for r in records if "step_time" in r)
+    return [seconds for _, seconds in steps], ""
+
+
+def run_plain(overrides: list[str], saver: str, every: int, timeout_s: float) -> tuple[Optional[list[float]], str]:
+    """Step times of the plain loop, run in a fresh process like the CLI runs (see ``plain_worker``)."""
+    request = json.dumps({"overrides": overrides, "saver": saver, "every": every})
+    done = run_subprocess([sys.executable, "-m", "benchmarks.checkpoint", "--plain-worker", request], timeout_s)
+    if done.returncode != 0:
+        return None, last_line(done.stderr)
+    return json.loads(done.stdout.strip().splitlines()[-1]), ""
+
+
+class TorchSave:
+    """``torch.save`` of the model's and optimizer's state dicts, synchronous, over one file, no fsync."""
+
+    def __init__(self, model, optimizer, folder: Path, every: int):
+        self.model, self.optimizer, self.path, self.every = model, optimizer, folder / "state.pt", every
+
+    def before_optimizer_step(self) -> None:
+        pass
+
+    def after_step(self, step: int) -> None:
+        if self.every and step % self.every == 0:
+            torch.save({"model": self.model.state_dict(), "optimizer": self.optimizer.state_dict()}, self.path)
+
+    def finish(self) -> None:
+        pass
+
+
+class DcpAsyncSave(TorchSave):
+    """``dcp.async_save`` the best way a CPU user can: one reused ``DefaultStager`` (its staging buffers are
+    allocated once) copying in a background thread while the next forward/backward runs. Pinned memory and
+    non-blocking copies need an accelerator, shared memory only serves the process-based writer: all off. The
+    copy must finish before the next optimizer step (or the checkpoint would be torn), and the previous save
+    must be written before the next starts, as DCP's docs ask."""
+
+    def __init__(self, model, optimizer, folder: Path, every: int):
+        super().__init__(model, optimizer, folder, every)
+        self.folder = folder
+        self.stager = DefaultStager(StagingOptions(use_pinned_memory=False, use_shared_memory=False,
+                                                   use_async_staging=True, use_non_blocking_copy=False))
+        self.staging, self.upload = None, None
+
+    def before_optimizer_step(self) -> None:
+        if self.staging is not None:
+            self.staging.result()
+            self.staging = None
+
+    def after_step(self, step: int) -> None:
+        saving = self.every and step % self.every == 0
+        if step != 1 and not saving:
+            return
+        model_state, optimizer_state = get_state_dict(self.model, self.optimizer)
+        state = {"model": model_state, "optimizer": optimizer_state}
+        if step == 1:  # warm-up: allocate the staging buffers once, as a long run's first save did long ago
+            self.stager.stage(state).result()
+        if not saving:
+            return
+        if self.upload is not None:
+            self.upload.result()
+        response = dcp.async_save(state, checkpoint_id=self.folder / f"step-{step}", async_stager=self.stager,
+                                  no_dist=True)
+        self.staging, self.upload = response.staging_completion, response.upload_completion
+
+    def finish(self) -> None:
+        if self.upload is not None:
+            self.upload.result()
+        self.stager.close()
+
+
+def plain_worker(request: dict) -> list[float]:
+    """The training loop a user would write around the project's model, optimizer and data."""
+    warnings.filterwarnings("ignore")  # DCP warns about no_dist and experimental APIs on every call
+    torch.set_num_threads(CORES)
+    cfg = compose_config(request["overrides"])
+    model = build_llama(llama_config(cfg), seed=cfg.train.seed)
+    optimizer = build_optimizer(cfg.optim, model)
+    scheduler = build_lr_scheduler(cfg.optim, cfg.train.steps, optimizer)
+    data = build_data(cfg)
+    sampler = ResumableSampler(data.n_train, cfg.train.global_batch_size, 0, 1, cfg.train.seed)
+    saver_class = DcpAsyncSave if request["saver"] == "dcp.async_save" else TorchSave
+    with tempfile.TemporaryDirectory(prefix="ckpt-bench-") as tmp:
+        saver = saver_class(model, optimizer, Path(tmp), request["every"])
+        step_times = []
+        for step in range(1, cfg.train.steps + 1):
+            started = time.perf_counter()
+            inputs, targets = data.batch(sampler.next_window_ids())
+            cross_entropy_loss(model(inputs), targets).backward()
+            clip_grad_norm_(model.parameters(), cfg.train.grad_clip)
+            saver.before_optimizer_step()
+            optimizer.step()
+            optimizer.zero_grad(set_to_none=True)
+            scheduler.step()
+            saver.after_step(step)
+            step_times.append(time.perf_counter() - started)
+        saver.finish()
+    return step_times
+
+
+def method_runs(args) -> dict[str, Callable[[], tuple[Optional[list[float]], str]]]:
+    overrides = shared_overrides(args)
+    runs = {label: partial(run_orchestrate, overrides + extra, args.timeout)
+            for label, extra in ORCHESTRATE_METHODS.items()}
+    runs.update({label: partial(run_plain, overrides, saver, every, args.timeout)
+                 for label, (saver, every) in PLAIN_METHODS.items()})
+    return runs
+
+
+def run_all(args) -> dict[str, MethodResults]:
+    runs = method_runs(args)
+    results = {label: MethodResults() for label in runs}
+    for repeat in range(args.repeats):
+        order = list(runs) if repeat % 2 == 0 else list(reversed(runs))
+        for label in order:
+            started = time.monotonic()
+            times, error = runs[label]()
+            os.sync()  # write back this run's checkpoints now, not during the next method's run
+            results[label].step_times.append(times)
+            if error:
+                results[label].errors.append(f"repeat {repeat + 1}: {error}")
+            print(f"repeat {repeat + 1}/{args.repeats} {label}: {time.monotonic() - started:.0f} s"
+                  f"{' FAILED: ' + error if error else ''}", file=sys.stderr, flush=True)
     return results
 
 
-def table(engine: dict[str, list[float]], baselines: dict[str, list[float]], nbytes: int) -> str:
-    lazy = max(statistics.median(engine["lazy"]), 1e-3)  # clamped: a fully hidden copy would divide by ~0
-    floor = statistics.median(engine["floor"])
-    rows = [("orchestrate lazy snapshot (copy overlapped with the step)", engine["lazy"]),
-            ("orchestrate snapshot without overlap (copy floor)", engine["floor"]),
-            ("torch.save (page cache)", baselines["torch.save"]),
-            ("dcp.save, no_dist (defaults, fsync)", baselines["dcp.save"]),
-            ("dcp.async_save, no_dist: blocking part", baselines["dcp.async_save"])]
-    lines = [f"State: {nbytes / 2**30:.3f} GiB fp32, 159 tensors. Median of the measured rounds; ratios are "
-             f"over the lazy stall clamped to at least 1 ms.", "",
-             "| method | training-visible stall (s) | / orchestrate lazy | / orchestrate without overlap |",
-             "|---|---:|---:|---:|"]
-    for name, values in rows:
-        median = statistics.median(values)
-        lines.append(f"| {name} | {median:.4f} | {max(median, 1e-3) / lazy:.1f}x | {median / floor:.2f}x |")
-    lines += ["", "Background work, not on the training thread:", "",
-              f"- orchestrate persist to the universal format (fsync, commit): "
-              f"{statistics.median(engine['persist']):.3f} s",
-              f"- dcp.async_save until written: {statistics.median(baselines['dcp.async_save total']):.3f} s"]
-    return "\n".join(lines)
+def training_state_size(args) -> tuple[int, float]:
+    """Parameter count of the composed model (built on the meta device: no memory) and params+moments GiB."""
+    with torch.device("meta"):
+        model = Llama(llama_config(compose_config(shared_overrides(args))))
+    n_params = sum(p.numel() for p in model.parameters())
+    return n_params, 3 * 4 * n_params / 2**30
+
+
+def median_or_none(values) -> Optional[float]:
+    present = [v for v in values if v is not None]
+    return statistics.median(present) if present else None
+
+
+def fmt(value: Optional[float]) -> str:
+    return "failed" if value is None else f"{value:.3f}"
+
+
+def paired_ratios(result: MethodResults, baseline: MethodResults) -> list[Optional[float]]:
+    pairs = [(result.iteration_s(r), baseline.iteration_s(r)) for r in range(len(result.step_times))]
+    return [None if m is None or b is None else m / b for m, b in pairs]
+
+
+def table(results: dict[str, MethodResults], args, n_params: int, state_gib: float) -> str:
+    heads, kv_heads = attention_heads(args.dim)
+    lines = [f"Model: Llama dim {args.dim}, {args.layers} layers, {heads}/{kv_heads} heads: {n_params / 1e6:.1f}M "
+             f"parameters; training state (parameters + 2 AdamW moments, fp32) {state_gib:.2f} GiB. Batch "
+             f"{args.batch} x {args.seq_len} tokens, {CORES} torch threads, {args.steps} steps per run; iteration "
+             f"time = mean over steps {WARMUP_STEPS + 1}..{args.steps}; median of {args.repeats} alternating "
+             f"repeats.", "",
+             "| method | iteration time (s) | median step (s) | ratio to no checkpointing | per repeat | goal |",
+             "|---|---:|---:|---:|---|---|"]
+    for label, result in results.items():
+        harness = "orchestrate" if label in ORCHESTRATE_METHODS else "plain"
+        ratios = paired_ratios(result, results[BASELINE[harness]])
+        iteration = median_or_none(result.iteration_s(r) for r in range(args.repeats))
+        typical_step = median_or_none(statistics.median(t[WARMUP_STEPS:]) for t in result.step_times if t)
+        lines.append(f"| {label} | {fmt(iteration)} | {fmt(typical_step)} | {fmt(median_or_none(ratios))} | "
+                     f"{', '.join(map(fmt, ratios))} | {'<= 1.05' if label == EVERY_STEP_KEEPERS else '-'} |")
+    framework = paired_ratios(results[BASELINE["orchestrate"]], results[BASELINE["plain"]])
+    lines += ["", f"Framework overhead without checkpoints (orchestrate none / plain none): "
+                  f"{fmt(median_or_none(framework))} (per repeat: {', '.join(map(fmt, framework))})"]
+    failures = [f"- {label}, {error}" for label, result in results.items() for error in result.errors]
+    return "\n".join(lines + (["", "Failed runs (last line of stderr):", *failures] if failures else []))
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--gib", type=float, default=1.0)
-    parser.add_argument("--repeats", type=int, default=3)
-    parser.add_argument("--step-ms", type=float, default=400.0, help="simulated forward/backward duration")
-    parser.add_argument("--dir", default=None, help="scratch directory (default: a temp dir, removed after)")
+    parser.add_argument("--repeats", type=int, default=5)
+    parser.add_argument("--steps", type=int, default=12, help="per run; steps 1-2 are warm-up")
+    parser.add_argument("--dim", type=int, default=1024)
+    parser.add_argument("--layers", type=int, default=8)
+    parser.add_argument("--batch", type=int, default=1, help="train.global_batch_size")
+    parser.add_argument("--seq-len", type=int, default=64)
+    parser.add_argument("--timeout", type=float, default=900.0, help="seconds per run before it counts as failed")
+    parser.add_argument("--quick", action="store_true", help="tiny model, 2 repeats: a smoke test")
+    parser.add_argument("--plain-worker", help=argparse.SUPPRESS)  # internal: one plain run, JSON request
     args = parser.parse_args()
-    torch.set_num_threads(1)
-    warnings.filterwarnings("ignore")  # dcp warns about no_dist on every call
-    root = Path(tempfile.mkdtemp(prefix="ckpt-bench-", dir=args.dir))
-    try:
-        state = make_state(args.gib)
-        simulated_step = calibrated_step(args.step_ms)
-        engine = bench_engine(state, root, args.repeats, simulated_step)
-        baselines = bench_baselines(state, root, args.repeats)
-        print(table(engine, baselines, sum(t.nbytes for t in state.values())))
-    finally:
-        shutil.rmtree(root, ignore_errors=True)
+    if args.plain_worker:
+        print(json.dumps(plain_worker(json.loads(args.plain_worker))))
+        return
+    if args.quick:
+        args.dim, args.layers, args.repeats = 128, 2, 2
+    if args.steps <= WARMUP_STEPS:
+        parser.error(f"--steps must be > {WARMUP_STEPS} (warm-up steps are skipped)")
+    n_params, state_gib = training_state_size(args)  # also checks the overrides before any run starts
+    print(table(run_all(args), args, n_params, state_gib))
 
 
 if __name__ == "__main__":

@@ -28,10 +28,10 @@ from pathlib import Path
 from cluster.simulated import SimulatedCluster
 
 
-def launch(steps: int, persist_every: int, *overrides: str) -> list[dict]:
-    """The metrics records of one quickstart run."""
+def launch(steps: int, persist_every: int, *overrides: str, recipe: str = "quickstart") -> list[dict]:
+    """The metrics records of one run."""
     with tempfile.TemporaryDirectory() as tmp:
-        args = ["recipe=quickstart", f"train.steps={steps}", f"checkpoint.persist_every={persist_every}",
+        args = [f"recipe={recipe}", f"train.steps={steps}", f"checkpoint.persist_every={persist_every}",
                 f"run.dir={tmp}/run", "logging.progress=false", *overrides]
         subprocess.run([sys.executable, "-m", "orchestrator", "launch", *args], check=True, capture_output=True)
         return [json.loads(line) for line in (Path(tmp) / "run" / "metrics.jsonl").read_text().splitlines()]
@@ -65,13 +65,16 @@ def main() -> None:
     parser.add_argument("--steps", type=int, default=40)
     parser.add_argument("--at-step", type=int, default=25)
     parser.add_argument("--persist-every", type=int, default=10)
-    parser.add_argument("--repeats", type=int, default=3)
+    parser.add_argument("--repeats", type=int, default=5)
     parser.add_argument("--part", choices=("both", "recovery", "overhead"), default="both")
+    parser.add_argument("--recipes", nargs="+", default=["quickstart", "small"])
+    parser.add_argument("--small-steps", type=int, default=12)
     args = parser.parse_args()
     if args.part != "overhead":
         print_recoveries(args)
     if args.part != "recovery":
-        print_handover_overhead(args.steps, args.persist_every, args.repeats)
+        print_keeper_overhead(args.recipes, {"quickstart": args.steps, "small": args.small_steps}, args.persist_every,
+                              args.repeats)
 
 
 def print_recoveries(args: argparse.Namespace) -> None:
@@ -91,19 +94,46 @@ def print_recoveries(args: argparse.Namespace) -> None:
               f"| {r['step_s']:.3f} | {commit} |")
 
 
-def print_handover_overhead(steps: int, persist_every: int, repeats: int) -> None:
-    medians: dict[str, list[float]] = {"true": [], "false": []}
-    for _ in range(repeats):
-        for keepers in medians:  # alternating, so a change in the machine's load hits both alike
-            medians[keepers].append(median_step_s(launch(steps, persist_every, f"checkpoint.keepers={keepers}")))
-    ratios = [with_ / without for with_, without in zip(medians["true"], medians["false"])]
-    print(f"\nHandover overhead: median step time with keepers over without, no faults, {repeats} alternating "
-          f"pairs of {steps}-step runs\n")
-    print("| pair | with keepers (s) | without (s) | ratio |")
-    print("|---|---|---|---|")
-    for i, (with_, without, ratio) in enumerate(zip(medians["true"], medians["false"], ratios), 1):
-        print(f"| {i} | {with_:.3f} | {without:.3f} | {ratio:.2f} |")
-    print(f"| median | | | **{statistics.median(ratios):.2f}** |")
+OVERHEAD_RUNS = {  # name -> overrides, measured against no checkpointing at all
+    "none": ("checkpoint.every=0", "checkpoint.persist_every=0"),
+    "keepers, snapshot every step": ("checkpoint.keepers=true", "checkpoint.every=1"),
+    "keepers, snapshot every 10 steps": ("checkpoint.keepers=true", "checkpoint.every=10"),
+}
+
+
+def print_keeper_overhead(recipes: list[str], steps: dict[str, int], persist_every: int, repeats: int) -> None:
+    """Median step time of fault-free runs with keepers over the same runs without any checkpointing, the
+    configurations alternating ``repeats`` times so that a change in the machine's load hits them alike."""
+    for recipe in recipes:
+        medians: dict[str, list[float]] = {name: [] for name in OVERHEAD_RUNS}
+        memory = None
+        for _ in range(repeats):
+            for name, overrides in OVERHEAD_RUNS.items():
+                records = launch(steps[recipe], persist_every, *overrides, recipe=recipe)
+                medians[name].append(median_step_s(records[2:]))  # the first steps warm up
+                memory = next((r["nodes"] for r in records if r.get("event") == "keeper_memory"), memory)
+        print(f"\nKeeper overhead, recipe {recipe}: median step time over no checkpointing, {repeats} alternating "
+              f"repeats of {steps[recipe]}-step runs (disk every {persist_every} snapshots)\n")
+        print("| configuration | median step (s) per repeat | ratio per repeat | median ratio | goal |")
+        print("|---|---|---|---|---|")
+        for name in OVERHEAD_RUNS:
+            ratios = [t / base for t, base in zip(medians[name], medians["none"])]
+            goal = "-" if name == "none" else "<= 1.05"
+            print(f"| {name} | {' / '.join(f'{t:.3f}' for t in medians[name])} | "
+                  f"{' / '.join(f'{r:.3f}' for r in ratios)} | **{statistics.median(ratios):.3f}** | {goal} |")
+        print_memory(memory)
+
+
+def print_memory(nodes: dict) -> None:
+    """Keeper memory per node against the state it protects (goal: versions kept x n / (n - m) of it)."""
+    print("\n| node | state of its ranks (MiB) | arenas (MiB) | parity (MiB) | (arenas + parity) / state | goal | "
+          "keeper RSS (MiB) |")
+    print("|---|---|---|---|---|---|---|")
+    for node, m in sorted(nodes.items()):
+        state, mib = m["state_bytes"], 2 ** 20
+        print(f"| {node[:8]} | {state / mib:.1f} | {m['arena_bytes'] / mib:.1f} | {m['parity_bytes'] / mib:.1f} | "
+              f"{(m['arena_bytes'] + m['parity_bytes']) / state:.2f} | <= {m['slots']} x n/(n-m) | "
+              f"{m['rss_bytes'] / mib:.0f} |")
 
 
 if __name__ == "__main__":

@@ -38,6 +38,11 @@ class HostArena:
                 self._buffer_for(name, source).copy_(source.detach())
         return self.buffers
 
+    def copy_version(self, version: int, fragments, trainer_state) -> bool:
+        """The checkpoint engine's level-0 target: every version is copied (``buffers`` holds the newest)."""
+        self.copy_from({fragment.key: fragment.tensor for fragment in fragments})
+        return True
+
     def _buffer_for(self, name: str, source: torch.Tensor) -> torch.Tensor:
         buffer = self._buffers.get(name)
         if buffer is None or buffer.shape != source.shape or buffer.dtype != source.dtype:

@@ -13,7 +13,8 @@ copies them into the arena. Until ``wait_until_copied`` returns, the caller must
 (parameters, optimizer moments, sync state); reading them (forward/backward) is fine. This holds naturally when
 ``wait_until_copied`` sits right before ``optimizer.step()``.
 
-Levels: L0 is the arena in this process. Every ``persist_every``-th snapshot is handed to a persister (L2:
+Levels: L0 is the arena: a HostArena in this process, or (keepers on) a slot of this rank's arena in node-local
+shared memory that the node's keeper owns (checkpoint/shm_arena.py); that copy is the only one. Every ``persist_every``-th snapshot is handed to a persister (L2:
 ``UniversalPersister`` writes the universal format) on another thread, from the arena copy, never from live
 tensors. While a persist reads the arena, the next copy waits for it (back-pressure, as a full host pool does in
 DataStates-LLM) instead of skipping: every rank then snapshots and persists the same versions, which a
@@ -59,6 +60,12 @@ class CheckpointConfig:
         return CheckpointEngine(HostArena(), self.every, self.persist_every, persister)
 
 
+class SnapshotTarget(Protocol):
+    """Where level 0 lives: a HostArena in this process, or a keeper's shared-memory arena (ArenaWriter)."""
+
+    def copy_version(self, version: int, fragments: list[FragmentSpec], trainer_state: TrainerState) -> bool: ...
+
+
 class Persister(Protocol):
     def persist(self, version: int, fragments: list[FragmentSpec], trainer_state: TrainerState) -> None: ...
 
@@ -71,6 +78,7 @@ class SnapshotStats:
     blocked_s: float = 0.0  # trainer time spent in snapshot() plus wait_until_copied() for this version
     persist_wait_s: float = 0.0  # copy thread waiting for the previous persist to release the arena
     copy_s: float = 0.0
+    copied: bool = False  # False when the target skipped this version (every shared-memory slot still held)
     persist_s: Optional[float] = None  # None when this version was not persisted (or not yet)
 
 
@@ -80,11 +88,13 @@ def _frozen(trainer_state: TrainerState) -> TrainerState:
 
 
 class CheckpointEngine:
-    def __init__(self, arena: HostArena, every: int = 1, persist_every: int = 0,
+    def __init__(self, arena: SnapshotTarget, every: int = 1, persist_every: int = 0,
                  persister: Optional[Persister] = None, history: int = 1024):
         CheckpointConfig(every=every, persist_every=persist_every).validate()
         if persist_every and persister is None:
             raise CheckpointError("checkpoint.persist_every > 0 needs a persister")
+        if persist_every and not isinstance(arena, HostArena):
+            raise CheckpointError("the engine persists from a HostArena; a keeper's arena is persisted by the keeper")
         self.arena = arena
         self.every = every
         self.persist_every = persist_every
@@ -161,11 +171,13 @@ class CheckpointEngine:
         self._release_arena()
         copied = time.perf_counter()
         stats.persist_wait_s = copied - started
-        buffers = self.arena.copy_from({fragment.key: fragment.tensor for fragment in fragments})
+        stats.copied = self.arena.copy_version(stats.version, fragments, state)
         stats.copy_s = time.perf_counter() - copied
+        if not stats.copied:
+            return
         self.copied_version = stats.version
         if persist:
-            held = [replace(fragment, tensor=buffers[fragment.key]) for fragment in fragments]
+            held = [replace(fragment, tensor=self.arena.buffers[fragment.key]) for fragment in fragments]
             self._persist = self._writer.submit(self._persist_job, stats, held, state)
 
     def _release_arena(self) -> None:

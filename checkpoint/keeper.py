@@ -1,56 +1,51 @@
-"""SnapshotKeeper: one Ray actor per node that holds the ranks' level-1 snapshots outside the trainer processes.
+"""SnapshotKeeper: one Ray actor per node that owns its ranks' snapshot arenas in node-local shared memory, so a
+snapshot outlives the trainer process that wrote it.
 
-Handover is a push: after the engine's L0 copy a worker packs its arena (checkpoint/snapshot_codec.py) and calls
-``keeper.put.remote(version, rank, index, payload)`` (``KeeperHandover`` does this as the engine's persister).
-Why push and copy, given Ray's ownership rules (shared/research/ecosystem.md section 2): the payload argument is
-an object owned by the worker, and the keeper gets a zero-copy read-only view of it. Holding that view would tie
-the snapshot to the worker's life (OwnerDiedError once it dies), so ``put`` copies it into memory the keeper
-owns before it returns; from the ack on, the snapshot no longer depends on the worker, and the plasma copy is
-freed instead of occupying (and spilling from) the object store. A pull (keeper calls a worker method and keeps
-the returned ref) would also be owned by the keeper, but would keep every snapshot in plasma and make the keeper
-track worker handles.
+Handover without bytes: the keeper creates one arena per local rank (``reserve``; checkpoint/shm_arena.py) and
+returns where it lies; the trainer's checkpoint engine packs every version straight into a free slot of it and
+publishes it READY in the arena's header. That copy is level 0, and there is no other: no ``ray.put`` of training
+state, no copy into the keeper. The keeper reads the slots when a commit seals a version, when it computes parity
+(checkpoint/keeper_group.py: only the chunks other nodes need cross the network), when it writes level 2, and
+when a replacement worker restores.
 
-Versions: at most ``keep`` (>= 2) are held: the newest committed one and the oldest pending ones; a new version
-beyond that is refused with KeeperBusyError (the handover skips it) until a commit frees the older ones.
+Versions: the trainer writes every version, over its oldest unclaimed one when no slot is free, so the arenas
+always hold the newest versions (a process loss restores from them). A commit claims a version (seal: no
+trainer overwrites it any more) that every rank holds; committing it frees every older slot, unless a level-2
+write still reads it.
 
-Create keepers with ``start_keeper(node_id)``: a threaded actor (group members call each other while serving
-calls) with no CPU reservation, pinned to its node.
+Create keepers with ``start_keeper(node_id, shm_dir, slots)``: a threaded actor (group members call each other
+while serving calls) with no CPU reservation, pinned to its node.
 """
 from __future__ import annotations
 
 import functools
 import logging
 import threading
-import time
-from dataclasses import asdict, dataclass, field
+from dataclasses import dataclass, field
 from typing import Any, Optional, Sequence
 
 import numpy as np
+import psutil
 import ray
 from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
 
 from checkpoint.keeper_group import GroupMember, NotHeldError
-from checkpoint.snapshot_codec import SnapshotIndex, pack_into, plan_index, unpack
-from checkpoint.universal import (CheckpointError, FragmentSpec, TrainerState, commit_version, version_dir,
-                                  wait_for_ranks, write_fragments)
+from checkpoint.shm_arena import (COMMITTED, FREE, HELD, READY, SEALED, TRAINER_STATE_META, WRITING, Arena,
+                                  ArenaLayout, ShmSpaceError, free_bytes, human_bytes)
+from checkpoint.snapshot_codec import SnapshotIndex, unpack
+from checkpoint.universal import (CheckpointError, TrainerState, commit_version, version_dir, wait_for_ranks,
+                                  write_fragments)
 
 log = logging.getLogger(__name__)
-
-TRAINER_STATE_META = "trainer_state"  # snapshot meta key under which the trainer state travels
 
 Snapshot = tuple[dict, np.ndarray]  # (index JSON, packed payload)
 
 
-class KeeperBusyError(CheckpointError):
-    """The keeper already holds ``keep`` versions it may not drop (committed or being committed)."""
-
-
 @dataclass
-class HeldVersion:
-    version: int
-    snapshots: dict[int, Snapshot] = field(default_factory=dict)  # rank -> snapshot; views of `data` once assembled
-    directory: Optional[dict] = None  # set by seal: where each rank sits in `data`; no more puts after it
-    data: Optional[np.ndarray] = None  # own data, padded to the group's k * chunk_length
+class VersionRecord:
+    """What the keeper knows of a version beyond its arenas' slots: the commit protocol's state."""
+
+    directory: Optional[dict] = None  # set by seal: where each rank sits in this node's data; no more ranks after
     chunk_length: int = 0
     parity: dict[int, np.ndarray] = field(default_factory=dict)  # stripe -> parity chunk this keeper stores
     directories: Optional[list[dict]] = None  # every member's directory: rebuilding a lost one needs it
@@ -59,17 +54,13 @@ class HeldVersion:
     committed: bool = False
 
     @property
-    def sealed(self) -> bool:
-        return self.directory is not None
-
-    @property
     def encoded(self) -> bool:
         return self.directories is not None
 
     @property
-    def nbytes(self) -> int:
-        own = self.data.nbytes if self.data is not None else sum(p.nbytes for _, p in self.snapshots.values())
-        return own + sum(chunk.nbytes for chunk in self.parity.values())
+    def extra_bytes(self) -> int:
+        """Memory beyond the arenas: parity and decoded ranks."""
+        return sum(c.nbytes for c in self.parity.values()) + sum(p.nbytes for _, p in self.rebuilt.values())
 
 
 def _directory(snapshots: dict[int, Snapshot]) -> dict:
@@ -88,95 +79,137 @@ def split_by_directory(directory: dict, data: np.ndarray) -> dict[int, Snapshot]
 
 
 class SnapshotKeeper:
-    """Holds packed snapshots per (version, rank); erasure-codes them within its group; persists them to disk."""
+    """Owns the node's snapshot arenas; erasure-codes committed versions within its group; persists them."""
 
-    def __init__(self, keep: int = 2, call_timeout_s: float = 60.0):
-        if keep < 2:
-            raise ValueError(f"keeper keep={keep}: must be >= 2 (the committed version plus the next one)")
-        self.keep, self.call_timeout_s = keep, call_timeout_s
-        self._versions: dict[int, HeldVersion] = {}
+    def __init__(self, shm_dir: str = "/dev/shm", slots: int = 4, call_timeout_s: float = 60.0):
+        self.shm_dir, self.slots, self.call_timeout_s = shm_dir, slots, call_timeout_s
+        self._arenas: dict[int, Arena] = {}  # rank -> its arena
+        self._records: dict[int, VersionRecord] = {}
         self._committed: Optional[int] = None
+        self._pinned: set[int] = set()  # versions a level-2 write reads: their slots are not freed
+        self._spare_parity: list[np.ndarray] = []  # parity buffers of dropped versions, reused
         self._group: Optional[GroupMember] = None
         self._lock = threading.RLock()
 
-    # ------------------------------------------------------------------ handover and restore
+    # ------------------------------------------------------------------ arenas
 
-    def put(self, version: int, rank: int, index: dict, payload: np.ndarray) -> int:
-        """Copy one rank's packed snapshot into keeper-owned memory; returns the bytes held (the ack)."""
-        source = np.asarray(payload)
-        expected = SnapshotIndex.from_json(index).nbytes
-        if source.dtype != np.uint8 or source.ndim != 1 or source.nbytes != expected:
-            raise CheckpointError(f"put(version={version}, rank={rank}): payload must be a 1-D uint8 array of "
-                                  f"{expected} bytes, got {source.dtype}{list(source.shape)}")
+    def reserve(self, requests: dict[int, tuple[int, int]]) -> dict[int, dict]:
+        """rank -> arena handle for this node's ranks, ``requests``: rank -> (payload bytes, metadata bytes) of
+        its largest snapshot. An arena that is large enough is kept (with the versions it holds; a slot its dead
+        writer left half-written is freed); arenas of ranks no longer here are released. The whole node's need is
+        checked against the free shared memory before anything is allocated."""
         with self._lock:
-            self._admit_for_put(version, rank)  # a refused version is refused before it is copied
-        owned = np.empty(source.nbytes, dtype=np.uint8)
-        owned[:] = source
+            for rank in [r for r in self._arenas if r not in requests]:
+                self._arenas.pop(rank).close()
+            layouts = {rank: ArenaLayout(self.slots, payload, meta) for rank, (payload, meta) in requests.items()}
+            new = {rank: layout for rank, layout in layouts.items() if not self._fits(rank, layout)}
+            needed = sum(layout.nbytes for layout in new.values())
+            available = free_bytes(self.shm_dir) + sum(self._arenas[r].nbytes for r in new if r in self._arenas)
+            if needed > available:
+                raise ShmSpaceError(
+                    f"checkpoint.shm_dir={self.shm_dir}: the keeper of node {self._node()[:8]} needs "
+                    f"{human_bytes(needed)} of shared memory ({self.slots} versions of ranks {sorted(new)}), "
+                    f"{human_bytes(available)} is free; set checkpoint.shm_dir= to a larger tmpfs, fewer "
+                    f"checkpoint.shm_versions, or checkpoint.keepers=false")
+            for rank, layout in new.items():
+                self._replace_arena(rank, layout)
+            for rank in requests:
+                self._reclaim_writing(rank)
+            return {rank: self._arenas[rank].handle().to_json() for rank in requests}
+
+    def allocate(self, rank: int, payload_nbytes: int, meta_nbytes: int) -> dict:
+        """A larger arena for one rank whose snapshot outgrew its slots (its held versions are dropped)."""
         with self._lock:
-            self._admit_for_put(version, rank).snapshots[rank] = (dict(index), owned)
-        return owned.nbytes
+            layout = ArenaLayout(self.slots, payload_nbytes, meta_nbytes)
+            if not self._fits(rank, layout):
+                log.warning("rank %d's snapshot outgrew its arena: a new one of %s, its held versions dropped",
+                            rank, human_bytes(layout.nbytes))
+                self._replace_arena(rank, layout)
+            return self._arenas[rank].handle().to_json()
+
+    def _fits(self, rank: int, layout: ArenaLayout) -> bool:
+        held = self._arenas.get(rank)
+        return held is not None and held.layout.payload_capacity >= layout.payload_capacity and \
+            held.layout.meta_capacity >= layout.meta_capacity
+
+    def _replace_arena(self, rank: int, layout: ArenaLayout) -> None:
+        old = self._arenas.pop(rank, None)
+        if old is not None:
+            old.close()
+        self._arenas[rank] = Arena.create(self.shm_dir, layout, f"rank {rank}'s arena")
+
+    def _reclaim_writing(self, rank: int) -> None:
+        arena = self._arenas[rank]
+        for slot in range(arena.layout.slots):
+            if arena.state(slot) == WRITING:
+                arena.set_state(slot, FREE)
+
+    def close(self) -> None:
+        with self._lock:
+            for arena in self._arenas.values():
+                arena.close()
+            self._arenas.clear()
+
+    @staticmethod
+    def _node() -> str:
+        return ray.get_runtime_context().get_node_id()
+
+    # ------------------------------------------------------------------ what is held; restore
+
+    def _snapshots(self, version: int, states: Sequence[int] = HELD) -> dict[int, Snapshot]:
+        """rank -> (index, payload view) of the slots holding ``version`` (under the lock)."""
+        found = {}
+        for rank, arena in self._arenas.items():
+            slot = arena.slots_in(states).get(version)
+            if slot is not None:
+                found[rank] = arena.read(slot)
+        return found
 
     def get(self, version: int, rank: int) -> Snapshot:
-        """One rank's snapshot: handed over to this keeper, or decoded here by ``restore_member``."""
+        """One rank's snapshot (a copy): from its arena, or decoded here by ``restore_member``."""
         with self._lock:
-            held = self._held(version)
-            snapshots = {**held.rebuilt, **held.snapshots}
-        if rank not in snapshots:
-            raise NotHeldError(f"keeper holds ranks {sorted(snapshots)} of version {version}, not rank {rank}")
-        return snapshots[rank]
-
-    def held_ranks(self) -> dict[int, list[int]]:
-        """version -> ranks handed over to this keeper (what a restore can read without decoding)."""
-        with self._lock:
-            return {version: sorted(held.snapshots) for version, held in self._versions.items()}
+            record = self._records.get(version)
+            snapshots = {**(record.rebuilt if record else {}), **self._snapshots(version)}
+            if rank not in snapshots:
+                raise NotHeldError(f"keeper holds ranks {sorted(snapshots)} of version {version}, not rank {rank}")
+            index, payload = snapshots[rank]
+            return index, payload.copy()
 
     def get_all(self, version: int) -> dict[int, Snapshot]:
         with self._lock:
-            return dict(self._held(version).snapshots)
+            return {rank: (index, payload.copy()) for rank, (index, payload) in self._snapshots(version).items()}
+
+    def held_ranks(self) -> dict[int, list[int]]:
+        """version -> ranks whose complete snapshot this keeper's arenas hold."""
+        held: dict[int, list[int]] = {}
+        with self._lock:
+            for rank, arena in sorted(self._arenas.items()):
+                for version in arena.slots_in(HELD):
+                    held.setdefault(version, []).append(rank)
+        return held
 
     def versions(self) -> list[int]:
         with self._lock:
-            return sorted(self._versions)
+            return sorted(set(self.held_ranks()) | set(self._records))
 
     def committed_version(self) -> Optional[int]:
         return self._committed
 
     def held_bytes(self) -> int:
-        """Bytes of snapshot data and parity this keeper holds, over all versions."""
+        """Shared memory of the arenas plus parity and decoded ranks held."""
         with self._lock:
-            return sum(held.nbytes for held in self._versions.values())
+            return sum(a.nbytes for a in self._arenas.values()) + sum(r.extra_bytes for r in self._records.values())
+
+    def memory(self) -> dict[str, int]:
+        """Arena, parity and resident bytes of this keeper, and the bytes of one version of its ranks' state."""
+        with self._lock:
+            state = sum(a.layout.payload_capacity for a in self._arenas.values())
+            parity = sum(c.nbytes for r in self._records.values() for c in r.parity.values())
+            return {"arena_bytes": sum(a.nbytes for a in self._arenas.values()), "parity_bytes": parity,
+                    "state_bytes": state, "slots": self.slots, "rss_bytes": psutil.Process().memory_info().rss}
 
     def ping(self) -> str:
-        return ray.get_runtime_context().get_node_id()
-
-    # ------------------------------------------------------------------ version bookkeeping (under the lock)
-
-    def _held(self, version: int) -> HeldVersion:
-        held = self._versions.get(version)
-        if held is None:
-            raise NotHeldError(f"keeper holds versions {sorted(self._versions)}, not {version}")
-        return held
-
-    def _admit_for_put(self, version: int, rank: int) -> HeldVersion:
-        held = self._admit(version)
-        if held.sealed:
-            raise CheckpointError(f"put(version={version}, rank={rank}): the version is already being committed; "
-                                  f"this rank's part came too late")
-        return held
-
-    def _admit(self, version: int) -> HeldVersion:
-        if version in self._versions:
-            return self._versions[version]
-        if self._committed is not None and version <= self._committed:
-            raise CheckpointError(f"version {version} is not newer than the committed version {self._committed}")
-        if len(self._versions) >= self.keep:
-            # Refuse rather than evict: every keeper then holds the same oldest versions after the committed one
-            # (handovers arrive in version order), so a commit that lags behind still finds one they all hold.
-            # Evicting made keepers keep different versions, and commits starved for many steps.
-            raise KeeperBusyError(f"keeper holds versions {sorted(self._versions)} (committed {self._committed}); "
-                                  f"version {version} skipped until one of them is committed")
-        held = self._versions[version] = HeldVersion(version)
-        return held
+        return self._node()
 
     # ------------------------------------------------------------------ group protocol (driven by keeper_group)
 
@@ -184,79 +217,130 @@ class SnapshotKeeper:
         self._group = GroupMember(index, members, parity, self.call_timeout_s)
 
     def seal(self, version: int) -> dict:
-        """Freeze the set of ranks of ``version`` (a node may hold none) and return where each sits in own data."""
+        """Freeze the ranks of ``version`` (a node may hold none) and return where each sits in this node's data."""
         with self._lock:
-            # a node without ranks still holds parity for the others: it seals an empty version (as does one
-            # that evicted the version; then the commit fails on the rank count and discards it everywhere)
-            held = self._versions.get(version)
-            if held is None:  # empty: costs no memory, so it does not count against ``keep``
-                held = self._versions[version] = HeldVersion(version)
-            if not held.sealed:
-                held.directory = _directory(held.snapshots)
-            return held.directory
+            record = self._records.setdefault(version, VersionRecord())
+            if record.directory is None:
+                for arena in self._arenas.values():
+                    arena.claim(version, READY, SEALED)
+                record.directory = _directory(self._snapshots(version, (SEALED, COMMITTED)))
+            return record.directory
 
     def encode(self, version: int, chunk_length: int, directories: list[dict]) -> int:
-        """Lay out own data in k chunks and compute the parity this keeper stores; returns bytes held for it."""
+        """Compute the parity this keeper stores for ``version``; returns the bytes it holds for it."""
         group = self._require_group()
-        held = self._assemble(version, chunk_length)
-        if not held.encoded:
-            parity = group.encode_parity(version, chunk_length)
+        with self._lock:
+            record = self._sealed(version)
+            if record.directory["nbytes"] > chunk_length * group.layout.data_members:
+                raise CheckpointError(f"version {version}: {record.directory['nbytes']} bytes do not fit in "
+                                      f"{group.layout.data_members} chunks of {chunk_length}")
+            record.chunk_length = chunk_length
+        if not record.encoded:
+            parity = group.encode_parity(version, chunk_length, self._parity_buffer)
             with self._lock:
-                held.parity, held.directories, held.group = parity, list(directories), group
-        return held.nbytes
+                record.parity, record.directories, record.group = parity, list(directories), group
+        return record.directory["nbytes"] + record.extra_bytes
+
+    def _parity_buffer(self, nbytes: int) -> np.ndarray:
+        with self._lock:
+            for i, spare in enumerate(self._spare_parity):
+                if spare.nbytes == nbytes:
+                    return self._spare_parity.pop(i)
+        return np.empty(nbytes, dtype=np.uint8)
 
     def shard(self, version: int, stripe: int, chunk_length: Optional[int] = None) -> np.ndarray:
-        """This keeper's shard of a stripe: one of its own data chunks, or a parity chunk it stores."""
+        """This keeper's shard of a stripe: a chunk of its own data (read from the arenas), or parity it stores."""
         group = self._group_of(version)
         shard = group.layout.shard_of(group.index, stripe)
-        if shard >= group.layout.data_members:
-            with self._lock:
-                chunk = self._held(version).parity.get(stripe)
-            if chunk is None:
-                raise NotHeldError(f"version {version}: parity of stripe {stripe} is not encoded here")
-            return chunk
-        held = self._assemble(version, chunk_length) if chunk_length is not None else self._assembled(version)
-        return held.data[shard * held.chunk_length:(shard + 1) * held.chunk_length]
-
-    def mark_committed(self, version: int) -> None:
         with self._lock:
-            held = self._held(version)
-            if not held.encoded:
+            record = self._sealed(version)
+            if shard >= group.layout.data_members:
+                chunk = record.parity.get(stripe)
+                if chunk is None:
+                    raise NotHeldError(f"version {version}: parity of stripe {stripe} is not encoded here")
+                return chunk
+            return self._data_chunk(version, record, shard, chunk_length or record.chunk_length)
+
+    def _data_chunk(self, version: int, record: VersionRecord, chunk: int, length: int) -> np.ndarray:
+        """Bytes [chunk * length, (chunk + 1) * length) of this node's data: its sealed ranks' payloads one after
+        the other, zero-padded. A view when the chunk lies inside one payload, else a copy of just the chunk."""
+        start, end = chunk * length, (chunk + 1) * length
+        snapshots = self._snapshots(version, (SEALED, COMMITTED))
+        out = None
+        for entry in record.directory["ranks"]:
+            payload = snapshots[entry["rank"]][1]
+            lo, hi = max(start, entry["offset"]), min(end, entry["offset"] + payload.nbytes)
+            if lo >= hi:
+                continue
+            piece = payload[lo - entry["offset"]:hi - entry["offset"]]
+            if lo == start and hi == end:
+                return piece
+            if out is None:
+                out = np.zeros(length, dtype=np.uint8)
+            out[lo - start:hi - start] = piece
+        return out if out is not None else np.zeros(length, dtype=np.uint8)
+
+    def mark_committed(self, version: int, pin: bool = False) -> None:
+        """``version`` is L1-committed everywhere: older versions are freed. ``pin``: a level-2 write of it follows,
+        so its slots stay until ``persist`` is done with them."""
+        with self._lock:
+            record = self._records.get(version)
+            if record is None or not record.encoded:
                 raise CheckpointError(f"version {version} cannot be committed: it is not encoded on this keeper")
-            held.committed = True
+            record.committed = True
+            if pin:
+                self._pinned.add(version)
+            for arena in self._arenas.values():
+                arena.claim(version, SEALED, COMMITTED)
             self._committed = version if self._committed is None else max(self._committed, version)
-            for stale in [v for v in self._versions if v < self._committed]:  # only the newest committed stays
-                del self._versions[stale]
+            self._free_older_than(self._committed)
 
     def discard(self, version: int) -> None:
-        """Drop a version whose commit failed (a committed version is kept)."""
+        """Drop a version whose commit failed or that can no longer complete (a committed version is kept)."""
         with self._lock:
-            if version in self._versions and not self._versions[version].committed:
-                del self._versions[version]
+            record = self._records.get(version)
+            if (record is not None and record.committed) or version in self._pinned:
+                return
+            self._drop(version)
+
+    def _free_older_than(self, version: int) -> None:
+        stale = {v for arena in self._arenas.values() for v in arena.slots_in(HELD)} | set(self._records)
+        for old in stale:
+            if old < version and old not in self._pinned:
+                self._drop(old)
+
+    def _drop(self, version: int) -> None:
+        for arena in self._arenas.values():
+            arena.release(version)
+        record = self._records.pop(version, None)
+        if record is not None:
+            self._spare_parity.extend(record.parity.values())
+            del self._spare_parity[:-2 * max(1, len(record.parity))]
 
     def rebuild(self, version: int, lost: int) -> dict[int, Snapshot]:
         """rank -> snapshot of lost member ``lost``, decoded from this and the other surviving members."""
-        held = self._assembled(version)
-        if not held.encoded:
+        with self._lock:
+            record = self._records.get(version)
+        if record is None or not record.encoded:
             raise NotHeldError(f"version {version} is not encoded on this keeper")
-        data = held.group.decode_member(version, lost, held.chunk_length,
-                                        lambda stripe: self.shard(version, stripe))
-        return split_by_directory(held.directories[lost], data)
+        data = record.group.decode_member(version, lost, record.chunk_length,
+                                          lambda stripe: self.shard(version, stripe))
+        return split_by_directory(record.directories[lost], data)
 
     def restore_member(self, version: int, lost: int) -> list[int]:
         """Decode lost member ``lost``'s ranks of ``version`` and hold them here, so replacement workers read
         them with ``get`` (the data stays in keepers, never passes through the controller); returns those ranks."""
         rebuilt = self.rebuild(version, lost)
         with self._lock:
-            self._held(version).rebuilt.update(rebuilt)
+            self._records[version].rebuilt.update(rebuilt)
         return sorted(rebuilt)
 
     def _group_of(self, version: int) -> GroupMember:
         """The group a version was encoded in; the current one while it is being encoded."""
         with self._lock:
-            held = self._versions.get(version)
-            if held is not None and held.group is not None:
-                return held.group
+            record = self._records.get(version)
+            if record is not None and record.group is not None:
+                return record.group
         return self._require_group()
 
     def _require_group(self) -> GroupMember:
@@ -264,36 +348,11 @@ class SnapshotKeeper:
             raise CheckpointError("keeper is not in a group (KeeperGroup(keepers, parity) joins it)")
         return self._group
 
-    def _assembled(self, version: int) -> HeldVersion:
-        with self._lock:
-            held = self._held(version)
-            if held.data is None:
-                raise NotHeldError(f"version {version} is not laid out in chunks on this keeper")
-            return held
-
-    def _assemble(self, version: int, chunk_length: int) -> HeldVersion:
-        """Copy the sealed snapshots into one zero-padded buffer of k chunks (once; peers may ask first)."""
-        with self._lock:
-            held = self._held(version)
-            if not held.sealed:
-                raise NotHeldError(f"version {version} is not sealed on this keeper")
-            if held.data is not None:
-                if held.chunk_length != chunk_length:
-                    raise CheckpointError(f"version {version} was laid out in chunks of {held.chunk_length} "
-                                          f"bytes, not {chunk_length}")
-                return held
-            length = chunk_length * self._require_group().layout.data_members
-            if length < held.directory["nbytes"]:
-                raise CheckpointError(f"version {version}: {held.directory['nbytes']} bytes do not fit in "
-                                      f"{length}")
-            data = np.empty(length, dtype=np.uint8)
-            for entry in held.directory["ranks"]:
-                payload = held.snapshots[entry["rank"]][1]
-                data[entry["offset"]:entry["offset"] + payload.nbytes] = payload
-            data[held.directory["nbytes"]:] = 0
-            held.data, held.chunk_length = data, chunk_length
-            held.snapshots = split_by_directory(held.directory, data)
-            return held
+    def _sealed(self, version: int) -> VersionRecord:
+        record = self._records.get(version)
+        if record is None or record.directory is None:
+            raise NotHeldError(f"version {version} is not sealed on this keeper")
+        return record
 
     # ------------------------------------------------------------------ level 2
 
@@ -302,15 +361,24 @@ class SnapshotKeeper:
         """Write the held ranks of ``version`` in the universal format under ``root``; returns those ranks.
 
         With ``world_ranks`` this keeper is the coordinator: it then waits until every rank's part is written
-        (by whichever keeper holds it) and commits the version, with the trainer state its snapshots carry."""
-        snapshots = self.get_all(version)  # references: eviction cannot free them while they are written
-        directory = version_dir(root, version)
-        for rank, (index, payload) in sorted(snapshots.items()):
-            write_fragments(directory, rank, unpack(index, payload))
-        if world_ranks is not None:
-            wait_for_ranks(directory, world_ranks, timeout_s)
-            commit_version(root, version, _trainer_state(version, snapshots), world_ranks, keep)
-        return sorted(snapshots)
+        (by whichever keeper holds it) and commits the version, with the trainer state its snapshots carry.
+        The slots are read in place; ``mark_committed(version, pin=True)`` kept them from being freed."""
+        try:
+            with self._lock:
+                self._pinned.add(version)
+                snapshots = self._snapshots(version)
+            directory = version_dir(root, version)
+            for rank, (index, payload) in sorted(snapshots.items()):
+                write_fragments(directory, rank, unpack(index, payload))
+            if world_ranks is not None:
+                wait_for_ranks(directory, world_ranks, timeout_s)
+                commit_version(root, version, _trainer_state(version, snapshots), world_ranks, keep)
+            return sorted(snapshots)
+        finally:
+            with self._lock:
+                self._pinned.discard(version)
+                if self._committed is not None:
+                    self._free_older_than(self._committed)
 
 
 def _trainer_state(version: int, snapshots: dict[int, Snapshot]) -> TrainerState:
@@ -337,53 +405,8 @@ def keeper_actor_options(node_id: str, max_concurrency: int = 8) -> dict[str, An
             "scheduling_strategy": NodeAffinitySchedulingStrategy(node_id, soft=False)}
 
 
-def start_keeper(node_id: str, keep: int = 2, call_timeout_s: float = 60.0, **options):
+def start_keeper(node_id: str, shm_dir: str = "/dev/shm", slots: int = 4, call_timeout_s: float = 60.0,
+                 **options):
     """A SnapshotKeeper actor on node ``node_id``."""
-    return _remote_keeper_class().options(**{**keeper_actor_options(node_id), **options}).remote(keep,
-                                                                                                 call_timeout_s)
-
-
-# ---------------------------------------------------------------------------------------------- worker side
-
-
-class KeeperHandover:
-    """The engine's persister for level 1: packs each handed-over arena copy and puts it on this node's keeper.
-
-    Plug it into ``CheckpointEngine(arena, every, persist_every=N, persister=KeeperHandover(keeper, rank))``: the
-    engine calls ``persist`` on its writer thread after the L0 copy, so training never waits for it unless the
-    next snapshot comes before the keeper acked. The pack buffer is reused across versions."""
-
-    def __init__(self, keeper, rank: int, timeout_s: float = 600.0):
-        self.keeper, self.rank, self.timeout_s = keeper, rank, timeout_s
-        self.handed_version: Optional[int] = None
-        self._buffer = np.empty(0, dtype=np.uint8)
-
-    def persist(self, version: int, fragments: list[FragmentSpec], trainer_state: TrainerState) -> None:
-        index = plan_index(fragments, {TRAINER_STATE_META: asdict(trainer_state)})
-        if self._buffer.nbytes < index.nbytes:
-            self._buffer = np.empty(index.nbytes, dtype=np.uint8)
-        payload = pack_into(index, fragments, self._buffer)
-        try:
-            self._put(version, index, payload)
-        except KeeperBusyError as error:  # the keeper holds enough uncommitted versions: normal while commits lag
-            log.debug("rank %d: level-1 handover of version %d skipped: %s", self.rank, version, error)
-            return
-        except ray.exceptions.RayActorError as error:
-            # a lost keeper costs this version its level-1 copy, not the training step: the controller replaces
-            # it (TrainWorker.use_keeper) and the next version is protected again
-            log.warning("rank %d: level-1 handover of version %d skipped: %s", self.rank, version, error)
-            return
-        self.handed_version = version
-
-    def _put(self, version: int, index: SnapshotIndex, payload: np.ndarray, attempts: int = 3) -> None:
-        for attempt in range(attempts):  # a keeper on a busy node can be briefly unreachable: try again
-            try:
-                ray.get(self.keeper.put.remote(version, self.rank, index.to_json(), payload), timeout=self.timeout_s)
-                return
-            except ray.exceptions.ActorUnavailableError:
-                if attempt == attempts - 1:
-                    raise
-                time.sleep(0.2 * (attempt + 1))
-
-    def close(self) -> None:
-        pass
+    return _remote_keeper_class().options(**{**keeper_actor_options(node_id), **options}).remote(
+        shm_dir, slots, call_timeout_s)

@@ -13,7 +13,8 @@ Two sides live here:
   * ``KeeperGroup`` / ``commit_l1`` / ``persist_l2`` run in the controller: the commit protocol (seal -> encode ->
     mark committed), rebuild requests, and writing a held version to the universal format from the keepers.
 A version is L1-committed only after every keeper of every group holds its data and parity for it; until then
-each keeper keeps the previous committed version (see SnapshotKeeper's eviction rule).
+each keeper keeps the previous committed version (see SnapshotKeeper). Own data is read from the keeper's
+shared-memory arenas in place; only the chunks a parity member needs travel, keeper to keeper.
 """
 from __future__ import annotations
 
@@ -101,14 +102,17 @@ class GroupMember:
             row: self.codec.kernel.prepare(self.codec.generator[row:row + 1])
             for row in range(self.layout.data_members, self.layout.size)}
 
-    def encode_parity(self, version: int, chunk_length: int) -> dict[int, np.ndarray]:
-        """stripe -> this member's parity chunk, from the data chunks fetched from the stripe's data members."""
+    def encode_parity(self, version: int, chunk_length: int,
+                      allocate: Callable[[int], np.ndarray] = lambda n: np.empty(n, dtype=np.uint8)
+                      ) -> dict[int, np.ndarray]:
+        """stripe -> this member's parity chunk (in a buffer from ``allocate``), from the data chunks fetched from
+        the stripe's data members."""
         parity = {}
         for stripe in self.layout.parity_stripes(self.index):
             owners = [self.layout.member_at(stripe, j) for j in range(self.layout.data_members)]
             refs = [self.members[owner].shard.remote(version, stripe, chunk_length) for owner in owners]
             chunks = ray.get(refs, timeout=self.call_timeout_s)
-            out = np.empty(chunk_length, dtype=np.uint8)
+            out = allocate(chunk_length)
             if chunk_length:
                 self.codec.kernel.apply(self._row_plans[self.layout.shard_of(self.index, stripe)], chunks, [out])
             parity[stripe] = out
@@ -236,7 +240,7 @@ class KeeperGroup:
 
 
 def commit_l1(groups: Sequence[KeeperGroup], version: int, expected_ranks: Collection[int],
-              timeout_s: float = 120.0) -> None:
+              timeout_s: float = 120.0, pin: bool = False) -> None:
     """Make ``version`` L1-committed in every group, or raise L1CommitError after asking the keepers to drop it.
 
     Seal (freeze each keeper's ranks) -> check that exactly ``expected_ranks`` are held -> encode on every keeper
@@ -254,7 +258,7 @@ def commit_l1(groups: Sequence[KeeperGroup], version: int, expected_ranks: Colle
     for group in groups:
         group.committed_version = version
     # a keeper that dies now is a plain loss of a committed version, which its group's parity covers
-    ray.wait([keeper.mark_committed.remote(version) for keeper in keepers], num_returns=len(keepers),
+    ray.wait([keeper.mark_committed.remote(version, pin) for keeper in keepers], num_returns=len(keepers),
              timeout=timeout_s)
 
 

@@ -15,6 +15,7 @@ with another count every replica loads replica 0's copy, and per-rank buffers th
 from __future__ import annotations
 
 import dataclasses
+from dataclasses import replace
 import warnings
 from pathlib import Path
 from types import SimpleNamespace
@@ -24,10 +25,10 @@ import torch
 from torch.distributed.tensor import DTensor
 
 from checkpoint.engine import CheckpointEngine, UniversalPersister
-from checkpoint.keeper import TRAINER_STATE_META, KeeperHandover
-from checkpoint.snapshot_codec import SnapshotIndex, copy_into
 from checkpoint.arena import HostArena
-from checkpoint.fragments import (init_optimizer_state, load_model, load_optimizer, model_fragments,
+from checkpoint.shm_arena import TRAINER_STATE_META, ArenaHandle, ArenaWriter, estimate_meta_capacity
+from checkpoint.snapshot_codec import SnapshotIndex, copy_into, plan_index
+from checkpoint.fragments import (OPTIM_PREFIX, init_optimizer_state, load_model, load_optimizer, model_fragments,
                                   optimizer_fragments, tensor_fragment)
 from checkpoint.reshard import load_into
 from checkpoint.universal import CheckpointError, FragmentSpec, Manifest, TrainerState, read_manifest, resolve_version_dir
@@ -54,12 +55,10 @@ class TrainerCheckpointer:
         self.trainer_state_fn = trainer_state_fn
         self.engine: Optional[CheckpointEngine] = None
         c = cfg.checkpoint
-        self.handover: Optional[KeeperHandover] = None
-        if c.every > 0 and keeper is not None:
-            # L1: every snapshot goes to this node's keeper; the keepers (not trainers) write L2
-            self.handover = KeeperHandover(keeper, rank)
-            self.engine = CheckpointEngine(HostArena(), c.every, 1, self.handover)
-        elif c.every > 0:
+        self.rank, self.every, self.keeper = rank, c.every, keeper
+        self.persist_cadence = c.every * c.persist_every  # steps between versions written to disk
+        self.writer: Optional[ArenaWriter] = None  # keepers on: L0 is this rank's arena in the keeper's memory
+        if c.every > 0 and keeper is None:
             persister = (UniversalPersister(c.dir, rank, tuple(range(dims.world_size)), c.keep)
                          if c.persist_every > 0 else None)
             self.engine = CheckpointEngine(HostArena(), c.every, c.persist_every, persister)
@@ -94,6 +93,35 @@ class TrainerCheckpointer:
                                                     tensor.detach(), 0))
         return fragments
 
+    def snapshot_size_estimate(self) -> tuple[int, int]:
+        """(payload, metadata) bytes of this rank's snapshots, to size its arena before the first step. Optimizer
+        state that does not exist yet (torch creates it at the first step) is counted as two float32 moments and
+        a step count per parameter, as Adam keeps; a snapshot that turns out larger gets a larger arena."""
+        fragments = self.fragments()
+        if not self.optimizer.state:
+            for f in model_fragments(self.runner):
+                moment = torch.empty(f.tensor.shape, dtype=torch.float32, device="meta")
+                fragments += [replace(f, name=f"{OPTIM_PREFIX}{key}.{f.name}", tensor=moment)
+                              for key in ("exp_avg", "exp_avg_sq")]
+                fragments.append(FragmentSpec.whole(f"{OPTIM_PREFIX}step.{f.name}",
+                                                    torch.empty((), dtype=torch.float32, device="meta")))
+        index = plan_index(fragments, {TRAINER_STATE_META: dataclasses.asdict(self.trainer_state_fn(0))})
+        return index.nbytes, estimate_meta_capacity(index)
+
+    def use_arena(self, keeper, handle: dict) -> None:
+        """Snapshot into ``handle``'s arena (from this node's keeper) from the next version on."""
+        self.keeper, arena = keeper, ArenaHandle.from_json(handle)
+        if self.writer is None:
+            self.writer = ArenaWriter(arena, self._reallocate, self.persist_cadence)
+            self.engine = CheckpointEngine(self.writer, self.every)
+        else:
+            self.writer.replace(arena)
+
+    def _reallocate(self, payload_nbytes: int, meta_nbytes: int) -> ArenaHandle:
+        import ray
+
+        return ArenaHandle.from_json(ray.get(self.keeper.allocate.remote(self.rank, payload_nbytes, meta_nbytes)))
+
     def wait_until_copied(self) -> None:
         if self.engine is not None:
             self.engine.wait_until_copied()
@@ -106,8 +134,8 @@ class TrainerCheckpointer:
         """Newest version copied to host memory (L0) and newest committed to disk (L2) that this rank knows."""
         if self.engine is None:
             return {"ckpt_l0": None, "ckpt_l2": None}
-        if self.handover is not None:
-            return {"ckpt_l0": self.engine.copied_version, "ckpt_handed": self.handover.handed_version}
+        if self.writer is not None:
+            return {"ckpt_l0": self.engine.copied_version, "ckpt_handed": self.writer.handed_version}
         persister = self.engine.persister
         return {"ckpt_l0": self.engine.copied_version,
                 "ckpt_l2": persister.committed_version if persister is not None else None}

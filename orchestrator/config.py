@@ -122,8 +122,16 @@ class CheckpointConfig:
     persist_every: int = 50  # write every K-th snapshot to disk (L2, universal format) in the background; 0: off
     keep: int = 2  # committed versions kept on disk
     resume_from: Optional[str] = None  # checkpoint root (follows 'latest') or a version directory
-    keepers: bool = False  # level 1: snapshots held by a SnapshotKeeper per node, erasure-coded; keepers write L2
+    # level 1: every snapshot is copied into shared memory owned by a SnapshotKeeper per node (it survives the
+    # trainer), erasure-coded across nodes; the keepers write L2. Needs every >= 1 (with every=0 it is off)
+    keepers: bool = True
+    shm_dir: str = "/dev/shm"  # where the keepers' arenas live (a tmpfs on each node)
+    shm_versions: int = 4  # versions an arena holds per rank: the committed one, ones being committed, the newest
     ec: ErasureConfig = field(default_factory=ErasureConfig)
+
+    @property
+    def keepers_on(self) -> bool:
+        return self.keepers and self.every > 0
 
 
 @dataclass
@@ -260,8 +268,9 @@ def validate(cfg: Config) -> None:
     _require(cfg.checkpoint.keep >= 1, f"checkpoint.keep={cfg.checkpoint.keep}: must be >= 1")
     _require(cfg.checkpoint.ec.parity >= 0 and cfg.checkpoint.ec.group_size >= 0,
              "checkpoint.ec.parity and checkpoint.ec.group_size: must be >= 0")
-    _require(not cfg.checkpoint.keepers or cfg.checkpoint.every > 0,
-             "checkpoint.keepers=true: needs checkpoint.every >= 1 (snapshots to hold)")
+    _require(cfg.checkpoint.shm_versions >= 2,
+             f"checkpoint.shm_versions={cfg.checkpoint.shm_versions}: must be >= 2 (the committed version and a "
+             f"newer one)")
     validate_pipeline(cfg)
     validate_tensor_and_context(cfg)
     _require(not cfg.parallel.dp_shard or cfg.sync.name == "ddp",
@@ -284,8 +293,9 @@ def validate_faults(cfg: Config) -> None:
                  f"{key['at_step']}={spec.at_step}: set exactly one of at_step and during_recovery=true")
         _require(spec.at_step is None or 1 <= spec.at_step <= cfg.train.steps,
                  f"{key['at_step']}={spec.at_step}: valid: 1..{cfg.train.steps}")
-        _require(spec.kind != "keeper" or cfg.checkpoint.keepers,
-                 f"{key['kind']}=keeper: needs checkpoint.keepers=true (there is no keeper to kill)")
+        _require(spec.kind != "keeper" or cfg.checkpoint.keepers_on,
+                 f"{key['kind']}=keeper: needs checkpoint.keepers=true and checkpoint.every >= 1 (there is no "
+                 f"keeper to kill)")
         _require(spec.kind != "node" or cfg.cluster.address is not None,
                  f"{key['kind']}=node: needs a multi-node cluster (cluster.address); the embedded cluster is one "
                  f"node")

@@ -142,6 +142,7 @@ class Controller:
         self.fired: list[FaultSpec] = []  # injected faults the ranks announced before firing them
         self.keepers: Optional[KeeperService] = None
         self.restore_plan: Optional[RestorePlan] = None  # where a recovering gang reads its snapshots
+        self.snapshot_sizes: dict[int, tuple[int, int]] = {}  # rank -> (payload, metadata) bytes of a snapshot
 
     def preflight(self) -> None:
         """Checks that need to know the cluster; for the embedded cluster they run before anything starts."""
@@ -168,7 +169,7 @@ class Controller:
                 if cfg.cluster.address is not None:
                     res = runtime.resources()
                     check_capacity(cfg, res.cpus, res.gpus, f"the cluster at {cfg.cluster.address}")
-                self.keepers = KeeperService(cfg.checkpoint, cfg.world_size) if cfg.checkpoint.keepers else None
+                self.keepers = KeeperService(cfg.checkpoint, cfg.world_size) if cfg.checkpoint.keepers_on else None
                 try:
                     self._run_group(resolved, result, progress, metrics)
                 finally:
@@ -285,6 +286,9 @@ class Controller:
                 if isinstance(err, ValueError) and not isinstance(err, CheckpointError):
                     raise ConfigError(str(err).strip().splitlines()[-1]) from None
                 raise
+            if self.keepers is not None:
+                self.snapshot_sizes = {info["rank"]: tuple(info["snapshot_bytes"]) for info in infos}
+                self._attach_arenas(group)
             if self.recovery is None:
                 progress.message(f"{cfg.world_size} workers ({infos[0]['n_params']:,} parameters, "
                                  f"backend {group.infos[0]['backend']}) training {cfg.train.steps} steps")
@@ -299,10 +303,9 @@ class Controller:
             reporters = [info["rank"] for info in infos if info["reports_loss"]]
             finals = self._stream_training(group, reporters, result, progress, metrics)
             if self.keepers is not None:
-                self.keepers.drain()
-                self.keepers.offer(result.steps)  # the final version, once every rank handed it over
-                self.keepers.drain()
+                self.keepers.commit_final(result.steps)
                 result.checkpoint = self.keepers.persisted
+                metrics.log({"step": result.steps, "event": "keeper_memory", "nodes": self.keepers.memory()})
             else:
                 result.checkpoint = finals[0]["ckpt_l2"]
             if result.checkpoint is not None:
@@ -348,6 +351,17 @@ class Controller:
                 raise ConfigError(f"fault.kind=node: rank {spec['rank']} runs on the controller's node; give the "
                                   f"head node no worker CPUs or fault another rank")
 
+    def _attach_arenas(self, group: WorkerGroup, ranks: Optional[list[int]] = None) -> None:
+        """Every rank (or ``ranks``) gets an arena in shared memory from its node's keeper, checked for space
+        before training starts, and snapshots into it from then on."""
+        ranks = list(range(group.world_size)) if ranks is None else ranks
+        by_node: dict[str, dict[int, tuple[int, int]]] = {}
+        for rank in ranks:
+            by_node.setdefault(group.infos[rank]["node_id"], {})[rank] = self.snapshot_sizes[rank]
+        handles = self.keepers.reserve_arenas(by_node)
+        group.gather([group.actors[rank].use_keeper.options(concurrency_group="control").remote(
+            self.keepers.keeper_on(group.infos[rank]["node_id"]), handles[rank]) for rank in ranks])
+
     def _replace_lost_keepers(self, group: WorkerGroup, result: RunResult, progress: ProgressLine,
                               metrics: MetricsLog) -> None:
         """After a failed L1 commit: a keeper that died (its node still up) is replaced and its ranks told."""
@@ -355,8 +369,7 @@ class Controller:
             return
         started = set(self.keepers.refresh())
         ranks = [rank for rank, info in enumerate(group.infos) if info["node_id"] in started]
-        group.gather([group.actors[rank].use_keeper.options(concurrency_group="control").remote(
-            self.keepers.keeper_on(group.infos[rank]["node_id"])) for rank in ranks])
+        self._attach_arenas(group, ranks)
         message = f"keeper of node(s) {', '.join(n[:8] for n in sorted(started))} lost; replaced, ranks {ranks} " \
                   f"hand over to the new one"
         progress.message(message)

@@ -19,8 +19,10 @@ from checkpoint.keeper_group import GroupLostError, KeeperGroup, L1CommitError, 
 from orchestrator.config import CheckpointConfig
 
 log = logging.getLogger(__name__)
-KEEPER_VERSIONS = 4
 PING_TIMEOUT_S = 5.0
+# Commits (seal, parity across nodes, bookkeeping RPCs) share the CPUs with training: spacing them so that they run
+# at most this share of the wall time bounds their cost; on steps longer than a commit every step is committed.
+L1_COMMIT_SHARE = 0.05
 
 
 @dataclass
@@ -61,6 +63,7 @@ class KeeperService:
         self._pool = ThreadPoolExecutor(1, thread_name_prefix="l1-commit")
         self._job: Optional[Future] = None
         self._wanted: Optional[int] = None  # newest version offered
+        self._next_commit_at = 0.0  # monotonic time before which no new commit starts
         self._persist_pool = ThreadPoolExecutor(1, thread_name_prefix="l2-from-keepers")
         self._persist: Optional[Future] = None
         self._persist_target: Optional[int] = None  # newest version a level-2 write was started for
@@ -79,7 +82,7 @@ class KeeperService:
         # Hold a few versions: a version handed over while the previous commit runs must still be there to seal.
         started = [node for node in live if node not in self.keepers]
         for node in started:
-            self.keepers[node] = start_keeper(node, keep=KEEPER_VERSIONS)
+            self.keepers[node] = start_keeper(node, self.cfg.shm_dir, self.cfg.shm_versions)
         if dead or started:
             self._form_groups()
         return started
@@ -93,25 +96,53 @@ class KeeperService:
     def keeper_on(self, node_id: str):
         return self.keepers[node_id]
 
+    def reserve_arenas(self, sizes_by_node: dict[str, dict[int, tuple[int, int]]]) -> dict[int, dict]:
+        """rank -> handle of its shared-memory arena, from the keeper of its node. ``sizes_by_node``: node ->
+        rank -> (payload, metadata) bytes of its largest snapshot. A node short of shared memory raises
+        ShmSpaceError (one line: needed, free, what to set) before anything is allocated on it."""
+        nodes = sorted(sizes_by_node)
+        answers = ray.get([self.keepers[node].reserve.remote(sizes_by_node[node]) for node in nodes])
+        return {rank: handle for answer in answers for rank, handle in answer.items()}
+
+    def memory(self) -> dict[str, dict]:
+        """node -> the keeper's arena, parity, resident and protected-state bytes."""
+        nodes = sorted(self.keepers)
+        answers = ray.get([self.keepers[node].memory.remote() for node in nodes], timeout=PING_TIMEOUT_S)
+        return dict(zip(nodes, answers))
+
     # ------------------------------------------------------------------ commits
 
-    def offer(self, version: int) -> None:
-        """Commit ``version`` in the background; while a commit runs, the newest offer is committed next, right
-        after it (back to back: the newest committed version lags the handovers by about one commit)."""
+    def offer(self, version: int, now: bool = False) -> None:
+        """Commit ``version`` in the background, or the newest version every rank still holds. Commits are spaced
+        so that they take at most L1_COMMIT_SHARE of the wall time (on steps longer than a commit: every step;
+        ``now`` skips the wait, e.g. for the final version)."""
         self._wanted = max(self._wanted or 0, version)
-        if (self._job is None or self._job.done()) and (self.committed or 0) < version:
+        due = now or time.monotonic() >= self._next_commit_at
+        if due and (self._job is None or self._job.done()) and (self.committed or 0) < version:
             self._job = self._pool.submit(self._commit_newest)
 
+    def commit_final(self, version: int, attempts: int = 3) -> None:
+        """Commit (and, at a level-2 boundary, persist) the last version of a run before it ends; a version due on
+        disk that was not written yet goes first."""
+        for _ in range(attempts):
+            self.drain()
+            if (self.committed or 0) >= version:
+                return
+            self.offer(version, now=True)
+        self.drain()
+
     def _commit_newest(self) -> None:
-        while (wanted := self._wanted) is not None and (self.committed or 0) < wanted:
+        wanted = self._wanted
+        if wanted is not None and (self.committed or 0) < wanted:
             version = self._newest_complete(wanted)
-            if version is None or not self._commit(version):
-                return  # the next offer tries again
+            if version is not None:
+                self._commit(version)
 
     def _newest_complete(self, limit: int) -> Optional[int]:
-        """The newest version up to ``limit`` (offered: handed over and logged) that the keepers hold every rank
-        of right now. When commits lag behind the handovers, full keepers refuse newer versions (the handover
-        skips them), so the version offered last may be missing on some keeper while an older one is complete."""
+        """The version to commit: the newest up to ``limit`` (offered: handed over and logged) that the keepers
+        hold every rank of right now (a trainer overwrites its oldest unclaimed version when its slots are full),
+        unless a version due on disk (a multiple of every * persist_every, which trainers do not overwrite) is
+        complete: that one first, so level 2 holds exactly those steps."""
         keepers = [k for group in self.groups for k in group.keepers]
         try:
             holders_of = self._holders(keepers)
@@ -119,14 +150,10 @@ class KeeperService:
             log.warning("asking the keepers what they hold failed: %s", err)
             self.commit_failures += 1
             return None
-        # every rank has handed over a version >= limit, in order: a version up to limit that some keeper lacks
-        # will never be complete; drop it, or full keepers would refuse every newer version forever
-        incomplete = [v for v, holders in holders_of.items()
-                      if v <= limit and v != self.committed and len(holders) < len(self.world_ranks)]
-        if incomplete:
-            ray.wait([k.discard.remote(v) for k in keepers for v in incomplete],
-                     num_returns=len(keepers) * len(incomplete), timeout=PING_TIMEOUT_S)
-        return self._newest_held_by_all(holders_of, (self.committed or 0) + 1, limit)
+        complete = self._complete(holders_of, (self.committed or 0) + 1, limit)
+        cadence = self.cfg.every * self.cfg.persist_every
+        due_on_disk = [v for v in complete if cadence and v % cadence == 0 and v > (self._persist_target or 0)]
+        return min(due_on_disk) if due_on_disk else max(complete, default=None)
 
     @staticmethod
     def _holders(keepers: list) -> dict[int, dict[int, Any]]:
@@ -138,29 +165,36 @@ class KeeperService:
                 holders_of.setdefault(version, {}).update({rank: keeper for rank in ranks})
         return holders_of
 
-    def _newest_held_by_all(self, holders_of: dict[int, dict[int, Any]], lowest: int, limit: int) -> Optional[int]:
-        complete = [v for v, holders in holders_of.items()
-                    if lowest <= v <= limit and len(holders) == len(self.world_ranks)]
-        return max(complete, default=None)
+    def _complete(self, holders_of: dict[int, dict[int, Any]], lowest: int, limit: int) -> list[int]:
+        """Versions in [lowest, limit] held for every rank."""
+        return [v for v, holders in holders_of.items()
+                if lowest <= v <= limit and len(holders) == len(self.world_ranks)]
 
     def _commit(self, version: int) -> bool:
         groups, start = list(self.groups), time.perf_counter()
+        persist = self._persist_due(version)
         try:
-            commit_l1(groups, version, self.world_ranks)
+            commit_l1(groups, version, self.world_ranks, pin=persist)
         except L1CommitError as err:
             log.warning("%s", err)
             self.commit_failures += 1
             return False
-        previous, self.committed, self.committed_groups = self.committed or 0, version, groups
+        self.committed, self.committed_groups = version, groups
         self.last_commit_s = time.perf_counter() - start
-        c = self.cfg
-        cadence = c.every * c.persist_every
-        if cadence and version // cadence > (self._persist_target or previous) // cadence:  # a persist boundary
-            if self._persist is None or self._persist.done():  # else the next boundary writes a newer one
-                self._persist_target = version
-                keepers = [keeper for group in groups for keeper in group.keepers]
-                self._persist = self._persist_pool.submit(self._write_l2, keepers, version)
+        self._next_commit_at = time.monotonic() + self.last_commit_s * (1 / L1_COMMIT_SHARE - 1)
+        if persist:
+            self._persist_target = version
+            keepers = [keeper for group in groups for keeper in group.keepers]
+            self._persist = self._persist_pool.submit(self._write_l2, keepers, version)
         return True
+
+    def _persist_due(self, version: int) -> bool:
+        """Whether committing ``version`` crosses a level-2 boundary (every ``every * persist_every`` steps) while
+        no level-2 write runs (else the next boundary writes a newer one)."""
+        cadence = self.cfg.every * self.cfg.persist_every
+        previous = self._persist_target or self.committed or 0
+        return bool(cadence) and version // cadence > previous // cadence and (
+            self._persist is None or self._persist.done())
 
     def _write_l2(self, keepers: list, version: int) -> None:
         """Level 2 on its own thread: commits of newer versions go on while the keepers write this one (a
@@ -190,7 +224,7 @@ class KeeperService:
         self.drain()
         live = {node: keeper for node, keeper in self.keepers.items() if _answers(keeper)}
         holders_of = self._holders(list(live.values()))
-        newest = self._newest_held_by_all(holders_of, 0, logged_step)
+        newest = max(self._complete(holders_of, 0, logged_step), default=None)
         if newest is not None:
             return RestorePlan(newest, "keeper", holders_of[newest], [])
         if self.committed is None:
@@ -241,7 +275,8 @@ class KeeperService:
 
     def drain(self) -> None:
         """Wait for the running commit and level-2 write."""
-        for job in (getattr(self, "_job", None), getattr(self, "_persist", None)):
+        for name in ("_job", "_persist"):  # in this order: a commit may start a level-2 write
+            job = getattr(self, name, None)
             if job is not None:
                 job.result()
 

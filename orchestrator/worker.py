@@ -106,8 +106,10 @@ class TrainWorker(DistributedWorker):
             resumed = state.step
         self._inject_faults(lambda spec: spec.during_recovery)
         n_params = sum(p.numel() for p in model.parameters())
+        sizes = self.checkpointer.snapshot_size_estimate() if keeper is not None else None
         return {"rank": self.rank, "reports_loss": runner.reports_loss, "n_params": n_params,
-                "train_windows": data.n_train, "coords": self.coords, "resumed_step": resumed}
+                "train_windows": data.n_train, "coords": self.coords, "resumed_step": resumed,
+                "snapshot_bytes": sizes}
 
     def _trainer_state(self, step: int) -> TrainerState:
         t = self.trainer
@@ -153,9 +155,10 @@ class TrainWorker(DistributedWorker):
         while time.monotonic() < deadline and self._polls < polls_before + 2:
             time.sleep(0.02)
 
-    def use_keeper(self, keeper) -> None:
-        """Hand over to ``keeper`` from the next snapshot on (this node's keeper was replaced)."""
-        self.keeper = self.checkpointer.handover.keeper = keeper
+    def use_keeper(self, keeper, arena: dict) -> None:
+        """Snapshot into ``arena``, owned by this node's ``keeper``, from the next version on."""
+        self.keeper = keeper
+        self.checkpointer.use_arena(keeper, arena)
 
     def evaluate(self, n_batches: int) -> Optional[float]:
         t = self.trainer

@@ -40,3 +40,29 @@ def sim():
         yield cluster
     finally:
         cluster.shutdown()
+
+
+@pytest.fixture
+def tmpfs(tmp_path):
+    """``tmpfs(size)``: a new tmpfs of that size (e.g. "1M") mounted under tmp_path, as a container's small
+    /dev/shm; unmounted afterwards (which fails if a process still holds memory in it)."""
+    import subprocess
+
+    mounts = []
+
+    def mount(size: str):
+        path = tmp_path / f"shm{len(mounts)}"
+        path.mkdir()
+        subprocess.run(["mount", "-t", "tmpfs", "-o", f"size={size}", "tmpfs", str(path)], check=True)
+        mounts.append(path)
+        return path
+
+    yield mount
+    for path in mounts:
+        subprocess.run(["umount", str(path)], check=True)
+
+
+def tmpfs_used_bytes(path) -> int:
+    """Bytes allocated in a tmpfs, including files without a name that a process still holds."""
+    stats = os.statvfs(path)
+    return (stats.f_blocks - stats.f_bfree) * stats.f_frsize

@@ -9,6 +9,8 @@ from pathlib import Path
 import psutil
 import pytest
 
+from tests.conftest import tmpfs_used_bytes
+
 # Embedded clusters of the commands run here keep their session files under this folder, so a test can tell
 # their processes from those of anything else running on the machine.
 RAY_ROOT = tempfile.mkdtemp(prefix="orch-t", dir="/tmp")
@@ -45,7 +47,8 @@ def test_launch_trains_with_falling_loss_and_is_deterministic(tmp_path):
     assert len(first) == 30
     assert sum(first[-5:]) / 5 < 0.8 * sum(first[:5]) / 5  # clearly falling
     assert first == losses(runs[1])  # same recipe and seed: bit-identical losses
-    record = json.loads((runs[0] / "metrics.jsonl").read_text().splitlines()[-1])
+    records = [json.loads(line) for line in (runs[0] / "metrics.jsonl").read_text().splitlines()]
+    record = [r for r in records if "step_time" in r][-1]
     for key in ("step", "loss", "lr", "tokens", "tokens_per_s", "comm_bytes", "wall_time"):
         assert key in record
     assert record["tokens"] == 30 * 8 * 128 and record["comm_bytes"] > 0
@@ -71,13 +74,28 @@ def test_bad_input_exits_2_with_one_line_and_starts_nothing(tmp_path, args, mess
 
 
 @pytest.mark.slow
-def test_killed_rank_fails_the_run_with_a_clear_error(tmp_path):
+def test_a_killed_rank_recovers_from_shared_memory_by_default_and_nothing_is_left_behind(tmp_path, tmpfs):
+    shm = tmpfs("256M")
     result = orchestrate("launch", "recipe=quickstart", "train.steps=10", "fault.kill_rank=1", "fault.at_step=4",
-                         f"run.dir={tmp_path / 'run'}")
-    assert result.returncode == 1
-    assert "rank 1 died during step 4" in result.stderr
-    assert len(losses(tmp_path / "run")) <= 3
+                         f"checkpoint.shm_dir={shm}", f"run.dir={tmp_path / 'run'}")
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert "recovered: rank 1 replaced, step 3 restored from keeper" in result.stdout
+    assert len(losses(tmp_path / "run")) == 10
     assert not ray_processes_of_ours()
+    assert tmpfs_used_bytes(shm) == 0 and not list(shm.iterdir())  # the killed worker's arena too
+
+
+@pytest.mark.slow
+def test_shared_memory_too_small_exits_2_with_one_line_before_training(tmp_path, tmpfs):
+    shm = tmpfs("1M")
+    result = orchestrate("launch", "recipe=quickstart", "train.steps=10", f"checkpoint.shm_dir={shm}",
+                         f"run.dir={tmp_path / 'run'}")
+    assert result.returncode == 2, result.stderr[-3000:]
+    lines = result.stderr.strip().splitlines()
+    assert len(lines) == 1 and f"checkpoint.shm_dir={shm}: the keeper of node" in lines[0], result.stderr
+    assert "MiB is free; set checkpoint.shm_dir= to a larger tmpfs" in lines[0]
+    assert not losses(tmp_path / "run")
+    assert not ray_processes_of_ours() and tmpfs_used_bytes(shm) == 0
 
 
 @pytest.mark.slow

@@ -5,6 +5,7 @@ one node per keeper, all on this machine); node loss is ``cluster.remove_node``.
 one producer actor that hands over the snapshots of two ranks and then dies.
 """
 import json
+import time
 import warnings
 
 import numpy as np
@@ -14,16 +15,19 @@ import torch
 from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
 from torch import nn
 
-from checkpoint.arena import HostArena
 from checkpoint.engine import CheckpointEngine
 from checkpoint.fragments import load_model
-from checkpoint.keeper import KeeperBusyError, KeeperHandover, SnapshotKeeper, start_keeper
+from checkpoint.keeper import SnapshotKeeper, start_keeper
 from checkpoint.keeper_group import (GroupLostError, KeeperGroup, L1CommitError, NotHeldError, StripeLayout,
                                      persist_l2)
 from checkpoint.reshard import load_slices
+from checkpoint.shm_arena import (FREE, READY, WRITING, Arena, ArenaHandle, ArenaWriter, ShmSpaceError,
+                                  estimate_meta_capacity)
 from checkpoint.snapshot_codec import ALIGNMENT, SnapshotIndex, copy_into, pack, pack_into, plan_index, unpack
 from checkpoint.universal import (CheckpointError, FragmentSpec, SliceSpec, TrainerState, latest_version_dir,
                                   read_manifest)
+
+from tests.conftest import tmpfs_used_bytes
 
 NODES, RANKS_PER_NODE, COLUMNS = 4, 2, 512
 WORLD = list(range(NODES * RANKS_PER_NODE))
@@ -62,11 +66,24 @@ def rank_fragments(version, rank):
     return fragments
 
 
+def trainer_state(version):
+    return {"step": version, "samples_consumed": 8 * version, "seed": 0, "scheduler": {}, "config": {}, "extra": {}}
+
+
 def packed_snapshot(version, rank):
-    state = {"step": version, "samples_consumed": 8 * version, "seed": 0, "scheduler": {}, "config": {},
-             "extra": {}}
-    index, payload = pack(rank_fragments(version, rank), {"trainer_state": state})
-    return index.to_json(), payload
+    index, payload = pack(rank_fragments(version, rank), {"trainer_state": trainer_state(version)})
+    return json.loads(json.dumps(index.to_json())), payload  # as JSON carries it
+
+
+def arena_sizes(rank):
+    index = plan_index(rank_fragments(0, rank), {"trainer_state": trainer_state(0)})
+    return index.nbytes, estimate_meta_capacity(index)
+
+
+def write_version(arena, version, rank):
+    """What a trainer's engine does: pack one version straight into a slot of its arena."""
+    fragments = rank_fragments(version, rank)
+    return arena.write(version, plan_index(fragments, {"trainer_state": trainer_state(version)}), fragments)
 
 
 def node_ranks(node_index):
@@ -164,47 +181,109 @@ def commit_alone(keeper, version):
     keeper.mark_committed(version)
 
 
-def test_keeper_keeps_the_committed_version_and_refuses_more_than_it_may_hold():
-    keeper = SnapshotKeeper(keep=2)
+@pytest.fixture
+def keeper_and_arenas(tmp_path):
+    """An in-process keeper of ranks 0 and 1 with three slots each, and the trainers' view of their arenas."""
+    keeper = SnapshotKeeper(slots=3)
     keeper.join_group(0, [None], 0)
-    for version in (1, 2):
-        keeper.put(version, 0, *packed_snapshot(version, 0))
-    # full: newer versions are refused (not evicting older ones), so every keeper keeps the same oldest versions
-    with pytest.raises(KeeperBusyError, match="version 3 skipped"):
-        keeper.put(3, 0, *packed_snapshot(3, 0))
-    assert keeper.versions() == [1, 2]
-    commit_alone(keeper, 2)
-    assert keeper.committed_version() == 2 and keeper.versions() == [2]
-    keeper.put(3, 0, *packed_snapshot(3, 0))
-    keeper.put(3, 1, *packed_snapshot(3, 1))
-    keeper.seal(3)  # a commit of 3 is in progress
-    with pytest.raises(KeeperBusyError, match="version 4 skipped"):
-        keeper.put(4, 0, *packed_snapshot(4, 0))
-    with pytest.raises(CheckpointError, match="came too late"):
-        keeper.put(3, 2, *packed_snapshot(3, 2))
-    keeper.discard(3)  # the commit of 3 failed
-    keeper.put(4, 0, *packed_snapshot(4, 0))
-    assert keeper.versions() == [2, 4]
-    with pytest.raises(CheckpointError, match="not newer"):
-        keeper.put(1, 0, *packed_snapshot(1, 0))
-    assert_snapshots_equal({0: keeper.get(2, 0)}, 2, [0])
+    keeper._node = lambda: "node-a"  # noqa: SLF001 - no Ray runtime in this process
+    handles = keeper.reserve({rank: arena_sizes(rank) for rank in (0, 1)})
+    arenas = {rank: Arena.attach(ArenaHandle.from_json(handle)) for rank, handle in handles.items()}
+    yield keeper, arenas
+    for arena in arenas.values():
+        arena.close()
+    keeper.close()
+
+
+def test_arenas_hold_the_newest_versions_and_never_overwrite_a_claimed_one(keeper_and_arenas):
+    keeper, arenas = keeper_and_arenas
+    for version in (1, 2, 3):
+        assert write_version(arenas[0], version, 0)
+    assert keeper.held_ranks() == {1: [0], 2: [0], 3: [0]}
+    assert write_version(arenas[0], 4, 0)  # full: the oldest unclaimed version makes room
+    assert keeper.held_ranks() == {2: [0], 3: [0], 4: [0]}
+    for version in (2, 3, 4):
+        assert write_version(arenas[1], version, 1)
+    assert keeper.seal(3)["ranks"][0]["rank"] == 0  # a commit claims 3 on both ranks
+    for version in (5, 6):
+        assert write_version(arenas[0], version, 0) and write_version(arenas[1], version, 1)
+    assert keeper.held_ranks() == {3: [0, 1], 5: [0, 1], 6: [0, 1]}  # 3 survived, 2 and 4 made room
+    keeper.encode(3, StripeLayout(1, 0).chunk_length(keeper.seal(3)["nbytes"]), [keeper.seal(3)])
+    keeper.mark_committed(3)
+    assert keeper.committed_version() == 3 and keeper.versions() == [3, 5, 6]
+    assert_snapshots_equal(keeper.get_all(3), 3, [0, 1])
+
+    commit_alone(keeper, 6)  # older versions are freed, the committed one stays
+    assert keeper.versions() == [6]
+    keeper.seal(7)  # a rank that holds nothing of a version seals it empty
+    assert keeper.seal(7)["ranks"] == [] and keeper.versions() == [6, 7]
     with pytest.raises(NotHeldError):
-        keeper.get(3, 0)
-    assert keeper.held_bytes() == keeper.get(2, 0)[1].nbytes + keeper.get(4, 0)[1].nbytes
+        keeper.get(5, 0)
 
 
-def test_a_full_keeper_still_seals_an_empty_version_for_a_commit():
-    keeper = SnapshotKeeper(keep=2)
-    for version in (1, 2):
-        keeper.put(version, 0, *packed_snapshot(version, 0))
-    assert keeper.seal(5)["ranks"] == [] and keeper.versions() == [1, 2, 5]
+def test_a_version_due_on_disk_is_not_overwritten_before_a_commit(keeper_and_arenas):
+    keeper, arenas = keeper_and_arenas
+    fragments = {v: rank_fragments(v, 0) for v in range(10, 14)}
+    for version, parts in fragments.items():
+        index = plan_index(parts, {"trainer_state": trainer_state(version)})
+        assert arenas[0].write(version, index, parts, keep_every=10)
+    assert keeper.held_ranks() == {10: [0], 12: [0], 13: [0]}  # 11 made room, not 10
+    commit_alone(keeper, 13)
+    assert keeper.versions() == [13]  # a newer commit frees it all the same
 
 
-def test_keeper_refuses_a_payload_that_does_not_match_its_index():
-    keeper = SnapshotKeeper()
-    index, payload = packed_snapshot(1, 0)
-    with pytest.raises(CheckpointError, match="payload must be"):
-        keeper.put(1, 0, index, payload[:-ALIGNMENT])
+def test_a_rank_skips_a_version_only_while_every_slot_is_claimed(keeper_and_arenas):
+    keeper, arenas = keeper_and_arenas
+    for version in (1, 2, 3):
+        write_version(arenas[0], version, 0)
+    commit_alone(keeper, 1)
+    keeper.seal(2)
+    keeper.seal(3)
+    assert not write_version(arenas[0], 4, 0)  # committed and being committed: skipped
+    keeper.discard(2)  # that commit failed
+    assert write_version(arenas[0], 4, 0)
+    assert keeper.held_ranks() == {1: [0], 3: [0], 4: [0]}
+
+
+def test_a_slot_left_half_written_by_a_dead_writer_is_freed_when_its_rank_attaches_again(keeper_and_arenas):
+    keeper, arenas = keeper_and_arenas
+    sizes = {rank: arena_sizes(rank) for rank in (0, 1)}
+    before = keeper.reserve(sizes)
+    write_version(arenas[0], 1, 0)
+    arenas[0].header[1, :2] = (WRITING, 2)  # the trainer died while copying version 2
+    assert keeper.held_ranks() == {1: [0]}
+    assert keeper.reserve(sizes) == before  # the same arenas, version 1 kept
+    assert [arenas[0].state(slot) for slot in range(3)] == [READY, FREE, FREE]
+    assert_snapshots_equal({0: keeper.get(1, 0)}, 1, [0])
+
+
+def test_an_engine_writes_its_only_copy_into_the_keepers_arena(keeper_and_arenas):
+    keeper, arenas = keeper_and_arenas
+    live = rank_fragments(6, 0)
+    writer = ArenaWriter(arenas[0].handle())
+    with CheckpointEngine(writer, every=1) as engine:
+        engine.snapshot(6, lambda: live, TrainerState(step=6, samples_consumed=48))
+    assert writer.handed_version == 6 and engine.copied_version == 6
+    index, payload = keeper.get(6, 0)
+    assert SnapshotIndex.from_json(index).meta["trainer_state"]["samples_consumed"] == 48
+    for restored, original in zip(unpack(index, payload), live):
+        assert restored.key == original.key and torch.equal(restored.tensor, original.tensor)
+
+
+def test_shared_memory_too_small_is_one_clear_error_and_nothing_is_allocated(tmpfs):
+    small_tmpfs = tmpfs("1M")
+    keeper = SnapshotKeeper(shm_dir=str(small_tmpfs), slots=4)
+    keeper._node = lambda: "node-abcdef12"  # noqa: SLF001 - no Ray runtime in this process
+    with pytest.raises(ShmSpaceError, match=rf"checkpoint.shm_dir={small_tmpfs}: the keeper of node node-abc "
+                                            rf"needs \d+\.\d MiB of shared memory \(4 versions of ranks \[0, 1\]\), "
+                                            rf"1.0 MiB is free; set checkpoint.shm_dir="):
+        keeper.reserve({0: (2 ** 20, 65536), 1: (2 ** 20, 65536)})
+    assert not list(small_tmpfs.iterdir())
+    fits = SnapshotKeeper(shm_dir=str(small_tmpfs), slots=2)
+    fits.reserve({0: (100_000, 65536)})
+    assert not list(small_tmpfs.iterdir()) and tmpfs_used_bytes(small_tmpfs) > 0  # arenas have no name
+    fits.close()
+    assert tmpfs_used_bytes(small_tmpfs) == 0
 
 
 # ---------------------------------------------------------------------------------------------- simulated cluster
@@ -212,10 +291,10 @@ def test_keeper_refuses_a_payload_that_does_not_match_its_index():
 
 @ray.remote(num_cpus=0)
 class Producer:
-    """Stands in for a trainer: hands its ranks' snapshots to its node's keeper, waits for the acks."""
+    """Stands in for a trainer: writes its ranks' snapshots into their arenas on its node, then is killed."""
 
-    def hand_over(self, keeper, version, ranks):
-        return ray.get([keeper.put.remote(version, rank, *packed_snapshot(version, rank)) for rank in ranks])
+    def hand_over(self, handles, version, ranks):
+        return [write_version(Arena.attach(ArenaHandle.from_json(handles[rank])), version, rank) for rank in ranks]
 
 
 def on_node(node):
@@ -234,16 +313,18 @@ def keepers(sim):
 
 
 def hand_over_and_die(nodes, keepers, version):
-    """Every node's producer hands over its ranks of ``version``, then is killed."""
+    """Every node's producer writes its ranks of ``version`` into its keeper's arenas, then is SIGKILLed."""
+    arenas = ray.get([k.reserve.remote({rank: arena_sizes(rank) for rank in node_ranks(i)})
+                      for i, k in enumerate(keepers)])
     producers = [Producer.options(scheduling_strategy=on_node(node)).remote() for node in nodes]
-    acks = ray.get([p.hand_over.remote(k, version, node_ranks(i))
-                    for i, (p, k) in enumerate(zip(producers, keepers))])
-    assert all(len(a) == RANKS_PER_NODE for a in acks)
+    written = ray.get([p.hand_over.remote(a, version, node_ranks(i))
+                       for i, (p, a) in enumerate(zip(producers, arenas))])
+    assert all(written == [True] * RANKS_PER_NODE for written in written)
     for producer in producers:
         ray.kill(producer)
 
 
-def test_snapshots_outlive_the_producers_that_handed_them_over(keepers):
+def test_snapshots_outlive_the_producers_that_wrote_them(keepers):
     nodes, handles = keepers
     hand_over_and_die(nodes, handles, version=5)
     for i, keeper in enumerate(handles):
@@ -251,18 +332,6 @@ def test_snapshots_outlive_the_producers_that_handed_them_over(keepers):
     index, payload = ray.get(handles[1].get.remote(5, 3))
     weight = next(f for f in unpack(index, payload) if f.name == "weight")
     assert torch.equal(weight.tensor, rank_fragments(5, 3)[0].tensor)
-
-
-def test_engine_hands_its_arena_copy_to_the_keeper(keepers):
-    _, handles = keepers
-    live = rank_fragments(6, 0)
-    engine = CheckpointEngine(HostArena(), every=1, persist_every=1, persister=KeeperHandover(handles[0], rank=0))
-    with engine:
-        engine.snapshot(6, lambda: live, TrainerState(step=6, samples_consumed=48))
-    index, payload = ray.get(handles[0].get.remote(6, 0))
-    assert SnapshotIndex.from_json(index).meta["trainer_state"]["samples_consumed"] == 48
-    for restored, original in zip(unpack(index, payload), live):
-        assert restored.key == original.key and torch.equal(restored.tensor, original.tensor)
 
 
 def test_persist_from_keepers_loads_back_in_the_universal_format(keepers, tmp_path):
@@ -294,12 +363,12 @@ def test_group_rebuilds_up_to_parity_lost_nodes_and_refuses_more(sim, keepers, p
     group.commit(3, WORLD)
     assert ray.get([k.committed_version.remote() for k in handles]) == [3] * NODES
 
-    # memory: own data (padded to the largest member) plus m parity chunks of L / k each
+    # memory beyond the arenas: m parity chunks of L / k each, L the largest member's data
     own = [sum(p.nbytes for _, p in ray.get(k.get_all.remote(3)).values()) for k in handles]
     chunk = group.layout.chunk_length(max(own))
-    held = ray.get([k.held_bytes.remote() for k in handles])
-    assert held == [NODES * chunk] * NODES
-    assert held[0] / max(own) == pytest.approx(NODES / (NODES - parity), rel=0.01)
+    memory = ray.get([k.memory.remote() for k in handles])
+    assert [m["parity_bytes"] for m in memory] == [parity * chunk] * NODES
+    assert (max(own) + parity * chunk) / max(own) == pytest.approx(NODES / (NODES - parity), rel=0.01)
 
     lost = list(range(parity))
     for member in lost:
@@ -316,6 +385,22 @@ def test_group_rebuilds_up_to_parity_lost_nodes_and_refuses_more(sim, keepers, p
     with pytest.raises(GroupLostError, match=f"lost {parity + 1} of {NODES} keepers; group survives at most "
                                              f"{parity} — fall back to disk"):
         group.rebuild(3, 0)
+
+
+def test_a_killed_keepers_arenas_are_released(sim, tmpfs):
+    shm = tmpfs("64M")
+    [node] = sim.live_nodes(1)
+    keeper = start_keeper(node.node_id, str(shm), call_timeout_s=30)
+    arenas = ray.get(keeper.reserve.remote({rank: arena_sizes(rank) for rank in (0, 1)}))
+    producer = Producer.options(scheduling_strategy=on_node(node)).remote()
+    assert ray.get(producer.hand_over.remote(arenas, 1, [0, 1])) == [True, True]
+    ray.kill(producer)
+    assert tmpfs_used_bytes(shm) > 0 and ray.get(keeper.held_ranks.remote()) == {1: [0, 1]}
+    ray.kill(keeper)
+    deadline = time.monotonic() + 20
+    while tmpfs_used_bytes(shm) and time.monotonic() < deadline:
+        time.sleep(0.2)
+    assert tmpfs_used_bytes(shm) == 0
 
 
 def test_keeper_killed_during_encoding_leaves_the_committed_version_intact(sim, keepers):
@@ -341,12 +426,12 @@ def test_keeper_killed_during_encoding_leaves_the_committed_version_intact(sim, 
     for i in range(3):
         assert_snapshots_equal(ray.get(handles[i].get_all.remote(1)), 1, node_ranks(i))
 
-    # the controller replaces the node; the next version is protected again
+    # the controller replaces the node and its keeper (new arenas); the next version is protected again
     nodes[3] = sim.live_nodes(NODES)[3]
     handles[3] = start_keeper(nodes[3].node_id, call_timeout_s=30)
     group.replace_member(3, handles[3])
     hand_over_and_die(nodes, handles, version=3)
     group.commit(3, WORLD)
-    # committing 3 frees the older committed version (kept, it would block handovers once `keep` are held)
+    # committing 3 frees the older committed version's slots
     assert ray.get([k.versions.remote() for k in handles]) == [[3]] * 4
     assert_snapshots_equal(group.rebuild(3, 0), 3, node_ranks(0))

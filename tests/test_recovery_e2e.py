@@ -4,6 +4,7 @@ import json
 
 import pytest
 
+from tests.conftest import tmpfs_used_bytes
 from tests.test_cli import orchestrate, ray_processes_of_ours
 from tests.test_layouts_e2e import run
 
@@ -12,7 +13,8 @@ from tests.test_layouts_e2e import run
 def test_killed_rank_is_recovered_and_the_curve_is_unchanged(reference, tmp_path):
     overrides = ["checkpoint.persist_every=3", "checkpoint.keep=2"]
     _, expected = reference
-    recovered = run(tmp_path / "faulty", *overrides, "fault.kill_rank=1", "fault.at_step=8")
+    recovered = run(tmp_path / "faulty", *overrides, "checkpoint.keepers=false", "fault.kill_rank=1",
+                    "fault.at_step=8")
     assert recovered == expected
     records = [json.loads(line) for line in (tmp_path / "faulty" / "metrics.jsonl").read_text().splitlines()]
     [recovery] = [r["recovery"] for r in records if "recovery" in r]
@@ -26,15 +28,22 @@ def test_killed_rank_is_recovered_and_the_curve_is_unchanged(reference, tmp_path
     records = [json.loads(line) for line in (tmp_path / "keepers" / "metrics.jsonl").read_text().splitlines()]
     [recovery] = [r["recovery"] for r in records if "recovery" in r]
     assert recovery["source"] == "keeper" and recovery["failed_rank"] == 0
-    assert records[-1]["ckpt_l1"] is not None and (tmp_path / "keepers" / "checkpoints" / "latest").exists()
+    last_step = [r for r in records if "step_time" in r][-1]
+    assert last_step["ckpt_l1"] is not None and (tmp_path / "keepers" / "checkpoints" / "latest").exists()
+    [memory] = [r["nodes"] for r in records if r.get("event") == "keeper_memory"]
+    [node] = memory.values()  # one node: no parity; the arenas hold shm_versions of each rank's state
+    assert node["parity_bytes"] == 0 and node["arena_bytes"] >= node["slots"] * node["state_bytes"]
 
 
 @pytest.mark.slow
-def test_without_restarts_left_the_run_fails_clearly(tmp_path):
+def test_without_restarts_left_the_run_fails_clearly_and_frees_its_shared_memory(tmp_path, tmpfs):
+    shm = tmpfs("256M")
     result = orchestrate("launch", "recipe=quickstart", "train.steps=8", "checkpoint.persist_every=2",
-                         "fault.kill_rank=0", "fault.at_step=5", "fault.max_restarts=0", f"run.dir={tmp_path}")
+                         "fault.kill_rank=0", "fault.at_step=5", "fault.max_restarts=0", f"checkpoint.shm_dir={shm}",
+                         f"run.dir={tmp_path / 'run'}")
     assert result.returncode == 1
     assert "rank 0 died during step 5" in result.stderr and "fault.max_restarts=0 used up" in result.stderr
+    assert tmpfs_used_bytes(shm) == 0
 
 
 @pytest.mark.slow

@@ -1,0 +1,280 @@
+"""Snapshot arenas in node-local shared memory: level 0 of a rank's training state, written once by the trainer's
+background copy straight into memory its node's SnapshotKeeper owns (no second copy, no bytes in a message).
+
+One arena per rank, created by the keeper in ``checkpoint.shm_dir`` (a tmpfs, /dev/shm by default) with
+O_TMPFILE: the file never has a name, so no run that ends, fails or is SIGKILLed can leave it behind; its memory
+lives while a process holds it open or mapped. The trainer opens it through ``/proc/<keeper pid>/fd/<fd>``. Its
+space is reserved with posix_fallocate when it is created: a tmpfs that is too small is a clear error before
+training starts, never a SIGBUS in the middle of a step. The slots are reused for every version.
+
+File layout: a header page, then ``slots`` slots, each a metadata area (JSON: the snapshot index, which carries
+the trainer state) followed by a payload area (the packed tensors, checkpoint/snapshot_codec.py's layout).
+
+The header holds three int64 per slot: state, version, metadata length. The handover is the state change, not an
+RPC. Who moves a slot between states:
+  * the trainer: FREE -> WRITING -> READY (it writes version, payload and metadata before it publishes READY),
+    and READY -> WRITING when no slot is FREE: it overwrites its oldest handed-over version that no commit has
+    claimed, so the newest versions are always held (a process loss redoes at most the step in flight);
+  * the keeper: READY -> SEALED (a commit claimed it) -> COMMITTED, and any of these -> FREE (a newer version
+    was committed, or the version was dropped). A WRITING slot is freed only when its rank attaches again (its
+    writer died mid-copy).
+Both sides move a slot out of READY only under a POSIX record lock on the header (``lockf``), so a trainer
+never overwrites a version the keeper is sealing. Every field is one aligned 8-byte store, written in program
+order; on x86-64 (total store order) a keeper that reads READY also sees the payload written before it.
+"""
+from __future__ import annotations
+
+import contextlib
+import fcntl
+import json
+import mmap
+import os
+import threading
+from dataclasses import asdict, dataclass
+from typing import Optional, Sequence
+
+import numpy as np
+
+from checkpoint.snapshot_codec import SnapshotIndex, align, pack_into, plan_index
+from checkpoint.universal import CheckpointError, FragmentSpec, TrainerState
+
+FREE, WRITING, READY, SEALED, COMMITTED = range(5)
+HELD = (READY, SEALED, COMMITTED)  # states in which a slot holds a complete version
+HEADER_BYTES = 4096
+TRAINER_STATE_META = "trainer_state"  # snapshot meta key under which the trainer state travels
+FIELDS = 3  # state, version, metadata length
+
+
+class ShmSpaceError(CheckpointError):
+    """The shared-memory directory cannot hold the arenas the keepers need."""
+
+
+def human_bytes(nbytes: float) -> str:
+    for unit in ("B", "KiB", "MiB", "GiB"):
+        if nbytes < 1024 or unit == "GiB":
+            return f"{nbytes:.0f} {unit}" if unit == "B" else f"{nbytes:.1f} {unit}"
+        nbytes /= 1024
+    return f"{nbytes:.1f} TiB"
+
+
+def free_bytes(directory: str) -> int:
+    stats = os.statvfs(directory)
+    return stats.f_bavail * stats.f_frsize
+
+
+@dataclass(frozen=True)
+class ArenaLayout:
+    slots: int
+    payload_capacity: int  # bytes of the largest snapshot a slot takes
+    meta_capacity: int  # bytes of its JSON index
+
+    def __post_init__(self) -> None:
+        if self.slots < 2 or FIELDS * 8 * self.slots > HEADER_BYTES:
+            raise ValueError(f"arena slots={self.slots}: must be between 2 and {HEADER_BYTES // (FIELDS * 8)}")
+
+    @property
+    def slot_bytes(self) -> int:
+        return align(self.meta_capacity) + align(self.payload_capacity)
+
+    @property
+    def nbytes(self) -> int:
+        return HEADER_BYTES + self.slots * self.slot_bytes
+
+    def meta_offset(self, slot: int) -> int:
+        return HEADER_BYTES + slot * self.slot_bytes
+
+    def payload_offset(self, slot: int) -> int:
+        return self.meta_offset(slot) + align(self.meta_capacity)
+
+
+@dataclass(frozen=True)
+class ArenaHandle:
+    """Where a rank's arena lies: enough for the trainer on the same node to map it."""
+
+    pid: int
+    fd: int
+    layout: ArenaLayout
+
+    def to_json(self) -> dict:
+        return asdict(self)
+
+    @classmethod
+    def from_json(cls, data: dict) -> "ArenaHandle":
+        return cls(int(data["pid"]), int(data["fd"]), ArenaLayout(**data["layout"]))
+
+
+class Arena:
+    """A mapped arena; the keeper creates it (``create``), the trainer attaches to it (``attach``)."""
+
+    def __init__(self, fd: int, layout: ArenaLayout, owner: bool):
+        self.fd, self.layout, self.owner = fd, layout, owner
+        self._map = mmap.mmap(fd, layout.nbytes)
+        self.header = np.frombuffer(self._map, dtype=np.int64, count=FIELDS * layout.slots).reshape(
+            layout.slots, FIELDS)
+
+    @classmethod
+    def create(cls, directory: str, layout: ArenaLayout, what: str) -> "Arena":
+        """A new zeroed arena (every slot FREE) in ``directory``; ``what`` names it in a space error."""
+        try:
+            fd = os.open(directory, os.O_TMPFILE | os.O_RDWR, 0o600)
+        except FileNotFoundError:
+            raise ShmSpaceError(f"checkpoint.shm_dir={directory}: no such directory") from None
+        try:
+            os.posix_fallocate(fd, 0, layout.nbytes)  # reserve now: running out later would be a SIGBUS
+        except OSError as err:
+            os.close(fd)
+            raise ShmSpaceError(f"checkpoint.shm_dir={directory}: {what} needs {human_bytes(layout.nbytes)} of "
+                                f"shared memory, {human_bytes(free_bytes(directory))} is free ({err.strerror}); "
+                                f"set checkpoint.shm_dir= to a larger tmpfs, fewer checkpoint.shm_versions, or "
+                                f"checkpoint.keepers=false") from None
+        return cls(fd, layout, owner=True)
+
+    @classmethod
+    def attach(cls, handle: ArenaHandle) -> "Arena":
+        fd = os.open(f"/proc/{handle.pid}/fd/{handle.fd}", os.O_RDWR)
+        return cls(fd, handle.layout, owner=False)
+
+    def handle(self) -> ArenaHandle:
+        return ArenaHandle(os.getpid(), self.fd, self.layout)
+
+    def close(self) -> None:
+        self.header = None
+        try:
+            self._map.close()
+        except BufferError:  # views still exported (a snapshot being read): the mapping goes with them
+            pass
+        os.close(self.fd)
+
+    # ------------------------------------------------------------------ slots
+
+    def state(self, slot: int) -> int:
+        return int(self.header[slot, 0])
+
+    def version(self, slot: int) -> int:
+        return int(self.header[slot, 1])
+
+    def set_state(self, slot: int, state: int) -> None:
+        self.header[slot, 0] = state
+
+    @contextlib.contextmanager
+    def header_lock(self):
+        """Exclusive across processes (threads of one process must also exclude each other: the keeper holds
+        its own lock around this)."""
+        fcntl.lockf(self.fd, fcntl.LOCK_EX, HEADER_BYTES, 0)
+        try:
+            yield
+        finally:
+            fcntl.lockf(self.fd, fcntl.LOCK_UN, HEADER_BYTES, 0)
+
+    def claim(self, version: int, from_state: int, to_state: int) -> bool:
+        """Move the slot holding ``version`` from ``from_state`` to ``to_state`` under the header lock."""
+        with self.header_lock():
+            slot = self.slots_in((from_state,)).get(version)
+            if slot is None:
+                return False
+            self.set_state(slot, to_state)
+            return True
+
+    def release(self, version: int) -> None:
+        """The keeper frees the slot holding ``version`` (any held state)."""
+        with self.header_lock():
+            slot = self.slots_in(HELD).get(version)
+            if slot is not None:
+                self.set_state(slot, FREE)
+
+    def slots_in(self, states: Sequence[int]) -> dict[int, int]:
+        """version -> slot of every slot in one of ``states``."""
+        return {self.version(s): s for s in range(self.layout.slots) if self.state(s) in states}
+
+    def payload(self, slot: int, nbytes: int) -> np.ndarray:
+        return np.frombuffer(self._map, dtype=np.uint8, count=nbytes, offset=self.layout.payload_offset(slot))
+
+    def read(self, slot: int) -> tuple[dict, np.ndarray]:
+        """(index JSON, payload view) of a slot that holds a version."""
+        length = int(self.header[slot, 2])
+        start = self.layout.meta_offset(slot)
+        index = json.loads(bytes(self._map[start:start + length]))
+        return index, self.payload(slot, int(index["nbytes"]))
+
+    # ------------------------------------------------------------------ trainer side
+
+    def write(self, version: int, index: SnapshotIndex, fragments: Sequence[FragmentSpec],
+              keep_every: int = 0) -> bool:
+        """Copy one version into a FREE slot, else over the oldest READY one, and publish it READY; False when
+        every slot is claimed by the keeper (committed, being committed or written to disk): skipped. A READY
+        version that is a multiple of ``keep_every`` (one the keepers will write to disk) is not overwritten."""
+        meta = json.dumps(index.to_json()).encode()
+        if index.nbytes > self.layout.payload_capacity or len(meta) > self.layout.meta_capacity:
+            raise CheckpointError(f"snapshot of version {version} ({index.nbytes} bytes, index {len(meta)}) does "
+                                  f"not fit the arena's slots ({self.layout.payload_capacity}, "
+                                  f"{self.layout.meta_capacity})")
+        slot = self._take_slot(version, keep_every)
+        if slot is None:
+            return False
+        pack_into(index, fragments, self.payload(slot, index.nbytes))
+        start = self.layout.meta_offset(slot)
+        self._map[start:start + len(meta)] = meta
+        self.header[slot, 2] = len(meta)
+        self.set_state(slot, READY)
+        return True
+
+    def _take_slot(self, version: int, keep_every: int) -> Optional[int]:
+        free = [s for s in range(self.layout.slots) if self.state(s) == FREE]
+        if free:  # only this trainer moves a slot out of FREE
+            slot = free[0]
+        else:
+            with self.header_lock():
+                ready = {v: s for v, s in self.slots_in((READY,)).items() if not (keep_every and v % keep_every == 0)}
+                if not ready:
+                    return None
+                slot = ready[min(ready)]
+                self.set_state(slot, WRITING)
+        self.header[slot, 1] = version
+        self.set_state(slot, WRITING)
+        return slot
+
+    @property
+    def nbytes(self) -> int:
+        return self.layout.nbytes
+
+
+class ArenaWriter:
+    """The checkpoint engine's level-0 target when keepers are on: each version is packed straight into a slot of
+    this rank's arena. ``reallocate(payload_nbytes, meta_nbytes) -> ArenaHandle`` asks the keeper for a larger
+    arena when a snapshot outgrows the slots (state that appears late, e.g. an outer optimizer's momentum).
+    ``keep_every``: versions that are multiples of it go to disk; they are not overwritten before a commit."""
+
+    def __init__(self, handle: ArenaHandle, reallocate=None, keep_every: int = 0):
+        self.arena = Arena.attach(handle)
+        self.reallocate, self.keep_every = reallocate, keep_every
+        self.handed_version: Optional[int] = None
+        self.skipped = 0
+        self._lock = threading.Lock()  # the copy thread writes while the control thread may switch arenas
+
+    def replace(self, handle: ArenaHandle) -> None:
+        """Write into another arena from the next version on (this node's keeper was replaced)."""
+        with self._lock:
+            self.arena.close()
+            self.arena = Arena.attach(handle)
+
+    def copy_version(self, version: int, fragments: list[FragmentSpec], trainer_state: TrainerState) -> bool:
+        """Pack ``version`` into a free slot; False when it is skipped (every slot still held)."""
+        index = plan_index(fragments, {TRAINER_STATE_META: asdict(trainer_state)})
+        with self._lock:
+            if index.nbytes > self.arena.layout.payload_capacity and self.reallocate is not None:
+                handle = self.reallocate(index.nbytes, self.arena.layout.meta_capacity)
+                self.arena.close()
+                self.arena = Arena.attach(handle)
+            if not self.arena.write(version, index, fragments, self.keep_every):
+                self.skipped += 1
+                return False
+        self.handed_version = version
+        return True
+
+    def close(self) -> None:
+        self.arena.close()
+
+
+def estimate_meta_capacity(index: SnapshotIndex) -> int:
+    """Room for a slot's JSON index: twice today's size (the trainer state varies a little), at least 64 KiB."""
+    return max(65536, 2 * len(json.dumps(index.to_json())))

@@ -53,6 +53,8 @@ ORCHESTRATE_METHODS = {
     EVERY_STEP_KEEPERS: ["checkpoint.every=1", "checkpoint.keepers=true", "checkpoint.persist_every=10"],
     "orchestrate, snapshot every step, disk every 10, no keepers":
         ["checkpoint.every=1", "checkpoint.keepers=false", "checkpoint.persist_every=10"],
+    "orchestrate, snapshot every 10 steps + keepers, disk every 10":
+        ["checkpoint.every=10", "checkpoint.keepers=true", "checkpoint.persist_every=1"],
 }
 PLAIN_METHODS = {  # label -> (saver, save every N steps)
     "plain PyTorch, no checkpointing": ("none", 0),
@@ -295,8 +297,8 @@ def main() -> None:
     parser.add_argument("--steps", type=int, default=12, help="per run; steps 1-2 are warm-up")
     parser.add_argument("--dim", type=int, default=1024)
     parser.add_argument("--layers", type=int, default=8)
-    parser.add_argument("--batch", type=int, default=1, help="train.global_batch_size")
-    parser.add_argument("--seq-len", type=int, default=64)
+    parser.add_argument("--batch", type=int, default=4, help="train.global_batch_size")
+    parser.add_argument("--seq-len", type=int, default=128)
     parser.add_argument("--timeout", type=float, default=900.0, help="seconds per run before it counts as failed")
     parser.add_argument("--quick", action="store_true", help="tiny model, 2 repeats: a smoke test")
     parser.add_argument("--plain-worker", help=argparse.SUPPRESS)  # internal: one plain run, JSON request

@@ -7,13 +7,15 @@ it, and the steps redone.
   * parity: rank 1's node dies with its keeper (simulated multi-node cluster: one CPU per node, a spare node);
     its snapshot is decoded from the other keepers of the erasure-coded group.
   * disk: rank 1's process dies without keepers; the newest universal checkpoint on disk is loaded.
-Then the price of that protection on the training loop: the median step time of fault-free runs with keepers
-(every rank hands its snapshot to its node's keeper after every step) over the same runs without them (snapshots
-only to disk), alternating the two ``--repeats`` times.
+Then the price of that protection on the training loop, per recipe (``--recipes``, default quickstart and
+small): the median step time of fault-free runs with keepers (every rank copies each snapshot into its arena in
+the keeper's shared memory; commits; disk every ``--persist-every`` snapshots), snapshotting every step and every
+10 steps, over the same runs without any checkpointing, the configurations alternating ``--repeats`` times; and
+the keepers' memory against the state they protect.
 Encode/decode speed of the erasure code against memcpy, and its memory overhead, are ``benchmarks/erasure.py``.
 
-    python -m benchmarks.recovery [--steps 40] [--at-step 25] [--persist-every 10] [--repeats 3]
-        [--part both|recovery|overhead]
+    python -m benchmarks.recovery [--steps 40] [--small-steps 12] [--at-step 25] [--persist-every 10]
+        [--repeats 5] [--part both|recovery|overhead] [--recipes quickstart small]
 """
 from __future__ import annotations
 

@@ -30,12 +30,13 @@ import json
 import mmap
 import os
 import threading
-from dataclasses import asdict, dataclass
-from typing import Optional, Sequence
+from dataclasses import asdict, dataclass, fields
+from typing import Callable, Optional, Sequence
 
 import numpy as np
+import torch
 
-from checkpoint.snapshot_codec import SnapshotIndex, align, pack_into, plan_index
+from checkpoint.snapshot_codec import SnapshotIndex, align, pack_into, plan_index, tensor_views
 from checkpoint.universal import CheckpointError, FragmentSpec, TrainerState
 
 FREE, WRITING, READY, SEALED, COMMITTED = range(5)
@@ -200,18 +201,24 @@ class Arena:
 
     def write(self, version: int, index: SnapshotIndex, fragments: Sequence[FragmentSpec],
               keep_every: int = 0) -> bool:
-        """Copy one version into a FREE slot, else over the oldest READY one, and publish it READY; False when
-        every slot is claimed by the keeper (committed, being committed or written to disk): skipped. A READY
-        version that is a multiple of ``keep_every`` (one the keepers will write to disk) is not overwritten."""
+        """Pack ``fragments`` (laid out by ``index``) as ``version``; see ``publish``."""
         meta = json.dumps(index.to_json()).encode()
-        if index.nbytes > self.layout.payload_capacity or len(meta) > self.layout.meta_capacity:
-            raise CheckpointError(f"snapshot of version {version} ({index.nbytes} bytes, index {len(meta)}) does "
-                                  f"not fit the arena's slots ({self.layout.payload_capacity}, "
-                                  f"{self.layout.meta_capacity})")
+        return self.publish(version, index.nbytes, meta,
+                            lambda slot: pack_into(index, fragments, self.payload(slot, index.nbytes)), keep_every)
+
+    def publish(self, version: int, nbytes: int, meta: bytes, fill: Callable[[int], None], keep_every: int = 0
+                ) -> bool:
+        """Take a FREE slot, else the oldest READY one, ``fill(slot)`` its payload, write ``meta`` and publish it
+        READY; False when every slot is claimed by the keeper (committed, being committed or written to disk):
+        skipped. A READY version that is a multiple of ``keep_every`` (one the keepers will write to disk) is
+        not overwritten."""
+        if nbytes > self.layout.payload_capacity or len(meta) > self.layout.meta_capacity:
+            raise CheckpointError(f"snapshot of version {version} ({nbytes} bytes, index {len(meta)}) does not fit "
+                                  f"the arena's slots ({self.layout.payload_capacity}, {self.layout.meta_capacity})")
         slot = self._take_slot(version, keep_every)
         if slot is None:
             return False
-        pack_into(index, fragments, self.payload(slot, index.nbytes))
+        fill(slot)
         start = self.layout.meta_offset(slot)
         self._map[start:start + len(meta)] = meta
         self.header[slot, 2] = len(meta)
@@ -250,29 +257,69 @@ class ArenaWriter:
         self.handed_version: Optional[int] = None
         self.skipped = 0
         self._lock = threading.Lock()  # the copy thread writes while the control thread may switch arenas
+        self._layout: Optional[_CachedLayout] = None
+        self._views: dict[int, list[torch.Tensor]] = {}  # slot -> tensor views of its payload
 
     def replace(self, handle: ArenaHandle) -> None:
         """Write into another arena from the next version on (this node's keeper was replaced)."""
         with self._lock:
             self.arena.close()
-            self.arena = Arena.attach(handle)
+            self.arena, self._views = Arena.attach(handle), {}
 
     def copy_version(self, version: int, fragments: list[FragmentSpec], trainer_state: TrainerState) -> bool:
-        """Pack ``version`` into a free slot; False when it is skipped (every slot still held)."""
-        index = plan_index(fragments, {TRAINER_STATE_META: asdict(trainer_state)})
+        """Pack ``version`` into a slot; False when it is skipped (every slot claimed by the keeper)."""
+        layout = self._layout_of(fragments)
+        meta = layout.meta_json({TRAINER_STATE_META: {f.name: getattr(trainer_state, f.name)
+                                                      for f in fields(trainer_state)}})
         with self._lock:
-            if index.nbytes > self.arena.layout.payload_capacity and self.reallocate is not None:
-                handle = self.reallocate(index.nbytes, self.arena.layout.meta_capacity)
+            if layout.index.nbytes > self.arena.layout.payload_capacity and self.reallocate is not None:
+                handle = self.reallocate(layout.index.nbytes, self.arena.layout.meta_capacity)
                 self.arena.close()
-                self.arena = Arena.attach(handle)
-            if not self.arena.write(version, index, fragments, self.keep_every):
-                self.skipped += 1
-                return False
+                self.arena, self._views = Arena.attach(handle), {}
+            written = self.arena.publish(version, layout.index.nbytes, meta,
+                                         lambda slot: self._fill(slot, layout.index, fragments), self.keep_every)
+        if not written:
+            self.skipped += 1
+            return False
         self.handed_version = version
         return True
 
+    def _layout_of(self, fragments: list[FragmentSpec]) -> "_CachedLayout":
+        """The packed layout, planned again only when the tensors' names, shapes or dtypes change: planning and
+        JSON-encoding it every step cost more CPU than copying a small model's state."""
+        signature = tuple((f.key, f.global_shape, tuple(f.tensor.shape), f.tensor.dtype, f.replica_id)
+                          for f in fragments)
+        if self._layout is None or self._layout.signature != signature:
+            self._layout, self._views = _CachedLayout(signature, plan_index(fragments)), {}
+        return self._layout
+
+    def _fill(self, slot: int, index: SnapshotIndex, fragments: list[FragmentSpec]) -> None:
+        """Copy the tensors into the slot through views made once per slot (alignment gaps zeroed then)."""
+        views = self._views.get(slot)
+        if views is None:
+            payload = self.arena.payload(slot, index.nbytes)
+            payload[:] = 0
+            views = self._views[slot] = tensor_views(index, payload)
+        with torch.no_grad():
+            for view, fragment in zip(views, fragments):
+                view.copy_(fragment.tensor.detach())
+
     def close(self) -> None:
         self.arena.close()
+
+
+class _CachedLayout:
+    """A planned index and its JSON without the per-version meta, spliced around it for each version."""
+
+    def __init__(self, signature: tuple, index: SnapshotIndex):
+        self.signature, self.index = signature, index
+        document = index.to_json()
+        head = {key: document[key] for key in ("format", "format_version", "nbytes")}
+        self._head = json.dumps(head)[:-1]
+        self._tail = f', "tensors": {json.dumps(document["tensors"])}}}'
+
+    def meta_json(self, meta: dict) -> bytes:
+        return f'{self._head}, "meta": {json.dumps(meta)}{self._tail}'.encode()
 
 
 def estimate_meta_capacity(index: SnapshotIndex) -> int:

@@ -7,7 +7,9 @@ keepers hold never leaves a gap in metrics.jsonl.
 from __future__ import annotations
 
 import logging
+import statistics
 import time
+from collections import deque
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass
 from typing import Any, Optional
@@ -64,6 +66,7 @@ class KeeperService:
         self._job: Optional[Future] = None
         self._wanted: Optional[int] = None  # newest version offered
         self._next_commit_at = 0.0  # monotonic time before which no new commit starts
+        self._commit_seconds: deque[float] = deque(maxlen=6)  # durations of the latest commits
         self._persist_pool = ThreadPoolExecutor(1, thread_name_prefix="l2-from-keepers")
         self._persist: Optional[Future] = None
         self._persist_target: Optional[int] = None  # newest version a level-2 write was started for
@@ -156,11 +159,21 @@ class KeeperService:
         return min(due_on_disk) if due_on_disk else max(complete, default=None)
 
     @staticmethod
-    def _holders(keepers: list) -> dict[int, dict[int, Any]]:
-        """version -> rank -> the keeper that holds its handed-over snapshot."""
+    def _holders(keepers: list, answered: Optional[list] = None) -> dict[int, dict[int, Any]]:
+        """version -> rank -> the keeper that holds its handed-over snapshot. With ``answered``, a keeper that
+        fails to answer (it died since it was last seen) is left out, and the ones that answered are listed
+        there; without it, the failure is raised."""
         holders_of: dict[int, dict[int, Any]] = {}
-        answers = ray.get([keeper.held_ranks.remote() for keeper in keepers], timeout=PING_TIMEOUT_S)
-        for keeper, versions in zip(keepers, answers):
+        refs = [keeper.held_ranks.remote() for keeper in keepers]
+        for keeper, ref in zip(keepers, refs):
+            try:
+                versions = ray.get(ref, timeout=PING_TIMEOUT_S)
+            except ray.exceptions.RayError:
+                if answered is None:
+                    raise
+                continue
+            if answered is not None:
+                answered.append(keeper)
             for version, ranks in versions.items():
                 holders_of.setdefault(version, {}).update({rank: keeper for rank in ranks})
         return holders_of
@@ -181,7 +194,10 @@ class KeeperService:
             return False
         self.committed, self.committed_groups = version, groups
         self.last_commit_s = time.perf_counter() - start
-        self._next_commit_at = time.monotonic() + self.last_commit_s * (1 / L1_COMMIT_SHARE - 1)
+        self._commit_seconds.append(self.last_commit_s)
+        if len(self._commit_seconds) > 1:  # the first commit is slow (keepers warm up): not a measure
+            typical = statistics.median(list(self._commit_seconds)[1:])
+            self._next_commit_at = time.monotonic() + typical * (1 / L1_COMMIT_SHARE - 1)
         if persist:
             self._persist_target = version
             keepers = [keeper for group in groups for keeper in group.keepers]
@@ -222,15 +238,15 @@ class KeeperService:
         over (a process died: no decoding, and at most the unlogged steps are redone); else the newest committed
         version, with the ranks of lost keepers decoded by a surviving member of their group."""
         self.drain()
-        live = {node: keeper for node, keeper in self.keepers.items() if _answers(keeper)}
-        holders_of = self._holders(list(live.values()))
+        live: list = []
+        holders_of = self._holders([k for k in self.keepers.values() if _answers(k)], answered=live)
         newest = max(self._complete(holders_of, 0, logged_step), default=None)
         if newest is not None:
             return RestorePlan(newest, "keeper", holders_of[newest], [])
         if self.committed is None:
             return None
         return self._decode_plan(self.committed, dict(holders_of.get(self.committed, {})),
-                                 {_actor_id(k) for k in live.values()})
+                                 {_actor_id(k) for k in live})
 
     def _decode_plan(self, version: int, holders: dict[int, Any], live_ids: set[str]) -> Optional[RestorePlan]:
         decoded: list[int] = []

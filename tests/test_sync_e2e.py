@@ -28,7 +28,8 @@ def test_strategy_trains_and_resumes_bit_identically(tmp_path, name):
 
 
 def _comm_bytes(run_dir) -> list[int]:
-    return [json.loads(line)["comm_bytes"] for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
+    records = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
+    return [r["comm_bytes"] for r in records if "comm_bytes" in r]
 
 
 @pytest.mark.slow

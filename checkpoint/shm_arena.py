@@ -28,6 +28,7 @@ import contextlib
 import fcntl
 import json
 import mmap
+import operator
 import os
 import threading
 from dataclasses import asdict, dataclass, fields
@@ -258,6 +259,7 @@ class ArenaWriter:
         self.skipped = 0
         self._lock = threading.Lock()  # the copy thread writes while the control thread may switch arenas
         self._layout: Optional[_CachedLayout] = None
+        self._fragments: list[FragmentSpec] = []  # those the layout was checked against
         self._views: dict[int, list[torch.Tensor]] = {}  # slot -> tensor views of its payload
 
     def replace(self, handle: ArenaHandle) -> None:
@@ -287,8 +289,12 @@ class ArenaWriter:
     def _layout_of(self, fragments: list[FragmentSpec]) -> "_CachedLayout":
         """The packed layout, planned again only when the tensors' names, shapes or dtypes change: planning and
         JSON-encoding it every step cost more CPU than copying a small model's state."""
+        if self._layout is not None and len(fragments) == len(self._fragments) and all(
+                map(operator.is_, fragments, self._fragments)):
+            return self._layout  # the very same fragments as last time (the caller reuses them)
         signature = tuple((f.key, f.global_shape, tuple(f.tensor.shape), f.tensor.dtype, f.replica_id)
                           for f in fragments)
+        self._fragments = list(fragments)
         if self._layout is None or self._layout.signature != signature:
             self._layout, self._views = _CachedLayout(signature, plan_index(fragments)), {}
         return self._layout

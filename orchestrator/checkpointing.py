@@ -58,13 +58,25 @@ class TrainerCheckpointer:
         self.rank, self.every, self.keeper = rank, c.every, keeper
         self.persist_cadence = c.every * c.persist_every  # steps between versions written to disk
         self.writer: Optional[ArenaWriter] = None  # keepers on: L0 is this rank's arena in the keeper's memory
+        self._fragments: list[FragmentSpec] = []
+        self._fragments_signature: Optional[tuple] = None
         if c.every > 0 and keeper is None:
             persister = (UniversalPersister(c.dir, rank, tuple(range(dims.world_size)), c.keep)
                          if c.persist_every > 0 else None)
             self.engine = CheckpointEngine(HostArena(), c.every, c.persist_every, persister)
 
     def fragments(self) -> list[FragmentSpec]:
-        return self.training_fragments(self.replica) + self.sync_fragments(self.sync.state_dict(), self.replica)
+        """This rank's part of a version. Built again only when a tensor it refers to was replaced (the optimizer
+        created its state, a load, a strategy's new buffer): the step updates them in place, and building the
+        list costs the training thread more than the copy itself on a small model."""
+        sync_state = self.sync.state_dict()
+        signature = (tuple(id(p) for p in self.runner.parameters()),
+                     tuple(id(v) for state in self.optimizer.state.values() for v in state.values()),
+                     tuple((name, id(tensor)) for name, tensor in sync_state.items()))
+        if signature != self._fragments_signature:
+            self._fragments = self.training_fragments(self.replica) + self.sync_fragments(sync_state, self.replica)
+            self._fragments_signature = signature
+        return list(self._fragments)
 
     def training_fragments(self, replica: int) -> list[FragmentSpec]:
         """Parameters and optimizer state. Replica 0's are the model's (stable names, what export and any

@@ -118,11 +118,21 @@ class KeeperService:
     def offer(self, version: int, now: bool = False) -> None:
         """Commit ``version`` in the background, or the newest version every rank still holds. Commits are spaced
         so that they take at most L1_COMMIT_SHARE of the wall time (on steps longer than a commit: every step;
-        ``now`` skips the wait, e.g. for the final version)."""
+        ``now`` skips the wait, e.g. for the final version). Without parity anywhere (one node, or
+        ``checkpoint.ec.parity=0``) a commit protects nothing a handed-over version does not: only versions due
+        on disk are committed then."""
         self._wanted = max(self._wanted or 0, version)
-        due = now or time.monotonic() >= self._next_commit_at
+        due = now or (time.monotonic() >= self._next_commit_at and (self._protects_nodes or self._disk_due(version)))
         if due and (self._job is None or self._job.done()) and (self.committed or 0) < version:
             self._job = self._pool.submit(self._commit_newest)
+
+    @property
+    def _protects_nodes(self) -> bool:
+        return any(group.layout.parity for group in self.groups)
+
+    def _disk_due(self, version: int) -> bool:
+        cadence = self.cfg.every * self.cfg.persist_every
+        return bool(cadence) and version // cadence > (self._persist_target or 0) // cadence
 
     def commit_final(self, version: int, attempts: int = 3) -> None:
         """Commit (and, at a level-2 boundary, persist) the last version of a run before it ends; a version due on

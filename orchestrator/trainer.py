@@ -92,11 +92,11 @@ class Trainer:
         self.step += 1
         inputs, targets = self.data.batch(self.sampler.next_window_ids())
         loss = self.runner.forward_backward(inputs.to(self.device), targets.to(self.device))
+        if self.snapshotter is not None:  # before the strategy's hook too: it may update sync state in place
+            self.snapshotter.wait_until_copied()
         self.sync.before_optimizer(self.step - 1)  # strategies count steps from 0
         if self.grad_clip > 0:
             clip_grad_norm_(self.runner.parameters(), self.grad_clip, self.runner.pp_group)
-        if self.snapshotter is not None:
-            self.snapshotter.wait_until_copied()
         lr = self.optimizer.param_groups[0]["lr"]
         self.optimizer.step()
         self.optimizer.zero_grad(set_to_none=True)

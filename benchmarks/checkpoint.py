@@ -297,7 +297,7 @@ def main() -> None:
     parser.add_argument("--steps", type=int, default=12, help="per run; steps 1-2 are warm-up")
     parser.add_argument("--dim", type=int, default=1024)
     parser.add_argument("--layers", type=int, default=8)
-    parser.add_argument("--batch", type=int, default=4, help="train.global_batch_size")
+    parser.add_argument("--batch", type=int, default=2, help="train.global_batch_size")
     parser.add_argument("--seq-len", type=int, default=128)
     parser.add_argument("--timeout", type=float, default=900.0, help="seconds per run before it counts as failed")
     parser.add_argument("--quick", action="store_true", help="tiny model, 2 repeats: a smoke test")

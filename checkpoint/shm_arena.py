@@ -110,7 +110,10 @@ class Arena:
 
     def __init__(self, fd: int, layout: ArenaLayout, owner: bool):
         self.fd, self.layout, self.owner = fd, layout, owner
-        self._map = mmap.mmap(fd, layout.nbytes)
+        # the trainer maps every page now, before training: faulting them in during the first snapshots would
+        # stall those steps (the keeper reads only what it needs)
+        flags = mmap.MAP_SHARED | (0 if owner else getattr(mmap, "MAP_POPULATE", 0))
+        self._map = mmap.mmap(fd, layout.nbytes, flags=flags)
         self.header = np.frombuffer(self._map, dtype=np.int64, count=FIELDS * layout.slots).reshape(
             layout.slots, FIELDS)
 

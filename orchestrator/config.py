@@ -113,6 +113,9 @@ class SyncConfig:
 class ErasureConfig:
     group_size: int = 0  # keepers per erasure-coded group; 0: all nodes in one group
     parity: int = 1  # members a group may lose (capped at group size - 1)
+    # most of the wall time L1 commits (parity across nodes) may take: they share CPUs and network with training,
+    # so they are spaced out; a node loss redoes the steps since the last commit
+    commit_share: float = 0.25
 
 
 @dataclass
@@ -268,6 +271,8 @@ def validate(cfg: Config) -> None:
     _require(cfg.checkpoint.keep >= 1, f"checkpoint.keep={cfg.checkpoint.keep}: must be >= 1")
     _require(cfg.checkpoint.ec.parity >= 0 and cfg.checkpoint.ec.group_size >= 0,
              "checkpoint.ec.parity and checkpoint.ec.group_size: must be >= 0")
+    _require(0 < cfg.checkpoint.ec.commit_share <= 1,
+             f"checkpoint.ec.commit_share={cfg.checkpoint.ec.commit_share}: valid: (0, 1]")
     _require(cfg.checkpoint.shm_versions >= 2,
              f"checkpoint.shm_versions={cfg.checkpoint.shm_versions}: must be >= 2 (the committed version and a "
              f"newer one)")

@@ -22,9 +22,6 @@ from orchestrator.config import CheckpointConfig
 
 log = logging.getLogger(__name__)
 PING_TIMEOUT_S = 5.0
-# Commits (seal, parity across nodes, bookkeeping RPCs) share the CPUs with training: spacing them so that they run
-# at most this share of the wall time bounds their cost; on steps longer than a commit every step is committed.
-L1_COMMIT_SHARE = 0.05
 
 
 @dataclass
@@ -117,7 +114,8 @@ class KeeperService:
 
     def offer(self, version: int, now: bool = False) -> None:
         """Commit ``version`` in the background, or the newest version every rank still holds. Commits are spaced
-        so that they take at most L1_COMMIT_SHARE of the wall time (on steps longer than a commit: every step;
+        so that they take at most ``checkpoint.ec.commit_share`` of the wall time (they share CPUs and network with
+        training; on steps long enough, every step is committed;
         ``now`` skips the wait, e.g. for the final version). Without parity anywhere (one node, or
         ``checkpoint.ec.parity=0``) a commit protects nothing a handed-over version does not: only versions due
         on disk are committed then."""
@@ -207,7 +205,7 @@ class KeeperService:
         self._commit_seconds.append(self.last_commit_s)
         if len(self._commit_seconds) > 1:  # the first commit is slow (keepers warm up): not a measure
             typical = statistics.median(list(self._commit_seconds)[1:])
-            self._next_commit_at = time.monotonic() + typical * (1 / L1_COMMIT_SHARE - 1)
+            self._next_commit_at = time.monotonic() + typical * (1 / self.cfg.ec.commit_share - 1)
         if persist:
             self._persist_target = version
             keepers = [keeper for group in groups for keeper in group.keepers]

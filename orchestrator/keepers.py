@@ -22,6 +22,7 @@ from orchestrator.config import CheckpointConfig
 
 log = logging.getLogger(__name__)
 PING_TIMEOUT_S = 5.0
+KEEPER_CHECK_INTERVAL_S = 2.0
 
 
 @dataclass
@@ -64,6 +65,7 @@ class KeeperService:
         self._wanted: Optional[int] = None  # newest version offered
         self._next_commit_at = 0.0  # monotonic time before which no new commit starts
         self._commit_seconds: deque[float] = deque(maxlen=6)  # durations of the latest commits
+        self._checked_at = time.monotonic()  # when the keepers were last pinged
         self._persist_pool = ThreadPoolExecutor(1, thread_name_prefix="l2-from-keepers")
         self._persist: Optional[Future] = None
         self._persist_target: Optional[int] = None  # newest version a level-2 write was started for
@@ -231,10 +233,12 @@ class KeeperService:
             log.warning("level-2 write of version %d from the keepers failed: %s", version, err)
 
     def lost_keepers(self) -> list[str]:
-        """Nodes whose keeper stopped answering (checked after a failed commit: a keeper died, or its node)."""
-        if not self.commit_failures:
+        """Nodes whose keeper stopped answering: checked after a failed commit, and every KEEPER_CHECK_INTERVAL_S
+        (a single node commits rarely, so a failed commit would come late)."""
+        now = time.monotonic()
+        if not self.commit_failures and now - self._checked_at < KEEPER_CHECK_INTERVAL_S:
             return []
-        self.commit_failures = 0
+        self.commit_failures, self._checked_at = 0, now
         return [node for node, keeper in self.keepers.items() if not _answers(keeper)]
 
     # ------------------------------------------------------------------ recovery

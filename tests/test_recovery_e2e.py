@@ -48,10 +48,11 @@ def test_without_restarts_left_the_run_fails_clearly_and_frees_its_shared_memory
 
 @pytest.mark.slow
 def test_keeper_loss_and_a_fault_during_recovery_are_survived(tmp_path):
-    # 40 steps: a replacement keeper takes a few seconds to start (it imports torch) while training goes on
-    overrides = ["checkpoint.persist_every=0", "train.steps=40"]
+    # 100 steps: a replacement keeper takes a few seconds to start (it imports torch) while training goes on, and
+    # the ranks snapshot into the lost keeper's orphaned arenas until then (unprotected)
+    overrides = ["checkpoint.persist_every=0", "train.steps=100"]
     expected = run(tmp_path / "clean", *overrides)
-    schedule = "fault.schedule=[{rank:0,at_step:3,kind:keeper},{rank:1,at_step:36},{rank:0,during_recovery:true}]"
+    schedule = "fault.schedule=[{rank:0,at_step:3,kind:keeper},{rank:1,at_step:96},{rank:0,during_recovery:true}]"
     assert run(tmp_path / "faulty", *overrides, "checkpoint.keepers=true", schedule) == expected
     records = [json.loads(line) for line in (tmp_path / "faulty" / "metrics.jsonl").read_text().splitlines()]
     [replaced] = [r for r in records if r.get("event") == "keeper_replaced"]

@@ -2,7 +2,7 @@
 
 Three tasks, every run on the same model init, data stream, steps and W workers (default 4):
 
-``toy``: the spec's section 5 protocol (shared/specs/lowcomm.md): teacher-student 10-class classification
+``toy``: the evaluation protocol of the low-communication papers' toy study: teacher-student 10-class classification
     (inputs 3 * N(0, I_32); teacher 32-128-10 ReLU MLP with torch's default init, seed 1234, labels its argmax;
     student MLP 32-128-10), batch 64 per worker, 1500 steps, AdamW without weight decay or schedule; eval on
     4096 held-out samples. The spec leaves the teacher open and says to calibrate before gating. Teacher and

@@ -3,7 +3,8 @@
 Local mode never attaches to a stray cluster (``address="local"``), keeps its session files in a temp dir of its
 own (so no stale ``ray_current_cluster`` file is shared with other users), sizes the object store, and on exit
 stops only the processes it started. ``ray stop`` is never used: it kills every Ray process on the machine.
-See shared/research/ecosystem.md section 1 for why each setting is needed.
+Each setting guards against a measured trap: a cluster bound to a public address, a stale session file,
+an object store sized to all memory, and `ray stop` killing other users' processes.
 """
 from __future__ import annotations
 

@@ -62,17 +62,16 @@ def test_lost_node_is_decoded_from_the_group_and_the_curve_is_unchanged(sim, cle
     assert "fault injected: node of rank 1" in " ".join((result.stdout + result.stderr).split())
 
 
-@pytest.mark.slow
-def test_parity_many_nodes_lost_at_once_are_decoded(sim, clean_curve, tmp_path):
-    # two fault.kind=node faults at one step race (the first loss tears the gang down before the second fires),
-    # so this test kills both training nodes itself, at once
+def kill_training_nodes_once(sim, tmp_path, ready, *overrides):
+    """Launch, wait until ``ready(records)``, then remove both training nodes at once (two fault.kind=node faults
+    at one step race: the first loss tears the gang down before the second fires). Returns the finished run."""
     sim.resize(4)
     command = [sys.executable, "-m", "orchestrator", "launch", "recipe=quickstart", f"train.steps={STEPS}",
                "logging.progress=false", "parallel.dp=2", f"cluster.address={sim.address}", *ON_CLUSTER,
-               "checkpoint.persist_every=0", "checkpoint.ec.parity=2", f"run.dir={tmp_path}"]
+               *overrides, f"run.dir={tmp_path}"]
     process = subprocess.Popen(command, env=ENV, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
     try:
-        wait_for_committed_step(tmp_path, 8, process)
+        wait_for_records(tmp_path, ready, process)
         free_cpus = ray._private.state.available_resources_per_node()
         training = [node for node in sim.nodes if free_cpus.get(node.node_id, {}).get("CPU", 0) == 0]
         assert len(training) == 2
@@ -82,36 +81,46 @@ def test_parity_many_nodes_lost_at_once_are_decoded(sim, clean_curve, tmp_path):
         stdout, stderr = process.communicate(timeout=300)
     finally:
         process.kill()
-    assert process.returncode == 0, stderr[-3000:]
+    return process.returncode, stderr, training
+
+
+@pytest.mark.slow
+def test_parity_many_nodes_lost_at_once_are_decoded(sim, clean_curve, tmp_path):
+    returncode, stderr, training = kill_training_nodes_once(
+        sim, tmp_path, lambda records: any(r.get("step", 0) >= 8 and r.get("ckpt_l1") is not None for r in records),
+        "checkpoint.persist_every=0", "checkpoint.ec.parity=2")
+    assert returncode == 0, stderr[-3000:]
     assert curve_of(tmp_path) == clean_curve
     [recovery] = recoveries_of(tmp_path)
     assert recovery["source"] == "parity" and recovery["decoded_ranks"] == [0, 1]
     assert sorted(recovery["lost_nodes"]) == sorted(node.node_id for node in training)
 
 
-def wait_for_committed_step(run_dir, step, process, timeout_s=120):
-    """Until the run logged ``step`` with an L1-committed version (the first commits can take a second here)."""
+def wait_for_records(run_dir, ready, process, timeout_s=120):
+    """Until ``ready(records)`` holds for the run's metrics so far."""
     deadline = time.monotonic() + timeout_s
     while time.monotonic() < deadline and process.poll() is None:
         lines = (run_dir / "metrics.jsonl").read_text().splitlines() if (run_dir / "metrics.jsonl").exists() else []
-        records = [json.loads(line) for line in lines[:-1]]  # the last line may be partial
-        if any(r.get("step", 0) >= step and r.get("ckpt_l1") is not None for r in records):
+        if ready([json.loads(line) for line in lines[:-1]]):  # the last line may be partial
             return
         time.sleep(0.1)
-    raise AssertionError(f"the run did not reach step {step} with a committed version: {process.poll()}")
+    raise AssertionError(f"the run did not get ready before its nodes were to be lost: {process.poll()}")
 
 
 @pytest.mark.slow
 def test_more_losses_than_parity_fall_back_to_disk_or_fail_clearly(sim, clean_curve, tmp_path):
-    both = "fault.schedule=[{rank:0,at_step:16,kind:node},{rank:1,at_step:16,kind:node}]"
-    # every L1-committed version goes to disk, so one is there by step 16 however slowly this machine commits
-    result = launch_on(sim, tmp_path / "disk", 2, "checkpoint.persist_every=1", both)
-    assert result.returncode == 0, controller_lines(result)
+    both = "fault.schedule=[{rank:0,at_step:3,kind:node},{rank:1,at_step:3,kind:node}]"
+    # both training nodes are lost once a version is on disk (every committed version goes there)
+    (tmp_path / "disk").mkdir()
+    returncode, stderr, _ = kill_training_nodes_once(
+        sim, tmp_path / "disk", lambda records: (tmp_path / "disk" / "checkpoints" / "latest").exists(),
+        "checkpoint.persist_every=1")
+    assert returncode == 0, stderr[-3000:]
     assert curve_of(tmp_path / "disk") == clean_curve
     [recovery] = recoveries_of(tmp_path / "disk")
-    assert recovery["source"] == "disk" and 1 <= recovery["restored_step"] <= 15
+    assert recovery["source"] == "disk" and 1 <= recovery["restored_step"] < STEPS
 
-    result = launch_on(sim, tmp_path / "none", 2, "checkpoint.persist_every=0", both.replace("16", "3"))
+    result = launch_on(sim, tmp_path / "none", 2, "checkpoint.persist_every=0", both)
     assert result.returncode == 1
     assert "no committed checkpoint to restore" in result.stderr.splitlines()[-1]
 

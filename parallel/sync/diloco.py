@@ -1,4 +1,4 @@
-"""DiLoCo (arXiv 2311.08105; spec: shared/specs/lowcomm.md section 1): local inner steps, an outer step every H.
+"""DiLoCo (arXiv 2311.08105): local inner steps, an outer step every H.
 
 Every replica trains alone for H inner steps with the default (inner) optimizer. Then it takes the
 pseudo-gradient against the global copy, Delta_i = phi - theta_i (old minus new), averages it over the replica

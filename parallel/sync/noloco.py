@@ -1,4 +1,4 @@
-"""NoLoCo (arXiv 2506.10911; spec: shared/specs/lowcomm.md section 3): DiLoCo without a global all-reduce.
+"""NoLoCo (arXiv 2506.10911): DiLoCo without a global all-reduce.
 
 Every replica keeps its own slow weights phi_i and outer velocity delta_i. Every H inner steps the replicas are
 split into groups of n (a permutation seeded by the outer step, identical on all ranks) and each replica

@@ -1,4 +1,4 @@
-"""1-bit Adam (arXiv 2102.02888; spec: shared/specs/lowcomm.md section 4, as DeepSpeed implements it).
+"""1-bit Adam (arXiv 2102.02888, as DeepSpeed implements it).
 
 Warmup (the first ``freeze_step`` optimizer steps): plain Adam on gradients averaged over the replica group in
 full precision (the DDP reference all-reduce). After it the variance v is frozen, the gradient all-reduce stops,

@@ -1,4 +1,4 @@
-"""Streaming DiLoCo (arXiv 2501.18512; spec: shared/specs/lowcomm.md section 2): DiLoCo one fragment at a time.
+"""Streaming DiLoCo (arXiv 2501.18512): DiLoCo one fragment at a time.
 
 The model is split into P fragments (groups of transformer blocks, strided: block l -> fragment l mod P_blocks;
 the non-block parameters form one more fragment). Fragment p syncs once every H steps at offset p*H/P, so the

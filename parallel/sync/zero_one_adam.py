@@ -1,4 +1,4 @@
-"""0/1 Adam (arXiv 2202.06009; spec: shared/specs/lowcomm.md section 4.5, as DeepSpeed's zoadam.py implements it).
+"""0/1 Adam (arXiv 2202.06009, as DeepSpeed's zoadam.py implements it).
 
 Steps t count from 1. Two stages:
 

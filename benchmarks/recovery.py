@@ -1,30 +1,39 @@
-"""Recovery in memory (SnapshotKeeper, level 1) vs from disk (level 2), in one run.
+"""Recovery as a user sees it, and what the protection costs the training loop.
 
-Three runs of the quickstart recipe (2 workers, snapshot every step), each with one injected fault, read the
-recovery record the controller writes: seconds from the failure being detected to the first finished step after
-it, and the steps redone.
-  * keeper: rank 1's process dies; its node's keeper still holds every rank's newest handed-over snapshot.
-  * parity: rank 1's node dies with its keeper (simulated multi-node cluster: one CPU per node, a spare node);
-    its snapshot is decoded from the other keepers of the erasure-coded group.
-  * disk: rank 1's process dies without keepers; the newest universal checkpoint on disk is loaded.
-Then the price of that protection on the training loop, per recipe (``--recipes``, default quickstart and
-small): the median step time of fault-free runs with keepers (every rank copies each snapshot into its arena in
-the keeper's shared memory; commits; disk every ``--persist-every`` snapshots), snapshotting every step and every
-10 steps, over the same runs without any checkpointing, the configurations alternating ``--repeats`` times; and
-the keepers' memory against the state they protect.
-Encode/decode speed of the erasure code against memcpy, and its memory overhead, are ``benchmarks/erasure.py``.
+Recovery (``--part recovery``): one long quickstart run (2 workers, snapshot every step) per row; the benchmark
+kills a worker from outside ``--kills`` times, each at a random moment of a step (seeded), with its own clock, and
+waits for the run to recover before the next kill. For each kill: seconds from the kill to the end of the first
+step finished after the recovery (detection, attribution, new process, restore, re-formed process groups
+included; the workers' timestamp, same machine), seconds until the controller had attributed the failure, the
+steps redone, and where the lost rank's state came from.
+  * process: SIGKILL of a random rank's process; with keepers (default) and without.
+  * node: the raylet of a random training node is killed (simulated multi-node cluster, one CPU per node; a
+    fresh spare node is added after each loss), with every process on it, its keeper included; ``dp=2`` (the
+    survivor is a replica) and ``tp=2`` (no replica: the keepers' parity).
+Goodput: the step rate of the killed run (wall clock from its first to its last step) over the fault-free step
+rate of the same configuration, with the mean time between kills.
 
-    python -m benchmarks.recovery [--steps 40] [--small-steps 12] [--at-step 25] [--persist-every 10]
-        [--repeats 5] [--part both|recovery|overhead] [--recipes quickstart small]
+Overhead (``--part overhead``, per recipe, ``--recipes``, default quickstart and small): the median step time of
+fault-free runs with keepers (every rank copies each snapshot into its arena in the keeper's shared memory;
+commits; disk every ``--persist-every`` snapshots), snapshotting every step and every 10 steps, over the same runs
+without any checkpointing, the configurations alternating ``--repeats`` times; and the keepers' memory against
+the state they protect. Encode/decode speed of the erasure code is ``benchmarks/erasure.py``.
+
+    python -m benchmarks.recovery [--part both|recovery|overhead] [--kills 6] [--seed 0] [--steps 40]
+        [--small-steps 12] [--persist-every 10] [--repeats 5] [--recipes quickstart small]
 """
 from __future__ import annotations
 
 import argparse
 import json
+import os
+import random
+import signal
 import statistics
 import subprocess
 import sys
 import tempfile
+import time
 from pathlib import Path
 
 from cluster.simulated import SimulatedCluster
@@ -43,29 +52,108 @@ def median_step_s(records: list[dict]) -> float:
     return statistics.median(r["step_time"] for r in records if "step_time" in r)
 
 
-def recover(steps: int, at_step: int, persist_every: int, *overrides: str) -> dict:
-    records = launch(steps, persist_every, "fault.kill_rank=1", f"fault.at_step={at_step}", *overrides)
-    [recovery] = [r["recovery"] for r in records if "recovery" in r]
-    commits = [r["ckpt_l1_s"] for r in records if r.get("ckpt_l1_s") is not None]
-    return {**recovery, "l1_commit_s": statistics.median(commits) if commits else None,
-            "step_s": median_step_s(records)}
+LONG_RUN = ["recipe=quickstart", "train.steps=1000000", "optim.schedule=constant", "logging.progress=false",
+            "checkpoint.persist_every=0"]
+SETTLE_STEPS = 5  # steps the run makes after a recovery before the next kill
 
 
-def recover_from_node_loss(steps: int, at_step: int, persist_every: int) -> dict:
-    sim = SimulatedCluster()
-    try:
-        sim.start()
-        sim.live_nodes(3)
-        return recover(steps, at_step, persist_every, "checkpoint.keepers=true", "fault.kind=node",
-                       f"cluster.address={sim.address}", "cluster.cpus_per_worker=1")
-    finally:
-        sim.shutdown()
+def records_of(run_dir: Path) -> list[dict]:
+    path = run_dir / "metrics.jsonl"
+    lines = path.read_text().splitlines()[:-1] if path.exists() else []  # the last line may be partial
+    return [json.loads(line) for line in lines]
+
+
+def wait_for(run_dir: Path, process: subprocess.Popen, done, timeout_s: float = 180) -> list[dict]:
+    deadline = time.monotonic() + timeout_s
+    while True:
+        records = records_of(run_dir)
+        if done(records):
+            return records
+        if process.poll() is not None or time.monotonic() > deadline:
+            raise RuntimeError(f"the run stopped or hung: {process.poll()} {process.stderr.read()[-2000:]}")
+        time.sleep(0.02)
+
+
+def steps_after(records: list[dict], recoveries: int) -> int:
+    """Steps logged since the ``recoveries``-th recovery (or the start)."""
+    seen, count = 0, 0
+    for r in records:
+        if "recovery" in r:
+            seen, count = seen + 1, 0
+        elif "step_time" in r and seen == recoveries:
+            count += 1
+    return count if seen == recoveries else 0
+
+
+def kill_run(kind: str, kills: int, seed: int, *overrides: str, sim: SimulatedCluster | None = None) -> dict:
+    """Kill a random rank's process (or node) ``kills`` times in one run; per kill: seconds to the first step
+    after the recovery, seconds to attribution, steps redone, source. Plus the run's steps per second."""
+    rng = random.Random(seed)
+    with tempfile.TemporaryDirectory() as tmp:
+        run_dir = Path(tmp) / "run"
+        process = subprocess.Popen([sys.executable, "-m", "orchestrator", "launch", *LONG_RUN,
+                                    f"fault.max_restarts={kills}", f"run.dir={run_dir}", *overrides],
+                                   stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+        try:
+            kills_done, kill_times = [], []
+            for i in range(kills):
+                records = wait_for(run_dir, process, lambda rs: steps_after(rs, i) >= SETTLE_STEPS)
+                workers = [r for r in records if r.get("event") == "workers"][-1]
+                step_s = statistics.median(r["step_time"] for r in records[-SETTLE_STEPS:] if "step_time" in r)
+                rank = rng.randrange(len(workers["pids"]))
+                time.sleep(rng.uniform(0, step_s))  # a random moment of a step
+                killed_at = time.time()
+                kill_times.append(killed_at)
+                if kind == "process":
+                    os.kill(workers["pids"][rank], signal.SIGKILL)
+                else:
+                    [node] = [n for n in sim.nodes if n.node_id == workers["nodes"][rank]]
+                    sim.cluster.remove_node(node, allow_graceful=False)
+                    sim.nodes.remove(node)
+                records = wait_for(run_dir, process, lambda rs: sum("recovery" in r for r in rs) > i)
+                recovery = [r["recovery"] for r in records if "recovery" in r][i]
+                kills_done.append({"seconds": recovery["resumed_at"] - killed_at,
+                                   "detected_s": recovery["detected_at"] - killed_at,
+                                   "steps_lost": recovery["steps_lost"], "source": recovery["source"]})
+                if sim is not None:
+                    sim.live_nodes(len(sim.nodes) + 1)  # a spare again for the next loss
+            records = wait_for(run_dir, process, lambda rs: steps_after(rs, kills) >= SETTLE_STEPS)
+            steps = [r for r in records if "step_time" in r]
+            rate = (len(steps) - 1) / (steps[-1]["time"] - steps[0]["time"])
+            interval = (kill_times[-1] - kill_times[0]) / max(1, kills - 1)
+            return {"kills": kills_done, "steps_per_s": rate, "kill_interval_s": interval}
+        finally:
+            stop(process)
+
+
+def stop(process: subprocess.Popen) -> None:
+    """Two Ctrl-C: the run stops at once and tears down its Ray cluster."""
+    if process.poll() is None:
+        process.send_signal(signal.SIGINT)
+        time.sleep(0.1)
+        process.send_signal(signal.SIGINT)
+    process.wait(timeout=120)
+
+
+def fault_free_rate(*overrides: str, sim: SimulatedCluster | None = None, steps: int = 60) -> float:
+    with tempfile.TemporaryDirectory() as tmp:
+        run_dir = Path(tmp) / "run"
+        process = subprocess.Popen([sys.executable, "-m", "orchestrator", "launch", *LONG_RUN,
+                                    f"run.dir={run_dir}", *overrides],
+                                   stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+        try:
+            records = wait_for(run_dir, process, lambda rs: steps_after(rs, 0) >= steps)
+        finally:
+            stop(process)
+    done = [r for r in records if "step_time" in r]
+    return (len(done) - 1) / (done[-1]["time"] - done[0]["time"])
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--steps", type=int, default=40)
-    parser.add_argument("--at-step", type=int, default=25)
+    parser.add_argument("--kills", type=int, default=6)
+    parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--persist-every", type=int, default=10)
     parser.add_argument("--repeats", type=int, default=5)
     parser.add_argument("--part", choices=("both", "recovery", "overhead"), default="both")
@@ -79,21 +167,47 @@ def main() -> None:
                               args.repeats)
 
 
+RECOVERY_ROWS = [  # lost, kind, overrides, on the simulated cluster
+    ("process (keepers)", "process", ("parallel.dp=2",), False),
+    ("process (no keepers)", "process", ("parallel.dp=2", "checkpoint.keepers=false"), False),
+    ("node, dp=2", "node", ("parallel.dp=2",), True),
+    ("node, tp=2", "node", ("parallel.dp=1", "parallel.tp=2"), True),
+]
+ON_NODES = ("cluster.cpus_per_worker=1", "cluster.start_timeout_s=120")
+GOALS = {"process": ("<= 5 s", "<= 10 s", "<= 1"), "node": ("<= 15 s", "-", "-")}
+
+
 def print_recoveries(args: argparse.Namespace) -> None:
-    common = (args.steps, args.at_step, args.persist_every)
-    runs = [("rank 1's process", recover(*common, "checkpoint.keepers=true")),
-            ("rank 1's node (3-node simulated cluster)", recover_from_node_loss(*common)),
-            ("rank 1's process, no keepers", recover(*common, "checkpoint.keepers=false"))]
-    print(f"Recovery: quickstart, 2 workers, fault before step {args.at_step}, disk every {args.persist_every} "
-          f"steps, snapshot every step\n")
-    print("| lost | source | restored step | steps redone | seconds to next finished step | goal | median step "
-          "(s) | median L1 commit (s) |")
-    print("|---|---|---|---|---|---|---|---|")
-    for lost, r in runs:
-        goal = "-" if r["source"] == "disk" else "<= 10 s, <= 1 step"
-        commit = "-" if r["l1_commit_s"] is None else f"{r['l1_commit_s']:.2f}"
-        print(f"| {lost} | {r['source']} | {r['restored_step']} | {r['steps_lost']} | {r['seconds']:.1f} | {goal} "
-              f"| {r['step_s']:.3f} | {commit} |")
+    print(f"Recovery from the kill: quickstart, 2 workers, snapshot every step, {args.kills} kills per row at "
+          f"random moments (seed {args.seed}), measured by the killer's clock\n")
+    print("| lost | source | seconds to next step, median / worst | goal (median / worst) | attributed after (s), "
+          "median | steps redone, median / worst | goal | goodput (a kill every) | per kill (s) |")
+    print("|---|---|---|---|---|---|---|---|---|")
+    for lost, kind, overrides, on_nodes in RECOVERY_ROWS:
+        sim = SimulatedCluster() if on_nodes else None
+        try:
+            extra = ()
+            if sim is not None:
+                sim.start()
+                sim.live_nodes(3)
+                extra = (f"cluster.address={sim.address}", *ON_NODES)
+            result = kill_run(kind, args.kills, args.seed, *overrides, *extra, sim=sim)
+            if sim is not None:
+                sim.resize(3)
+            base = fault_free_rate(*overrides, *extra, sim=sim)
+        finally:
+            if sim is not None:
+                sim.shutdown()
+        kills = result["kills"]
+        seconds = [k["seconds"] for k in kills]
+        lost_steps = [k["steps_lost"] for k in kills]
+        sources = "/".join(sorted({k["source"] for k in kills}))
+        median_goal, worst_goal, steps_goal = GOALS[kind]
+        print(f"| {lost} | {sources} | {statistics.median(seconds):.1f} / {max(seconds):.1f} | {median_goal} / "
+              f"{worst_goal} | {statistics.median(k['detected_s'] for k in kills):.1f} | "
+              f"{statistics.median(lost_steps):g} / {max(lost_steps)} | {steps_goal} | "
+              f"{result['steps_per_s'] / base:.2f} ({result['kill_interval_s']:.0f} s) | "
+              f"{' '.join(f'{x:.1f}' for x in seconds)} |")
 
 
 OVERHEAD_RUNS = {  # name -> overrides, measured against no checkpointing at all

@@ -3,50 +3,92 @@
 Why: in this VM a fresh allocation faults every page, so ``clone()`` of 1 GiB takes ~3 s while ``copy_`` into
 buffers that were already touched takes ~0.2 s (specs/checkpointing.md section 5). One buffer per tensor, not
 one flat arena: per-tensor ``copy_`` measured faster, and safetensors refuses tensors that share storage.
+
+With ``slots`` > 1 the arena keeps that many versions, written in turn: a recovery can roll every rank back to
+a version older than the newest (the one whose metrics the controller logged), as the keepers' arenas allow.
 """
 from __future__ import annotations
 
+import threading
 from types import MappingProxyType
-from typing import Mapping, Optional
+from typing import Any, Mapping, Optional
 
 import torch
 
 
 class HostArena:
-    """name -> host tensor; a buffer is reallocated only when its shape or dtype changes."""
+    """name -> host tensor per slot; a buffer is reallocated only when its shape or dtype changes."""
 
-    def __init__(self, pin_memory: Optional[bool] = None):
+    def __init__(self, pin_memory: Optional[bool] = None, slots: int = 1):
         # pinned memory makes device->host copies asynchronous-capable; it needs a CUDA runtime
         self.pin_memory = torch.cuda.is_available() if pin_memory is None else pin_memory
-        self._buffers: dict[str, torch.Tensor] = {}
+        self._slots: list[dict[str, torch.Tensor]] = [{} for _ in range(slots)]
+        self._versions: list[Optional[int]] = [None] * slots
+        self._states: list[Any] = [None] * slots
+        self._newest = 0  # the slot written last
+        self._pinned: Optional[int] = None  # a slot the next copies skip (its version is being saved)
+        self._lock = threading.Lock()
         self.allocations = 0
 
     @property
     def buffers(self) -> Mapping[str, torch.Tensor]:
-        return MappingProxyType(self._buffers)
+        """The newest slot's buffers."""
+        return MappingProxyType(self._slots[self._newest])
 
     @property
     def nbytes(self) -> int:
-        return sum(buffer.nbytes for buffer in self._buffers.values())
+        return sum(buffer.nbytes for slot in self._slots for buffer in slot.values())
+
+    @property
+    def version(self) -> Optional[int]:
+        return self._versions[self._newest]
+
+    def versions(self) -> list[int]:
+        return sorted(v for v in self._versions if v is not None)
+
+    def pin(self, version: Optional[int]) -> bool:
+        """Keep ``version`` from being overwritten until ``pin(None)`` (a second slot takes the copies); False
+        when the arena no longer holds it, or holds only one slot."""
+        with self._lock:
+            if version is None:
+                self._pinned = None
+                return True
+            if len(self._slots) < 2 or version not in self._versions:
+                return False
+            self._pinned = self._versions.index(version)
+            return True
+
+    def held(self, version: int) -> tuple[Mapping[str, torch.Tensor], Any]:
+        """(buffers, trainer state) of a version the arena holds."""
+        slot = self._versions.index(version)
+        return MappingProxyType(self._slots[slot]), self._states[slot]
 
     def copy_from(self, state: Mapping[str, torch.Tensor]) -> Mapping[str, torch.Tensor]:
-        """Copy every tensor of ``state`` into its buffer; names no longer present are dropped."""
-        for name in [name for name in self._buffers if name not in state]:
-            del self._buffers[name]
+        """Copy every tensor of ``state`` into the next slot's buffers; names no longer present are dropped."""
+        with self._lock:
+            slot = (self._newest + 1) % len(self._slots)
+            if slot == self._pinned:
+                slot = self._newest
+            self._versions[slot] = None
+        buffers = self._slots[slot]
+        for name in [name for name in buffers if name not in state]:
+            del buffers[name]
         with torch.no_grad():
             for name, source in state.items():
-                self._buffer_for(name, source).copy_(source.detach())
+                self._buffer_for(buffers, name, source).copy_(source.detach())
+        self._newest = slot
         return self.buffers
 
     def copy_version(self, version: int, fragments, trainer_state) -> bool:
         """The checkpoint engine's level-0 target: every version is copied (``buffers`` holds the newest)."""
         self.copy_from({fragment.key: fragment.tensor for fragment in fragments})
+        self._versions[self._newest], self._states[self._newest] = version, trainer_state
         return True
 
-    def _buffer_for(self, name: str, source: torch.Tensor) -> torch.Tensor:
-        buffer = self._buffers.get(name)
+    def _buffer_for(self, buffers: dict, name: str, source: torch.Tensor) -> torch.Tensor:
+        buffer = buffers.get(name)
         if buffer is None or buffer.shape != source.shape or buffer.dtype != source.dtype:
             buffer = torch.empty(source.shape, dtype=source.dtype, device="cpu", pin_memory=self.pin_memory)
-            self._buffers[name] = buffer
+            buffers[name] = buffer
             self.allocations += 1
         return buffer

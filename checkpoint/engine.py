@@ -24,6 +24,7 @@ trainer blocked time in ``stats``.
 from __future__ import annotations
 
 import json
+import threading
 import time
 from collections import deque
 from concurrent.futures import Future, ThreadPoolExecutor
@@ -70,6 +71,8 @@ class Persister(Protocol):
     def persist(self, version: int, fragments: list[FragmentSpec], trainer_state: TrainerState) -> None: ...
 
     def close(self) -> None: ...
+
+    def abandon(self) -> None: ...
 
 
 @dataclass
@@ -157,6 +160,18 @@ class CheckpointEngine:
             if self.persister is not None:
                 self.persister.close()
 
+    def abandon(self) -> None:
+        """Stop after a failure elsewhere in the gang: finish the running copy (the arena then holds a whole
+        version), let a running disk write end, and give up a commit still waiting for other ranks' parts."""
+        try:
+            self.wait_until_copied()
+        except Exception:  # noqa: BLE001 - a failed copy leaves an older version in the arena: still usable
+            pass
+        if self.persister is not None:
+            self.persister.abandon()
+        self._copier.shutdown(wait=True)
+        self._writer.shutdown(wait=True)
+
     def __enter__(self) -> "CheckpointEngine":
         return self
 
@@ -214,6 +229,7 @@ class UniversalPersister:
         self.committed_version: Optional[int] = None
         self._committer = ThreadPoolExecutor(1, thread_name_prefix="ckpt-commit") if self.coordinator else None
         self._commits: list[Future] = []
+        self._abandoned = threading.Event()
 
     def persist(self, version: int, fragments: list[FragmentSpec], trainer_state: TrainerState) -> None:
         self._raise_failed_commits()
@@ -222,7 +238,8 @@ class UniversalPersister:
             self._commits.append(self._committer.submit(self._commit, version, trainer_state))
 
     def _commit(self, version: int, trainer_state: TrainerState) -> None:
-        wait_for_ranks(version_dir(self.root, version), self.world_ranks, self.commit_timeout_s)
+        wait_for_ranks(version_dir(self.root, version), self.world_ranks, self.commit_timeout_s,
+                       stop=self._abandoned.is_set)
         commit_version(self.root, version, trainer_state, self.world_ranks, self.keep)
         self.committed_version = version
 
@@ -231,6 +248,13 @@ class UniversalPersister:
         self._commits = [future for future in self._commits if not future.done()]
         for future in done:
             future.result()
+
+    def abandon(self) -> None:
+        """Give up commits that wait for parts of ranks that died; the versions stay uncommitted."""
+        self._abandoned.set()
+        if self._committer is not None:
+            self._committer.shutdown(wait=True)
+        self._commits = []
 
     def close(self) -> None:
         try:

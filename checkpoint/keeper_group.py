@@ -31,6 +31,7 @@ from checkpoint.snapshot_codec import align
 ShardFetch = Callable[[int], np.ndarray]  # stripe -> this member's shard of it
 # a member (or the node holding its reply) is gone or does not answer
 _UNAVAILABLE = (RayActorError, GetTimeoutError, ObjectLostError)
+FAILED_CALLS_GRACE_S = 2.0  # after a failed commit: how long the other keepers' calls may take to end
 
 
 class GroupLostError(RuntimeError):
@@ -177,8 +178,9 @@ def _get(refs: list, timeout_s: float, what: str, version: int, previous: Option
     try:
         return ray.get(refs, timeout=timeout_s)
     except ray.exceptions.RayError as error:  # GetTimeoutError included
-        # ray.get raises at the first failure; let the other calls finish so none lands after the discard
-        ray.wait(refs, num_returns=len(refs), timeout=timeout_s)
+        # ray.get raises at the first failure. A call that lands after the discard only fills a dropped record;
+        # waiting for calls stuck on a lost keeper would hold back every later commit.
+        ray.wait(refs, num_returns=len(refs), timeout=min(timeout_s, FAILED_CALLS_GRACE_S))
         raise L1CommitError(f"L1 commit of version {version} failed while {what} ({_reason(error)}); the newest "
                             f"L1-committed version stays {previous}") from error
 
@@ -253,7 +255,7 @@ def commit_l1(groups: Sequence[KeeperGroup], version: int, expected_ranks: Colle
     except L1CommitError:
         # a sealed version blocks new handovers until it is committed or dropped; dead keepers hold nothing
         ray.wait([keeper.discard.remote(version) for keeper in keepers], num_returns=len(keepers),
-                 timeout=timeout_s)
+                 timeout=min(timeout_s, FAILED_CALLS_GRACE_S))
         raise
     for group in groups:
         group.committed_version = version

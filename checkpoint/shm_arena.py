@@ -313,6 +313,18 @@ class ArenaWriter:
             for view, fragment in zip(views, fragments):
                 view.copy_(fragment.tensor.detach())
 
+    def held_versions(self) -> list[int]:
+        """Versions this rank's arena holds complete."""
+        return sorted(self.arena.slots_in(HELD))
+
+    def read(self, version: int) -> tuple[dict, np.ndarray]:
+        """(index JSON, payload view) of a held version: a surviving rank rolls back to it, or sends it."""
+        slot = self.arena.slots_in(HELD).get(version)
+        if slot is None:
+            raise CheckpointError(f"version {version} is not in this rank's arena (it holds "
+                                  f"{self.held_versions()})")
+        return self.arena.read(slot)
+
     def close(self) -> None:
         self.arena.close()
 

@@ -37,7 +37,7 @@ import time
 from dataclasses import asdict, dataclass, field
 from math import prod
 from pathlib import Path
-from typing import Any, Iterable, Mapping, Optional, Sequence
+from typing import Any, Callable, Iterable, Mapping, Optional, Sequence
 
 import torch
 import xxhash
@@ -283,10 +283,13 @@ def missing_ranks(directory: str | os.PathLike, world_ranks: Sequence[int]) -> l
 
 
 def wait_for_ranks(directory: str | os.PathLike, world_ranks: Sequence[int], timeout_s: float,
-                   poll_s: float = 0.05) -> None:
-    """Block until every rank's index exists in ``directory``; CheckpointError naming the missing ranks."""
+                   poll_s: float = 0.05, stop: Callable[[], bool] = lambda: False) -> None:
+    """Block until every rank's index exists in ``directory``; CheckpointError naming the missing ranks (after
+    ``timeout_s``, or once ``stop()`` is true)."""
     deadline = time.monotonic() + timeout_s
     while missing := missing_ranks(directory, world_ranks):
+        if stop():
+            raise CheckpointError(f"{directory}: commit given up, ranks {missing} did not write their part")
         if time.monotonic() > deadline:
             raise CheckpointError(f"{directory}: ranks {missing} did not write their part within {timeout_s} s")
         time.sleep(poll_s)

@@ -10,10 +10,12 @@ import time
 import ray
 
 MiB = 1 << 20
-# Ray declares a node dead after failed health checks (default 5 x 3 s); notice killed nodes sooner, but not so
-# soon that a raylet starved of CPU on a busy 2-core machine is declared dead while alive (seen at 4 x 0.5 s).
+# Ray declares a node dead after failed health checks (default 5 x 3 s); notice killed nodes sooner: a check of a
+# killed raylet fails at once (connection refused), so 5 checks a second apart take ~5 s. A raylet starved of CPU
+# by many nodes on a busy 2-core machine answers late, not never: a long timeout keeps it from being declared dead
+# while alive (seen with 2 s).
 FAST_NODE_DEATH = {"RAY_health_check_period_ms": "1000", "RAY_health_check_failure_threshold": "5",
-                   "RAY_health_check_timeout_ms": "2000", "RAY_health_check_initial_delay_ms": "2000"}
+                   "RAY_health_check_timeout_ms": "10000", "RAY_health_check_initial_delay_ms": "2000"}
 
 
 class SimulatedCluster:
@@ -70,11 +72,13 @@ class SimulatedCluster:
             time.sleep(0.2)
 
     def drop_dead_nodes(self):
-        """Forget (and clean up after) worker nodes that died on their own, e.g. from ``fault.kind=node``."""
+        """Forget (and clean up after) worker nodes that died on their own, e.g. from ``fault.kind=node``, once Ray
+        declared them dead: a node Ray still lists as alive would be offered to the next run."""
         alive = {n["NodeID"] for n in ray.nodes() if n["Alive"]}
-        for node in [node for node in self.nodes if node.node_id not in alive]:
+        for node in [node for node in self.nodes if node.node_id not in alive or node.dead_processes()]:
             self.cluster.remove_node(node, allow_graceful=False)
             self.nodes.remove(node)
+            self.wait_until_dead(node.node_id)
 
     def shutdown(self):
         try:

@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import os
 import socket
+from contextlib import contextmanager
 from datetime import timedelta
 
 import torch
@@ -16,11 +17,37 @@ def pick_backend() -> tuple[str, str]:
     return "gloo", "cpu"
 
 
+def _socket_fds() -> dict[int, str]:
+    """fd -> "socket:[inode]" of this process's open sockets."""
+    found = {}
+    for entry in os.listdir("/proc/self/fd"):
+        try:
+            target = os.readlink(f"/proc/self/fd/{entry}")
+        except OSError:  # closed meanwhile
+            continue
+        if target.startswith("socket:"):
+            found[int(entry)] = target
+    return found
+
+
+def _stop_sending(fd: int, name: str) -> None:
+    """SHUT_WR on the TCP connection ``fd`` if it is still the socket ``name`` (an fd number may be reused)."""
+    try:
+        if os.readlink(f"/proc/self/fd/{fd}") != name:
+            return
+        with socket.socket(fileno=os.dup(fd)) as sock:
+            if sock.family in (socket.AF_INET, socket.AF_INET6) and sock.type == socket.SOCK_STREAM:
+                sock.shutdown(socket.SHUT_WR)
+    except OSError:  # closed or not connected any more
+        pass
+
+
 class DistributedWorker:
     def __init__(self, rank: int, world_size: int):
         self.rank = rank
         self.world_size = world_size
         self.backend, self.device_type = pick_backend()
+        self._collective_sockets: dict[int, str] = {}  # fd -> "socket:[inode]" opened by process groups
 
     def rendezvous_address(self) -> tuple[str, int]:
         """This node's address and a free port for rank 0 to listen on."""
@@ -32,16 +59,43 @@ class DistributedWorker:
             return address, sock.getsockname()[1]
 
     def init_distributed(self, master_addr: str, master_port: int, timeout_s: float) -> dict:
+        """Join the gang's process group; a rank that survived a failure leaves its broken one first."""
+        self.leave_process_group()
         os.environ.update(MASTER_ADDR=master_addr, MASTER_PORT=str(master_port),
                           RANK=str(self.rank), WORLD_SIZE=str(self.world_size))
         if self.device_type == "cuda":
             torch.cuda.set_device(0)  # Ray sets CUDA_VISIBLE_DEVICES to this actor's GPU
-        dist.init_process_group(self.backend, rank=self.rank, world_size=self.world_size,
-                                timeout=timedelta(seconds=timeout_s))
+        with self.collective_connections():
+            dist.init_process_group(self.backend, rank=self.rank, world_size=self.world_size,
+                                    timeout=timedelta(seconds=timeout_s))
         import ray
 
         return {"rank": self.rank, "pid": os.getpid(), "node_id": ray.get_runtime_context().get_node_id(),
                 "backend": self.backend}
+
+    @contextmanager
+    def collective_connections(self):
+        """Remember the connections that process groups open inside (gloo connects every pair when a group is
+        made): ``leave_process_group`` closes them."""
+        before = _socket_fds()
+        try:
+            yield
+        finally:
+            self._collective_sockets.update({fd: name for fd, name in _socket_fds().items() if before.get(fd) != name})
+
+    def leave_process_group(self) -> None:
+        """Leave a process group that a failure elsewhere broke, so that a peer blocked in a collective with this
+        rank fails now instead of at the collective timeout. NCCL aborts its communicators. Gloo has no abort: its
+        connections stay open while any object still holds the group (a destroy does not close them), so this
+        rank half-closes (SHUT_WR) the TCP connections its groups opened; a peer waiting on one fails at once
+        ("connection closed by peer"), and this process, which only stops sending, stays up."""
+        if self.backend == "nccl" and dist.is_initialized():
+            dist.distributed_c10d._abort_process_group()
+        for fd, name in self._collective_sockets.items():
+            _stop_sending(fd, name)
+        self._collective_sockets = {}
+        if dist.is_initialized():
+            dist.destroy_process_group()
 
     def ping(self) -> int:
         return os.getpid()

@@ -35,16 +35,39 @@ class WorkerGroup:
             raise PlacementError(
                 f"cannot place {world_size} workers with {bundle} each within {start_timeout_s:.0f}s; "
                 f"cluster has {ray.cluster_resources()}")
-        actor_cls = ray.remote(num_cpus=cpus_per_worker, num_gpus=gpus_per_worker, max_restarts=0,
-                               concurrency_groups={CONTROL_GROUP: 1})(worker_cls)
-        self.actors = [
-            actor_cls.options(scheduling_strategy=PlacementGroupSchedulingStrategy(
-                self.placement_group, placement_group_bundle_index=rank)).remote(rank, world_size, *worker_args)
-            for rank in range(world_size)
-        ]
-        master_addr, master_port = self.gather([self.actors[0].rendezvous_address.remote()], start_timeout_s)[0]
-        self.infos = self.gather([a.init_distributed.remote(master_addr, master_port, collective_timeout_s)
-                                for a in self.actors], start_timeout_s)
+        self.actor_cls = ray.remote(num_cpus=cpus_per_worker, num_gpus=gpus_per_worker, max_restarts=0,
+                                    concurrency_groups={CONTROL_GROUP: 1})(worker_cls)
+        self.worker_args, self.start_timeout_s, self.collective_timeout_s = worker_args, start_timeout_s, \
+            collective_timeout_s
+        self.actors = [self._start_actor(rank) for rank in range(world_size)]
+        try:
+            self.infos = self._rendezvous()
+        except BaseException:
+            self.shutdown(timeout_s=0)
+            raise
+
+    def _start_actor(self, rank: int):
+        """Rank ``rank``'s actor in its bundle of the placement group: on the bundle's node while that lives
+        (Ray moves the bundles of a lost node to nodes with room)."""
+        return self.actor_cls.options(scheduling_strategy=PlacementGroupSchedulingStrategy(
+            self.placement_group, placement_group_bundle_index=rank)).remote(rank, self.world_size, *self.worker_args)
+
+    def _rendezvous(self) -> list[dict]:
+        """Every rank joins one new process group (survivors of a failure leave their broken one)."""
+        master_addr, master_port = self.gather([self.actors[0].rendezvous_address.remote()], self.start_timeout_s)[0]
+        return self.gather([a.init_distributed.remote(master_addr, master_port, self.collective_timeout_s)
+                            for a in self.actors], self.start_timeout_s)
+
+    def replace(self, ranks: list[int]) -> None:
+        """Start ``ranks`` anew (their actors died or hang) and re-form the process group with the surviving
+        ranks, which keep their processes."""
+        for rank in ranks:
+            try:
+                ray.kill(self.actors[rank], no_restart=True)
+            except Exception:  # noqa: BLE001 - already gone
+                pass
+            self.actors[rank] = self._start_actor(rank)
+        self.infos = self._rendezvous()
 
     def gather(self, refs: list, timeout_s: Optional[float] = None) -> list:
         """Results of per-rank calls in order; a dead actor becomes WorkerGroupError naming its rank."""

@@ -27,7 +27,7 @@ from torch.distributed.tensor import DTensor
 from checkpoint.engine import CheckpointEngine, UniversalPersister
 from checkpoint.arena import HostArena
 from checkpoint.shm_arena import TRAINER_STATE_META, ArenaHandle, ArenaWriter, estimate_meta_capacity
-from checkpoint.snapshot_codec import SnapshotIndex, copy_into, plan_index
+from checkpoint.snapshot_codec import SnapshotIndex, copy_into, pack, plan_index
 from checkpoint.fragments import (OPTIM_PREFIX, init_optimizer_state, load_model, load_optimizer, model_fragments,
                                   optimizer_fragments, tensor_fragment)
 from checkpoint.reshard import load_into
@@ -63,7 +63,9 @@ class TrainerCheckpointer:
         if c.every > 0 and keeper is None:
             persister = (UniversalPersister(c.dir, rank, tuple(range(dims.world_size)), c.keep)
                          if c.persist_every > 0 else None)
-            self.engine = CheckpointEngine(HostArena(), c.every, c.persist_every, persister)
+            # several versions, as the keepers' arenas hold: a recovery rolls back to the newest one whose metrics
+            # were logged, and a lost rank's reports of the latest steps die with it
+            self.engine = CheckpointEngine(HostArena(slots=c.shm_versions), c.every, c.persist_every, persister)
 
     def fragments(self) -> list[FragmentSpec]:
         """This rank's part of a version. Built again only when a tensor it refers to was replaced (the optimizer
@@ -151,6 +153,58 @@ class TrainerCheckpointer:
         persister = self.engine.persister
         return {"ckpt_l0": self.engine.copied_version,
                 "ckpt_l2": persister.committed_version if persister is not None else None}
+
+    def held_versions(self, wait_for_copy: bool = True) -> list[int]:
+        """Versions of this rank's state in its own memory (the level-0 arena), once the running copy is done
+        (``wait_for_copy=False`` while the training thread runs: only it may wait for its copies)."""
+        if self.engine is None:
+            return []
+        try:
+            if wait_for_copy:
+                self.engine.wait_until_copied()
+        except Exception:  # noqa: BLE001 - a failed copy leaves the versions copied before it
+            pass
+        if self.writer is not None:
+            return self.writer.held_versions()
+        return self.engine.arena.versions()
+
+    def held_snapshot(self, version: int) -> tuple[dict, object]:
+        """(index, payload) of a version this rank holds in memory, in the packed format of ``restore_snapshot``:
+        a view of the shared-memory slot, or packed from the host arena."""
+        if self.writer is not None:
+            return self.writer.read(version)
+        if version not in self.held_versions():
+            raise CheckpointError(f"rank {self.rank} holds versions {self.held_versions()} in memory, not {version}")
+        buffers, trainer_state = self.engine.arena.held(version)
+        held = [replace(f, tensor=buffers[f.key]) for f in self._fragments]
+        index, payload = pack(held, {TRAINER_STATE_META: dataclasses.asdict(trainer_state)})
+        return index.to_json(), payload
+
+    def pin(self, version: Optional[int]) -> bool:
+        """Keep a version in the host arena from being overwritten while training goes on (``None`` unpins)."""
+        return self.writer is None and self.engine is not None and self.engine.arena.pin(version)
+
+    def save_pinned(self, version: int, root: str, world_ranks: tuple[int, ...], keep: int) -> None:
+        """Write a pinned version to ``root`` in the universal format (a run interrupted with keepers off); the
+        lowest rank commits it once every rank wrote its part."""
+        try:
+            buffers, trainer_state = self.engine.arena.held(version)
+            held = [replace(f, tensor=buffers[f.key]) for f in self._fragments]
+            persister = UniversalPersister(root, self.rank, world_ranks, keep)
+            try:
+                persister.persist(version, held, trainer_state)
+            finally:
+                persister.close()
+        finally:
+            self.pin(None)
+
+    def release(self) -> None:
+        """Stop using this checkpointer (a recovery built a new one): the running copy is finished, a disk commit
+        that waits for ranks that died is given up, the arena is unmapped."""
+        if self.engine is not None:
+            self.engine.abandon()
+        if self.writer is not None:
+            self.writer.close()
 
     def restore_snapshot(self, index: dict, payload) -> TrainerState:
         """Same-layout restore from a level-1 snapshot (this rank's packed arena, from a keeper)."""

@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import signal
 import sys
 from importlib import resources
 from pathlib import Path
@@ -22,6 +23,7 @@ from omegaconf.errors import OmegaConfBaseException
 
 from orchestrator import job_commands
 from orchestrator.config import Config, ConfigError, SyncConfig, validate
+from orchestrator.interrupt import InterruptRequests
 
 EXIT_BAD_INPUT = 2
 RECIPE_GROUP = "recipe"
@@ -221,16 +223,32 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
             return 0
         from orchestrator.controller import Controller, RunState
 
-        controller = Controller(cfg)
-        result = controller.run()
+        with InterruptRequests() as interrupts:
+            try:
+                result = Controller(cfg, interrupts).run()
+            except KeyboardInterrupt:
+                print("orchestrate: interrupted again: stopped without saving", file=sys.stderr)
+                return 128 + (interrupts.signum or signal.SIGINT)
     except ConfigError as err:
         return fail(str(err))
+    if result.state == RunState.INTERRUPTED:
+        return report_interrupted(result)
     if result.state != RunState.FINISHED:
         print(f"orchestrate: run failed: {result.error} (run dir {result.run_dir})", file=sys.stderr)
         return 1
     loss = f"{result.final_loss:.4f}" if result.final_loss is not None else "-"
     print(f"finished {result.steps} steps, final loss {loss}; run dir {result.run_dir}")
     return 0
+
+
+def report_interrupted(result) -> int:
+    interrupted = result.interrupted
+    if interrupted.checkpoint is None:
+        print(f"orchestrate: {interrupted}: no snapshot to save (run dir {result.run_dir})", file=sys.stderr)
+    else:
+        print(f"orchestrate: {interrupted}: step {interrupted.step} saved in {interrupted.checkpoint}\n"
+              f"resume with: orchestrate resume ckpt={interrupted.checkpoint}", file=sys.stderr)
+    return interrupted.exit_code
 
 
 def entrypoint() -> None:

@@ -129,7 +129,9 @@ class CheckpointConfig:
     # trainer), erasure-coded across nodes; the keepers write L2. Needs every >= 1 (with every=0 it is off)
     keepers: bool = True
     shm_dir: str = "/dev/shm"  # where the keepers' arenas live (a tmpfs on each node)
-    shm_versions: int = 4  # versions an arena holds per rank: the committed one, ones being committed, the newest
+    # versions each rank keeps in memory (its arena in the keeper's shared memory, or in its own process with
+    # keepers off): the committed one, ones being committed, the newest few a recovery may roll back to
+    shm_versions: int = 4
     ec: ErasureConfig = field(default_factory=ErasureConfig)
 
     @property

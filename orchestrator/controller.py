@@ -7,8 +7,9 @@ from __future__ import annotations
 import copy
 import dataclasses
 import enum
+import signal
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from datetime import datetime
 from pathlib import Path
 from typing import Optional
@@ -16,19 +17,23 @@ from typing import Optional
 from omegaconf import OmegaConf
 from ray.exceptions import RayError
 
-from checkpoint.universal import CheckpointError, committed_versions, discard_uncommitted, version_dir
+from checkpoint.universal import CheckpointError, discard_uncommitted
 from cluster.health import await_lost_nodes, live_node_ids, worker_slots
 from cluster.ray_cluster import RayRuntime, local_capacity
 from cluster.worker_group import PlacementError, WorkerGroup, WorkerGroupError
 from orchestrator.config import Config, ConfigError, FaultConfig, FaultSpec, validate
-from orchestrator.keepers import KeeperService, RestorePlan
-from orchestrator.metrics import MetricsLog
+from orchestrator.keepers import KeeperService
+from orchestrator.metrics import MetricsLog, aggregate_step
 from orchestrator.progress import ProgressLine
+from orchestrator.fault_log import fired_faults, forget_faults
+from orchestrator.interrupt import InterruptRequests, RunInterrupted, save_held_versions
+from orchestrator.recovery import RecoveryPlan, plan_recovery, recovery_source
 from orchestrator.worker import TrainWorker
 
-POLL_INTERVAL_S = 0.2
+POLL_INTERVAL_S = 0.05  # a lost rank takes its unpolled step reports with it: those steps are redone
 DEATH_REPORT_GRACE_S = 3.0
 HEALTH_CHECK_TIMEOUT_S = 5.0
+SURVIVOR_STOP_TIMEOUT_S = 15.0  # a surviving rank still inside its call after this is started anew
 
 
 def _raises(ref) -> bool:
@@ -42,8 +47,10 @@ def _raises(ref) -> bool:
 
 
 class RankDied(WorkerGroupError):
-    def __init__(self, message: str, rank: int, step: int, finished_step: int, node_ids: list[str]):
+    def __init__(self, message: str, rank: int, step: int, finished_step: int, node_ids: list[str],
+                 dead_ranks: list[int]):
         super().__init__(message, rank)
+        self.dead_ranks = dead_ranks  # every rank that died or stopped answering
         self.step = step  # the step during which it died
         # the newest step a surviving rank finished (without gradient all-reduce, survivors may run ahead)
         self.finished_step = finished_step
@@ -63,6 +70,7 @@ class RunState(str, enum.Enum):
     RECOVERING = "RECOVERING"
     FINISHED = "FINISHED"
     FAILED = "FAILED"
+    INTERRUPTED = "INTERRUPTED"  # Ctrl-C or SIGTERM: the newest snapshot saved, then stopped
 
 
 @dataclass
@@ -75,6 +83,7 @@ class RunResult:
     error: Optional[str] = None
     first_step_s: Optional[float] = None  # seconds from controller start to the first finished step
     checkpoint: Optional[int] = None  # newest version committed to disk
+    interrupted: Optional[RunInterrupted] = None
 
 
 def default_run_dir(cfg: Config) -> Path:
@@ -93,55 +102,31 @@ def check_capacity(cfg: Config, cpus: float, gpus: float, where: str) -> None:
                           f"GPUs but {where} has {gpus:g}")
 
 
-def aggregate_step(reports: list[dict], run_start: float, tokens_per_step: int) -> dict:
-    """One metrics.jsonl record from the per-rank reports of a step, rank 0's first (in rank order, so sums are
-    deterministic). Rank 0 coordinates checkpoint commits, so its checkpoint versions are the committed ones."""
-    losses = [r["loss"] for r in reports if r["loss"] is not None]
-    step_time = max(r["step_time"] for r in reports)
-    return {
-        "step": reports[0]["step"],
-        "loss": sum(losses) / len(losses) if losses else None,
-        "lr": reports[0]["lr"],
-        "tokens": reports[0]["tokens"],
-        "tokens_per_s": tokens_per_step / step_time,
-        "step_time": step_time,
-        "comm_bytes": reports[0]["comm_bytes"],
-        "comm_peak_bytes": reports[0]["comm_peak_bytes"],
-        "wall_time": max(r["time"] for r in reports) - run_start,
-        "time": max(r["time"] for r in reports),
-        "ckpt_l0": reports[0].get("ckpt_l0"),
-        "ckpt_l2": reports[0].get("ckpt_l2"),
-        **loss_rank_timing(reports),
-    }
+@dataclass
+class _Attempt:
+    """What the controller's recovery loop carries from one gang to the next."""
 
-
-def loss_rank_timing(reports: list[dict]) -> dict[str, float]:
-    """Pipeline compute/wait split as the last stage (the first rank that has the loss) saw it."""
-    return next((r["timing"] for r in reports if r["loss"] is not None and r.get("timing")), {})
-
-
-def recovery_source(checkpoint_dir: str, logged_step: int) -> Optional[Path]:
-    """The newest committed version not newer than the last logged step, so that the steps whose metrics died
-    with a rank are computed (and logged) again; else the newest committed version."""
-    if not Path(checkpoint_dir).exists():
-        return None
-    versions = committed_versions(checkpoint_dir)
-    if not versions:
-        return None
-    usable = [v for v in versions if v <= logged_step] or versions
-    return version_dir(checkpoint_dir, usable[-1])
+    faults: list[FaultSpec]  # still to fire
+    group: Optional[WorkerGroup] = None
+    plan: Optional[RecoveryPlan] = None  # where the recovering gang restores from
+    lost: list[int] = field(default_factory=list)  # ranks to start anew
+    restarts: int = 0
+    recovering: bool = False
 
 
 class Controller:
-    def __init__(self, cfg: Config):
+    def __init__(self, cfg: Config, interrupts: Optional[InterruptRequests] = None):
         self.cfg = cfg
+        self.interrupts = interrupts
         self.state = RunState.STARTING
         self.start_time = time.time()
         self.recovery: Optional[dict] = None  # the recovery in progress, logged at its first finished step
         self.recoveries: list[dict] = []
         self.fired: list[FaultSpec] = []  # injected faults the ranks announced before firing them
         self.keepers: Optional[KeeperService] = None
-        self.restore_plan: Optional[RestorePlan] = None  # where a recovering gang reads its snapshots
+        self._busy: dict[int, object] = {}  # rank -> its running setup or train call
+        self._setup_infos: list[dict] = []  # what each rank's setup returned, for planning a recovery
+        self._last_report: dict[int, float] = {}  # rank -> wall time at the end of its newest reported step
         self.snapshot_sizes: dict[int, tuple[int, int]] = {}  # rank -> (payload, metadata) bytes of a snapshot
 
     def preflight(self) -> None:
@@ -166,15 +151,22 @@ class Controller:
         metrics = MetricsLog(run_dir, cfg.logging.wandb, cfg.run.name, resolved)
         try:
             with RayRuntime(cfg.cluster.address, cfg.cluster.num_cpus, cfg.cluster.object_store_mb) as runtime:
+                if self.interrupts is not None:
+                    self.interrupts.install()
                 if cfg.cluster.address is not None:
                     res = runtime.resources()
                     check_capacity(cfg, res.cpus, res.gpus, f"the cluster at {cfg.cluster.address}")
                 self.keepers = KeeperService(cfg.checkpoint, cfg.world_size) if cfg.checkpoint.keepers_on else None
                 try:
                     self._run_group(resolved, result, progress, metrics)
+                    self._log_fired_faults(progress, metrics, result.steps)  # keeper faults leave no failure
                 finally:
+                    forget_faults(cfg.run.dir)
                     if self.keepers is not None:
                         self.keepers.shutdown()
+        except RunInterrupted as interrupted:
+            result.interrupted, result.checkpoint = interrupted, interrupted.step
+            self.state = RunState.INTERRUPTED
         except RayError as err:
             if isinstance(err, CheckpointError):  # a bad checkpoint met by the workers: bad input, exit 2
                 raise ConfigError(str(err).strip().splitlines()[-1]) from None
@@ -192,50 +184,150 @@ class Controller:
         return result
 
     def _run_group(self, resolved: dict, result: RunResult, progress: ProgressLine, metrics: MetricsLog) -> None:
-        """Run the gang; when a rank or node dies, RECOVERING: a new gang restores the newest version it can
-        from the fastest source (keepers as handed over, keepers decoding a lost node's ranks, disk)."""
-        restarts, faults, recovering = 0, self.cfg.fault.planned(), False
-        while True:
+        """Run the gang; when ranks or nodes die, RECOVERING: the surviving ranks stay (they roll back to their
+        own snapshot in memory), the lost ranks start anew and restore from the fastest source that has their
+        state (recovery.py), and the gang goes on from there."""
+        attempt = _Attempt(faults=self.cfg.fault.planned())
+        try:
+            while True:
+                try:
+                    if attempt.group is None:
+                        attempt.group = self._start_group()
+                    elif attempt.lost:
+                        attempt.group.replace(attempt.lost)
+                    self._run_once(attempt.group, self._with_faults(resolved, attempt.faults, attempt.recovering),
+                                   attempt.plan, result, progress, metrics)
+                    return
+                except WorkerGroupError as err:
+                    resolved = self._recover(err, attempt, resolved, result, progress, metrics)
+        finally:
+            if attempt.group is not None:
+                attempt.group.shutdown()
+
+    def _recover(self, err: WorkerGroupError, attempt: "_Attempt", resolved: dict, result: RunResult,
+                 progress: ProgressLine, metrics: MetricsLog) -> dict:
+        """Plan the recovery from ``err`` into ``attempt`` (or raise when there is nothing to restore from or no
+        restart left); returns the config the recovering gang gets."""
+        detected, group = time.time(), attempt.group
+        dead = self._dead_ranks(group, err)
+        self._drop_fired_faults(attempt, progress, metrics, result.steps)
+        lost_nodes = await_lost_nodes(getattr(err, "node_ids", []))
+        smaller_dp = self._data_parallel_that_fits(err) if lost_nodes else None
+        if group is not None and smaller_dp:
+            group.shutdown()
+            group = attempt.group = None
+        survivors = [] if group is None else [r for r in range(group.world_size) if r not in dead]
+        if self.keepers is not None:
+            self.keepers.drain()  # no commit frees a version while the survivors are asked
+        held = self._stop_survivors(group, survivors)
+        dead = sorted(set(dead) | set(survivors) - set(held))
+        plan = self._plan_recovery(dead, held, result.steps, smaller_dp)
+        if attempt.restarts >= self.cfg.fault.max_restarts or plan is None:
+            reason = f"fault.max_restarts={self.cfg.fault.max_restarts} used up" if plan else \
+                "no committed checkpoint to restore"
+            raise WorkerGroupError(f"{describe_failure(err)} ({reason})", rank=err.rank) from None
+        if self.recovery is not None:  # the previous recovery failed before a step finished
+            self._log_interrupted_recovery(err, result, metrics)
+        attempt.restarts, attempt.recovering, attempt.lost, attempt.plan = attempt.restarts + 1, True, dead, plan
+        self.state = RunState.RECOVERING
+        where = f"disk {plan.disk.name}" if plan.disk else f"{plan.source} version {plan.version}"
+        nodes = f", node {', '.join(n[:8] for n in lost_nodes)} lost" if lost_nodes else ""
+        progress.message(f"{describe_failure(err)}{nodes}; recovering (restart {attempt.restarts}/"
+                         f"{self.cfg.fault.max_restarts}): ranks {dead} start anew, {len(held)} stay, from {where}")
+        started = self._failure_clock(dead, detected)
+        self.recovery = {"failed_rank": err.rank, "restarted_ranks": dead, "kept_ranks": sorted(held),
+                         "lost_nodes": lost_nodes, "source": plan.source,
+                         "version": plan.version if plan.disk is None else str(plan.disk),
+                         "decoded_ranks": plan.decoded_ranks, "started": started, "detected_at": detected,
+                         "last_step": max(result.steps, getattr(err, "finished_step", 0))}
+        if smaller_dp:
+            resolved = self._shrink_data_parallel(resolved, smaller_dp, progress)
+            attempt.faults = [f for f in attempt.faults if f.rank < self.cfg.world_size]
+        self._prepare_keepers(plan)
+        return {**resolved, "checkpoint": {**resolved["checkpoint"],
+                                           "resume_from": str(plan.disk) if plan.disk else None}}
+
+    def _drop_fired_faults(self, attempt: "_Attempt", progress: ProgressLine, metrics: MetricsLog,
+                           step: int) -> None:
+        """Faults that fired are not given to the recovering gang (it redoes their steps): those the ranks recorded
+        (fault_log.py), and faults during a recovery once one happened."""
+        self._log_fired_faults(progress, metrics, step)
+        attempt.faults = [f for f in attempt.faults
+                          if not (f.during_recovery and attempt.recovering) and f not in self.fired]
+
+    def _log_fired_faults(self, progress: ProgressLine, metrics: MetricsLog, step: int) -> None:
+        for spec in fired_faults(self.cfg.run.dir):
+            if spec not in self.fired:
+                self._fault_fired(spec, step, progress, metrics)
+
+    def _start_group(self) -> WorkerGroup:
+        c = self.cfg.cluster
+        try:
+            return WorkerGroup(TrainWorker, self.cfg.world_size, c.cpus_per_worker, c.gpus_per_worker,
+                               c.start_timeout_s, c.collective_timeout_s)
+        except PlacementError as err:
+            raise ConfigError(f"cluster.cpus_per_worker={c.cpus_per_worker}: {err}") from None
+
+    @staticmethod
+    def _dead_ranks(group: Optional[WorkerGroup], err: WorkerGroupError) -> list[int]:
+        """The ranks to start anew: those the failure report names, else those that do not answer now."""
+        if group is None:
+            return []
+        if isinstance(err, RankDied):
+            return list(err.dead_ranks)
+        dead, unresponsive = group.probe(HEALTH_CHECK_TIMEOUT_S)
+        return sorted({*dead, *unresponsive} | ({err.rank} if err.rank is not None else set()))
+
+    def _stop_survivors(self, group: Optional[WorkerGroup], survivors: list[int]) -> dict[int, list[int]]:
+        """Surviving rank -> versions its memory holds, once it left its running call (training stops at the
+        next step; a collective with a dead rank fails). A survivor that does not get there in time, or dies
+        meanwhile, is left out: it is started anew with the lost ranks."""
+        import ray
+
+        if not survivors:
+            return {}
+        group.call_async("stop_training", ranks=survivors, control=True)
+        busy = [self._busy[r] for r in survivors if r in self._busy]
+        ray.wait(busy, num_returns=len(busy), timeout=SURVIVOR_STOP_TIMEOUT_S)
+        held = {}
+        for rank, ref in zip(survivors, group.call_async("held_versions", ranks=survivors, control=True)):
+            if rank in self._busy and not ray.wait([self._busy[rank]], timeout=0)[0]:
+                continue  # still inside its call: hung
             try:
-                self._run_once(self._with_faults(resolved, faults, recovering), result, progress, metrics)
-                return
-            except WorkerGroupError as err:
-                faults = [f for f in faults if not (f.during_recovery and recovering) and f not in self.fired]
-                lost_nodes = await_lost_nodes(getattr(err, "node_ids", []))
-                smaller_dp = self._data_parallel_that_fits(err) if lost_nodes else None
-                # a smaller layout restores from the universal format: only disk versions reshard
-                plan = self.keepers.plan_restore(result.steps) if self.keepers and not smaller_dp else None
-                disk = recovery_source(self.cfg.checkpoint.dir, result.steps) if plan is None else None
-                if restarts >= self.cfg.fault.max_restarts or (plan is None and disk is None):
-                    reason = f"fault.max_restarts={self.cfg.fault.max_restarts} used up" if plan or disk else \
-                        "no committed checkpoint to restore"
-                    raise WorkerGroupError(f"{describe_failure(err)} ({reason})", rank=err.rank) from None
-                if self.recovery is not None:  # the previous recovery failed before a step finished
-                    self._log_interrupted_recovery(err, result, metrics)
-                restarts, recovering = restarts + 1, True
-                self.state = RunState.RECOVERING
-                source = f"{plan.source} version {plan.version}" if plan else f"disk {disk.name}"
-                lost = f", node {', '.join(n[:8] for n in lost_nodes)} lost" if lost_nodes else ""
-                progress.message(f"{describe_failure(err)}{lost}; recovering (restart {restarts}/"
-                                 f"{self.cfg.fault.max_restarts}) from {source}")
-                self.recovery = {"failed_rank": err.rank, "lost_nodes": lost_nodes,
-                                 "source": plan.source if plan else "disk",
-                                 "version": plan.version if plan else str(disk),
-                                 "decoded_ranks": plan.decoded_ranks if plan else [],
-                                 "started": time.time(),
-                                 "last_step": max(result.steps, getattr(err, "finished_step", 0))}
-                self.restore_plan = plan
-                if smaller_dp:
-                    resolved = self._shrink_data_parallel(resolved, smaller_dp, progress)
-                    faults = [f for f in faults if f.rank < self.cfg.world_size]
-                if self.keepers is not None:
-                    if plan is None:  # the disk version is older than what they hold: start afresh
-                        self.keepers.reset(self.cfg.world_size)
-                    else:
-                        self.keepers.forget_after(plan.version)
-                        self.keepers.refresh()
-                resolved = {**resolved, "checkpoint": {**resolved["checkpoint"],
-                                                       "resume_from": None if plan else str(disk)}}
+                held[rank] = ray.get(ref, timeout=HEALTH_CHECK_TIMEOUT_S)
+            except Exception:  # noqa: BLE001 - died or hangs: started anew
+                continue
+        return held
+
+    def _plan_recovery(self, dead: list[int], held: dict[int, list[int]], logged_step: int,
+                       smaller_dp: Optional[int]) -> Optional[RecoveryPlan]:
+        def from_disk():
+            return recovery_source(self.cfg.checkpoint.dir, logged_step)
+
+        if smaller_dp:  # another layout restores from the universal format: only disk versions reshard
+            disk = from_disk()
+            return RecoveryPlan("disk", disk=disk) if disk else None
+        coords = [info["coords"] for info in self._setup_infos] if self._setup_infos else []
+        heals = bool(self._setup_infos) and all(info["heals_from_replicas"] for info in self._setup_infos)
+        return plan_recovery(dead, held, coords, logged_step, heals,
+                             lambda: self.keepers.plan_restore(logged_step) if self.keepers else None, from_disk)
+
+    def _prepare_keepers(self, plan: RecoveryPlan) -> None:
+        """Keepers forget what the failed gang handed over after the restored version (or start afresh when the
+        run restores an older version from disk) and a keeper starts on every live node without one."""
+        if self.keepers is None:
+            return
+        if plan.disk is not None:
+            self.keepers.reset(self.cfg.world_size)
+        else:
+            self.keepers.forget_after(plan.version)
+            self.keepers.refresh()
+
+    def _failure_clock(self, dead: list[int], detected: float) -> float:
+        """When the failure happened, as near as the controller can tell: the end of the newest step a lost rank
+        reported (the kill came after it), not later than the moment it was detected."""
+        reported = [self._last_report[r] for r in dead if r in self._last_report]
+        return min(detected, max(reported)) if reported else detected
 
     def _data_parallel_that_fits(self, err: WorkerGroupError) -> Optional[int]:
         """After a node loss: None if the layout still fits the cluster, else the largest smaller data-parallel
@@ -272,52 +364,48 @@ class Controller:
         return {**resolved, "fault": {**resolved["fault"], "kill_rank": None, "at_step": None,
                                       "schedule": pending}}
 
-    def _run_once(self, resolved: dict, result: RunResult, progress: ProgressLine, metrics: MetricsLog) -> None:
-        cfg, c = self.cfg, self.cfg.cluster
+    def _run_once(self, group: WorkerGroup, resolved: dict, plan: Optional[RecoveryPlan], result: RunResult,
+                  progress: ProgressLine, metrics: MetricsLog) -> None:
+        cfg = self.cfg
         try:
-            group = WorkerGroup(TrainWorker, cfg.world_size, c.cpus_per_worker, c.gpus_per_worker,
-                                c.start_timeout_s, c.collective_timeout_s)
-        except PlacementError as err:
-            raise ConfigError(f"cluster.cpus_per_worker={c.cpus_per_worker}: {err}") from None
-        try:
-            try:
-                infos = group.gather(self._setup_calls(group, resolved))
-            except RayError as err:  # a layout the component rejects once built (e.g. fragments vs sync_every)
-                if isinstance(err, ValueError) and not isinstance(err, CheckpointError):
-                    raise ConfigError(str(err).strip().splitlines()[-1]) from None
-                raise
-            if self.keepers is not None:
-                self.snapshot_sizes = {info["rank"]: tuple(info["snapshot_bytes"]) for info in infos}
-                self._attach_arenas(group)
-            if self.recovery is None:
-                progress.message(f"{cfg.world_size} workers ({infos[0]['n_params']:,} parameters, "
-                                 f"backend {group.infos[0]['backend']}) training {cfg.train.steps} steps")
-            resumed = infos[0]["resumed_step"]
-            if resumed is not None and self.recovery is None:
-                result.steps = resumed
-                progress.message(f"resumed from {cfg.checkpoint.resume_from} at step {resumed}")
-                metrics.log({"step": resumed, "event": "resume", "from": cfg.checkpoint.resume_from})
-            elif self.recovery is not None:
-                self.recovery["restored_step"] = resumed
-            self.state = RunState.RUNNING
-            reporters = [info["rank"] for info in infos if info["reports_loss"]]
-            finals = self._stream_training(group, reporters, result, progress, metrics)
-            if self.keepers is not None:
-                self.keepers.commit_final(result.steps)
-                result.checkpoint = self.keepers.persisted
-                metrics.log({"step": result.steps, "event": "keeper_memory", "nodes": self.keepers.memory()})
-            else:
-                result.checkpoint = finals[0]["ckpt_l2"]
-            if result.checkpoint is not None:
-                progress.message(f"checkpoint: step {result.checkpoint} committed in {cfg.checkpoint.dir}")
-            if cfg.train.eval_batches > 0:
-                losses = [x for x in group.run("evaluate", cfg.train.eval_batches) if x is not None]
-                result.eval_loss = sum(losses) / len(losses)
-                metrics.log({"step": result.steps, "eval_loss": result.eval_loss})
-                progress.message(f"eval loss {result.eval_loss:.4f}")
-            self.state = RunState.FINISHED
-        finally:
-            group.shutdown()
+            infos = self._gather_busy(group, self._setup_calls(group, resolved, plan))
+        except RayError as err:  # a layout the component rejects once built (e.g. fragments vs sync_every)
+            if isinstance(err, ValueError) and not isinstance(err, CheckpointError):
+                raise ConfigError(str(err).strip().splitlines()[-1]) from None
+            raise
+        self._setup_infos = infos
+        metrics.log({"step": result.steps, "event": "workers", "pids": [info["pid"] for info in infos],
+                     "nodes": [info["node_id"] for info in group.infos]})
+        if self.keepers is not None:
+            self.snapshot_sizes = {info["rank"]: tuple(info["snapshot_bytes"]) for info in infos}
+            self._attach_arenas(group)
+        if self.recovery is None:
+            progress.message(f"{cfg.world_size} workers ({infos[0]['n_params']:,} parameters, "
+                             f"backend {group.infos[0]['backend']}) training {cfg.train.steps} steps")
+        resumed = infos[0]["resumed_step"]
+        if resumed is not None and self.recovery is None:
+            result.steps = resumed
+            progress.message(f"resumed from {cfg.checkpoint.resume_from} at step {resumed}")
+            metrics.log({"step": resumed, "event": "resume", "from": cfg.checkpoint.resume_from})
+        elif self.recovery is not None:
+            self.recovery["restored_step"] = resumed
+        self.state = RunState.RUNNING
+        reporters = [info["rank"] for info in infos if info["reports_loss"]]
+        finals = self._stream_training(group, reporters, result, progress, metrics)
+        if self.keepers is not None:
+            self.keepers.commit_final(result.steps)
+            result.checkpoint = self.keepers.persisted
+            metrics.log({"step": result.steps, "event": "keeper_memory", "nodes": self.keepers.memory()})
+        else:
+            result.checkpoint = finals[0]["ckpt_l2"]
+        if result.checkpoint is not None:
+            progress.message(f"checkpoint: step {result.checkpoint} committed in {cfg.checkpoint.dir}")
+        if cfg.train.eval_batches > 0:
+            losses = [x for x in group.run("evaluate", cfg.train.eval_batches) if x is not None]
+            result.eval_loss = sum(losses) / len(losses)
+            metrics.log({"step": result.steps, "eval_loss": result.eval_loss})
+            progress.message(f"eval loss {result.eval_loss:.4f}")
+        self.state = RunState.FINISHED
 
     def _offer_level_one(self, record: dict, reports: list[dict]) -> None:
         handed = [r.get("ckpt_handed") for r in reports]
@@ -326,19 +414,24 @@ class Controller:
         record["ckpt_l1"], record["ckpt_l2"] = self.keepers.committed, self.keepers.persisted
         record["ckpt_l1_s"] = self.keepers.last_commit_s
 
-    def _setup_calls(self, group: WorkerGroup, resolved: dict) -> list:
-        """Each rank gets its node's keeper (level 1 on) and, after a recovery from memory, the keeper that holds
-        its snapshot of the version to restore."""
+    def _setup_calls(self, group: WorkerGroup, resolved: dict, plan: Optional[RecoveryPlan]) -> list:
+        """Each rank gets its node's keeper (level 1 on) and, after a recovery from memory, where the state of the
+        version to restore comes from (recovery.py)."""
         self._check_node_faults(group, resolved)
-        if self.keepers is None:
-            return group.call_async("setup", resolved)
-        plan, self.restore_plan = self.restore_plan, None
         refs = []
         for rank, actor in enumerate(group.actors):
-            keeper = self.keepers.keeper_on(group.infos[rank]["node_id"])
-            restore = (plan.version, plan.holders[rank]) if plan is not None else None
+            keeper = self.keepers.keeper_on(group.infos[rank]["node_id"]) if self.keepers else None
+            restore = plan.sources.get(rank) if plan is not None and plan.disk is None else None
+            if restore is not None and restore[0] == "replica":
+                restore = ("replica", restore[1], group.actors[restore[2]])
             refs.append(actor.setup.remote(resolved, keeper, restore))
         return refs
+
+    def _gather_busy(self, group: WorkerGroup, refs: list) -> list:
+        """Gather per-rank calls of the default group, remembered until they finish: a recovery waits for a
+        surviving rank's running call before it asks what the rank holds."""
+        self._busy = dict(enumerate(refs))
+        return group.gather(refs)
 
     @staticmethod
     def _check_node_faults(group: WorkerGroup, resolved: dict) -> None:
@@ -383,37 +476,23 @@ class Controller:
         metrics.log({"step": result.steps, "recovery": recovery})
         self.recoveries.append(recovery)
 
-    def _fault_fired(self, report: dict, progress: ProgressLine, metrics: MetricsLog) -> None:
-        spec = FaultSpec(**report["fault"])
+    def _fault_fired(self, spec: FaultSpec, step: int, progress: ProgressLine, metrics: MetricsLog) -> None:
         self.fired.append(spec)
         progress.message(f"fault injected: {spec.kind} of rank {spec.rank} before step {spec.at_step}")
-        metrics.log({"step": report["step"], "event": "fault", "fault": report["fault"]})
-
-    def _faults_announced_before_failing(self, poll_refs: list, progress: ProgressLine,
-                                         metrics: MetricsLog) -> None:
-        """The ranks that answered a poll that failed elsewhere may have announced a fault: count it as fired,
-        or the recovered gang would fire it again."""
-        import ray
-
-        for ref in poll_refs:
-            try:
-                reports = ray.get(ref, timeout=1.0)
-            except Exception:  # noqa: BLE001 - this rank is the one that failed (or is failing)
-                continue
-            for report in reports:
-                if "fault" in report:
-                    self._fault_fired(report, progress, metrics)
+        metrics.log({"step": step, "event": "fault", "fault": dataclasses.asdict(spec)})
 
     def _log_recovery(self, record: dict, progress: ProgressLine, metrics: MetricsLog) -> None:
         """At the first step finished after a recovery: what failed, the source, seconds taken, steps lost."""
         recovery, self.recovery = self.recovery, None
-        recovery["seconds"] = round(time.time() - recovery.pop("started"), 3)
+        # from the failure (as near as known) to the end of the first step after it, on the workers' clock
+        recovery["seconds"] = round(record["time"] - recovery.pop("started"), 3)
+        recovery["resumed_at"] = record["time"]
         recovery["steps_lost"] = recovery.pop("last_step") - recovery["restored_step"]
         metrics.log({"step": recovery["restored_step"], "recovery": recovery})
         self.recoveries.append(recovery)
-        progress.message(f"recovered: rank {recovery['failed_rank']} replaced, step {recovery['restored_step']} "
-                         f"restored from {recovery['source']} in {recovery['seconds']:.1f}s, "
-                         f"{recovery['steps_lost']} steps redone")
+        progress.message(f"recovered: ranks {recovery['restarted_ranks']} started anew, "
+                         f"{len(recovery['kept_ranks'])} kept, step {recovery['restored_step']} restored from "
+                         f"{recovery['source']} in {recovery['seconds']:.1f}s, {recovery['steps_lost']} steps redone")
 
     def _stream_training(self, group: WorkerGroup, reporters: list[int], result: RunResult,
                          progress: ProgressLine, metrics: MetricsLog) -> list[dict]:
@@ -426,8 +505,12 @@ class Controller:
         everyone = self.keepers is not None or self.cfg.fault.planned()
         polled = list(range(group.world_size)) if everyone else sorted({0, *reporters})
         train_refs = group.call_async("train", self.cfg.train.steps)
+        self._busy = dict(enumerate(train_refs))
+        self._last_report = {rank: time.time() for rank in range(group.world_size)}
         unfinished = list(train_refs)
         while True:
+            if self.interrupts is not None and self.interrupts.requested:
+                raise self._save_on_interrupt(group, result, progress)
             if unfinished:
                 _, unfinished = ray.wait(unfinished, num_returns=len(unfinished), timeout=POLL_INTERVAL_S)
                 self._raise_if_failed(group, train_refs, result)
@@ -435,16 +518,13 @@ class Controller:
             try:
                 polls = group.gather(poll_refs)
             except WorkerGroupError:
-                self._faults_announced_before_failing(poll_refs, progress, metrics)
                 self._raise_if_failed(group, train_refs, result, suspect=True)
                 raise
             if self.keepers is not None:
                 self._replace_lost_keepers(group, result, progress, metrics)
             for rank, reports in zip(polled, polls):
                 for report in reports:
-                    if "fault" in report:
-                        self._fault_fired(report, progress, metrics)
-                        continue
+                    self._last_report[rank] = report["time"]
                     pending_by_step.setdefault(report["step"], {})[rank] = report
             for step in sorted(pending_by_step):
                 if len(pending_by_step[step]) < len(polled):
@@ -465,6 +545,18 @@ class Controller:
                     result.first_step_s = record["wall_time"]
             if not unfinished and not pending_by_step:
                 return ray.get(train_refs)
+
+    def _save_on_interrupt(self, group: WorkerGroup, result: RunResult, progress: ProgressLine) -> RunInterrupted:
+        """Ctrl-C or SIGTERM: the newest version every rank holds (not newer than the last logged step) is written
+        as a universal checkpoint while the ranks go on; then the run stops."""
+        signum = self.interrupts.signum
+        progress.message(f"{signal.Signals(signum).name}: saving the newest snapshot before stopping "
+                         f"(again to stop at once, without saving)")
+        if self.keepers is not None:
+            version = self.keepers.save_now(result.steps)
+        else:
+            version = save_held_versions(group, self.cfg.checkpoint, result.steps, HEALTH_CHECK_TIMEOUT_S)
+        return RunInterrupted(signum, self.cfg.checkpoint.dir if version is not None else None, version)
 
     def _raise_if_failed(self, group: WorkerGroup, train_refs: list, result: RunResult,
                          suspect: bool = False) -> None:
@@ -487,7 +579,7 @@ class Controller:
             suspect_nodes = [group.infos[r]["node_id"] for r in dead
                              if r in unresponsive or group.infos[r]["node_id"] not in alive]
             raise RankDied(f"rank {dead[0]} died during step {finished + 1}", rank=dead[0], step=finished + 1,
-                           finished_step=newest, node_ids=suspect_nodes)
+                           finished_step=newest, node_ids=suspect_nodes, dead_ranks=dead)
         if failed:
             ray.get(failed[0])  # an application error in a rank: surface its message
 

@@ -17,11 +17,13 @@ from typing import Any, Optional
 import ray
 
 from checkpoint.keeper import start_keeper
+from cluster.health import live_node_ids, node_answers
 from checkpoint.keeper_group import GroupLostError, KeeperGroup, L1CommitError, commit_l1, persist_l2
 from orchestrator.config import CheckpointConfig
 
 log = logging.getLogger(__name__)
 PING_TIMEOUT_S = 5.0
+KEEPER_START_TIMEOUT_S = 60.0  # a keeper imports torch when it starts: seconds on a busy node
 KEEPER_CHECK_INTERVAL_S = 2.0
 
 
@@ -80,14 +82,23 @@ class KeeperService:
         dead = [node for node, keeper in self.keepers.items() if not _answers(keeper)]
         for node in dead:
             ray.kill(self.keepers.pop(node), no_restart=True)
-        live = sorted(node["NodeID"] for node in ray.nodes() if node["Alive"])
-        # Hold a few versions: a version handed over while the previous commit runs must still be there to seal.
-        started = [node for node in live if node not in self.keepers]
-        for node in started:
-            self.keepers[node] = start_keeper(node, self.cfg.shm_dir, self.cfg.shm_versions)
+        # a node that is gone but not declared dead yet would leave its keeper pending, and every commit and group
+        # that includes it waiting: only nodes that run a task now get one
+        missing = [node for node in live_node_ids() if node not in self.keepers]
+        candidates = {node: start_keeper(node, self.cfg.shm_dir, self.cfg.shm_versions)
+                      for node in missing if node_answers(node)}
+        started = []
+        for node, keeper in candidates.items():
+            try:
+                ray.get(keeper.ping.remote(), timeout=KEEPER_START_TIMEOUT_S)
+                self.keepers[node] = keeper
+                started.append(node)
+            except ray.exceptions.RayError as err:
+                log.warning("no keeper on node %s: it did not start (%s)", node[:8], type(err).__name__)
+                ray.kill(keeper, no_restart=True)
         if dead or started:
             self._form_groups()
-        return started
+        return sorted(started)
 
     def _form_groups(self) -> None:
         ordered = [self.keepers[node] for node in sorted(self.keepers)]
@@ -122,7 +133,8 @@ class KeeperService:
         ``checkpoint.ec.parity=0``) a commit protects nothing a handed-over version does not: only versions due
         on disk are committed then."""
         self._wanted = max(self._wanted or 0, version)
-        due = now or (time.monotonic() >= self._next_commit_at and (self._protects_nodes or self._disk_due(version)))
+        # a version due on disk is not spaced: trainers keep it in a slot until it is committed
+        due = now or self._disk_due(version) or (time.monotonic() >= self._next_commit_at and self._protects_nodes)
         if due and (self._job is None or self._job.done()) and (self.committed or 0) < version:
             self._job = self._pool.submit(self._commit_newest)
 
@@ -193,9 +205,21 @@ class KeeperService:
         return [v for v, holders in holders_of.items()
                 if lowest <= v <= limit and len(holders) == len(self.world_ranks)]
 
-    def _commit(self, version: int) -> bool:
+    def save_now(self, logged_step: int) -> Optional[int]:
+        """Commit and write to disk the newest version every rank handed over, not newer than ``logged_step``
+        (a run interrupted by Ctrl-C or SIGTERM); trainers go on meanwhile. The version on disk, or None."""
+        self.drain()
+        newest = self._newest_complete(logged_step)
+        if newest is not None and newest > (self.committed or 0) and self._commit(newest, persist=True):
+            self.drain()
+            return self.persisted
+        if self.committed is not None and self.committed != self.persisted:
+            self._write_l2([keeper for group in self.committed_groups for keeper in group.keepers], self.committed)
+        return self.persisted
+
+    def _commit(self, version: int, persist: bool = False) -> bool:
         groups, start = list(self.groups), time.perf_counter()
-        persist = self._persist_due(version)
+        persist = persist or self._persist_due(version)
         try:
             commit_l1(groups, version, self.world_ranks, pin=persist)
         except L1CommitError as err:
@@ -280,8 +304,10 @@ class KeeperService:
         return RestorePlan(version, "parity", holders, sorted(decoded))
 
     def forget_after(self, version: int) -> None:
-        """Before a restored gang hands over again: drop what the failed gang handed over after ``version``."""
-        self._wanted = None
+        """Before a restored gang hands over again: drop what the failed gang handed over after ``version``. The
+        commit spacing starts afresh (commits that ran into the failure took long and say nothing)."""
+        self._wanted, self._next_commit_at = None, 0.0
+        self._commit_seconds.clear()
         self.drain()
         for keeper in self.keepers.values():
             try:
@@ -293,7 +319,8 @@ class KeeperService:
     def reset(self, world_size: int) -> None:
         """Start over with empty keepers (the run restores from disk a version older than they hold, maybe on a
         smaller layout)."""
-        self._wanted = None
+        self._wanted, self._next_commit_at = None, 0.0
+        self._commit_seconds.clear()
         self.drain()
         self.world_ranks = list(range(world_size))
         for keeper in self.keepers.values():

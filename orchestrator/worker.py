@@ -5,16 +5,16 @@ from __future__ import annotations
 import dataclasses
 import os
 import threading
-import time
 from typing import Optional
 
 import torch
 from omegaconf import OmegaConf
 
-from checkpoint.universal import TrainerState
+from checkpoint.universal import CheckpointError, TrainerState
 from cluster.worker_base import DistributedWorker
 from orchestrator.checkpointing import TrainerCheckpointer
 from orchestrator.config import Config, llama_config
+from orchestrator.fault_log import record_fired
 from orchestrator.data import ResumableSampler, WindowedTokens, eval_window_ids, load_tokens
 from orchestrator.models import build_llama, cross_entropy_loss
 from orchestrator.parallelize import build_runner
@@ -64,52 +64,107 @@ class TrainWorker(DistributedWorker):
         self.checkpointer: Optional[TrainerCheckpointer] = None
         self._metrics: list[dict] = []
         self._lock = threading.Lock()
-        self._polls = 0  # poll_metrics calls answered
         self._in_step = False
+        self._stop = threading.Event()  # set by the controller: leave ``train`` before the next step
+        self._data: Optional[tuple[dict, WindowedTokens]] = None  # (data config, tokens): kept across recoveries
+        self._previous: Optional[TrainerCheckpointer] = None  # snapshots from before a failure, until all restored
 
-    def setup(self, cfg_dict: dict, keeper=None, restore_from_keeper=None) -> dict:
-        """``keeper``: this node's SnapshotKeeper (level 1 on). ``restore_from_keeper``: (version, keeper) holding
-        this rank's snapshot of that version, to restore after a failure instead of reading the disk."""
+    def setup(self, cfg_dict: dict, keeper=None, restore: Optional[tuple] = None) -> dict:
+        """Build this rank's training stack. ``keeper``: this node's SnapshotKeeper (level 1 on). ``restore``:
+        where the state of a version comes from after a failure instead of the disk: ``("own", version)`` (a
+        surviving rank rolls back to its own snapshot in memory), ``("replica", version, worker)`` (a
+        data-parallel replica's snapshot, sent by that worker) or ``("keeper", version, keeper)``.
+
+        A surviving rank calls this again after a recovery: it keeps its process and its data and rebuilds the
+        model, optimizer and sync strategy around the new process groups (DTensor, DDP and pipeline stages bind
+        their groups when they are built), then rolls back to ``version``."""
+        self._retire_checkpointer()
         self.cfg = cfg = config_from_dict(cfg_dict)
         self.cfg_dict = cfg_dict
+        self._metrics, self._in_step = [], False
+        self._stop.clear()
         torch.set_num_threads(max(1, int(cfg.cluster.cpus_per_worker)))
         dims = cfg.dims
         self.coords = dims.coordinates(self.rank)
         device = torch.device(self.device_type)
-        mesh = build_mesh(dims, self.device_type)
         model = build_llama(llama_config(cfg), seed=cfg.train.seed).to(device)
-        sync = build_sync_strategy(cfg, mesh)
-        runner = build_runner(cfg, mesh, self.coords, model, sync, cross_entropy_loss)
+        with self.collective_connections():  # the groups of the mesh and of the replica dimension connect here
+            mesh = build_mesh(dims, self.device_type)
+            sync = build_sync_strategy(cfg, mesh)
+            runner = build_runner(cfg, mesh, self.coords, model, sync, cross_entropy_loss)
         optimizer = sync.build_optimizer(runner.parameters(), lambda _params: build_optimizer(cfg.optim, runner))
         scheduler = build_lr_scheduler(cfg.optim, cfg.train.steps, optimizer)
-        data = build_data(cfg)
+        data = self._load_data(cfg)
         sampler = ResumableSampler(data.n_train, cfg.train.global_batch_size, self.coords["dp"], dims.dp,
                                    cfg.train.seed)
-        self.checkpointer = TrainerCheckpointer(cfg, self.rank, self.coords, runner, optimizer, sync,
-                                                self._trainer_state, keeper)
+        checkpointer = TrainerCheckpointer(cfg, self.rank, self.coords, runner, optimizer, sync,
+                                           self._trainer_state, keeper)
         self.trainer = Trainer(runner, optimizer, scheduler, sync, sampler, data, device, cfg.train.grad_clip,
-                               snapshotter=self.checkpointer)
+                               snapshotter=checkpointer)
         self.faults = [spec for spec in cfg.fault.planned() if spec.rank == self.rank]
         self.keeper = keeper
         resumed = None
-        if restore_from_keeper is not None:
-            import ray
-
-            version, source = restore_from_keeper
-            index, payload = ray.get(source.get.remote(version, self.rank))
-            state = self.checkpointer.restore_snapshot(index, payload)
+        if restore is not None:
+            state = checkpointer.restore_snapshot(*self._snapshot_to_restore(restore))
             self.trainer.fast_forward(state.step, state.samples_consumed)
             resumed = state.step
         elif cfg.checkpoint.resume_from:
-            state = self.checkpointer.restore(cfg.checkpoint.resume_from)
+            state = checkpointer.restore(cfg.checkpoint.resume_from)
             self.trainer.fast_forward(state.step, state.samples_consumed)
             resumed = state.step
+        self.checkpointer = checkpointer
         self._inject_faults(lambda spec: spec.during_recovery)
         n_params = sum(p.numel() for p in model.parameters())
         sizes = self.checkpointer.snapshot_size_estimate() if keeper is not None else None
         return {"rank": self.rank, "reports_loss": runner.reports_loss, "n_params": n_params,
                 "train_windows": data.n_train, "coords": self.coords, "resumed_step": resumed,
-                "snapshot_bytes": sizes}
+                "snapshot_bytes": sizes, "pid": os.getpid(),
+                "heals_from_replicas": getattr(sync, "replicas_identical", False)}
+
+    def _load_data(self, cfg: Config) -> WindowedTokens:
+        """The tokens of ``cfg.data``; a surviving rank keeps the ones it loaded."""
+        key = {**dataclasses.asdict(cfg.data), "seq_len": cfg.train.seq_len}
+        if self._data is None or self._data[0] != key:
+            self._data = (key, build_data(cfg))
+        return self._data[1]
+
+    def _retire_checkpointer(self) -> None:
+        """Before a rebuild: the checkpointer that holds this rank's snapshots from before the failure is kept
+        (as ``_previous``) until every rank of the gang restored, since a replacement replica may read from it;
+        one that holds nothing (a recovery failed before a snapshot was taken) is dropped."""
+        current, self.checkpointer = self.checkpointer, None
+        if current is None:
+            return
+        if current.held_versions():
+            if self._previous is not None:
+                self._previous.release()
+            self._previous = current
+        else:
+            current.release()
+
+    def _release_previous(self) -> None:
+        if self._previous is not None:
+            self._previous.release()
+            self._previous = None
+
+    def _holder_of(self, version: int) -> TrainerCheckpointer:
+        for holder in (self.checkpointer, self._previous):
+            if holder is not None and version in holder.held_versions():
+                return holder
+        raise CheckpointError(f"rank {self.rank} holds no snapshot of version {version} in memory")
+
+    def _snapshot_to_restore(self, restore: tuple) -> tuple[dict, object]:
+        """(index, payload) of this rank's state at the version to restore, from where ``restore`` says."""
+        import ray
+
+        kind, version = restore[0], restore[1]
+        if kind == "own":
+            return self._holder_of(version).held_snapshot(version)
+        if kind == "replica":
+            return ray.get(restore[2].snapshot_of.options(concurrency_group="control").remote(version))
+        if kind == "keeper":
+            return ray.get(restore[2].get.remote(version, self.rank))
+        raise ValueError(f"unknown restore source {kind!r}")
 
     def _trainer_state(self, step: int) -> TrainerState:
         t = self.trainer
@@ -119,21 +174,29 @@ class TrainWorker(DistributedWorker):
 
     def train(self, until_step: int) -> dict:
         """Train from the current step up to ``until_step``; then finish outstanding checkpoint writes."""
-        while self.trainer.step < until_step:
-            self._inject_faults(lambda spec: spec.at_step == self.trainer.step + 1)
-            self._in_step = True
-            metrics = self.trainer.train_step()
-            self._in_step = False
-            self._publish(metrics)
-        self.checkpointer.close()
+        self._release_previous()  # every rank of the gang restored: nobody reads the old snapshots any more
+        try:
+            while self.trainer.step < until_step and not self._stop.is_set():
+                self._inject_faults(lambda spec: spec.at_step == self.trainer.step + 1)
+                self._in_step = True
+                metrics = self.trainer.train_step()
+                self._in_step = False
+                self._publish(metrics)
+        except Exception:
+            self.leave_process_group()  # a collective failed: the gang is broken, let the others know at once
+            raise
+        if self._stop.is_set():  # a recovery: the gang re-forms
+            self.leave_process_group()
+        else:
+            self.checkpointer.close()
         return {"step": self.trainer.step, **self.checkpointer.versions()}
 
     def _inject_faults(self, due) -> None:
-        """Fire this rank's planned faults that are due (``fault.*``): deliberate, abrupt, as a crash would be."""
+        """Fire this rank's planned faults that are due (``fault.*``): deliberate, abrupt, as a crash would be. Each
+        is recorded as fired first (fault_log.py), so the rank dies at once."""
         for spec in [spec for spec in self.faults if due(spec)]:
             self.faults.remove(spec)
-            if not spec.during_recovery:
-                self._announce_fault(spec)
+            record_fired(self.cfg.run.dir, spec)
             if spec.kind == "keeper":
                 import ray
 
@@ -142,18 +205,6 @@ class TrainWorker(DistributedWorker):
             if spec.kind == "node":
                 kill_node_of_this_process()
             os._exit(1)
-
-    def _announce_fault(self, spec, timeout_s: float = 5.0) -> None:
-        """Let the controller's metric poll see the fault before it fires, so it is not fired again after the
-        recovery redoes this step."""
-        with self._lock:
-            self._metrics.append({"step": self.trainer.step, "fault": dataclasses.asdict(spec)})
-            polls_before = self._polls
-        # poll polls_before + 1 takes the announcement; the controller sends the next one only after that reply
-        # arrived (a reply still in flight when the node dies would be lost)
-        deadline = time.monotonic() + timeout_s
-        while time.monotonic() < deadline and self._polls < polls_before + 2:
-            time.sleep(0.02)
 
     def use_keeper(self, keeper, arena: dict) -> None:
         """Snapshot into ``arena``, owned by this node's ``keeper``, from the next version on."""
@@ -171,6 +222,26 @@ class TrainWorker(DistributedWorker):
         with self._lock:
             self._metrics.append(record)
 
+    def stop_training(self) -> None:
+        """Leave ``train`` before the next step (a recovery is about to roll every rank back)."""
+        self._stop.set()
+
+    def held_versions(self, wait_for_copy: bool = True) -> list[int]:
+        """Versions of this rank's state that its own memory holds (its snapshot arenas), for a recovery or a
+        save on interrupt (then without waiting: training goes on)."""
+        holders = [h for h in (self.checkpointer, self._previous) if h is not None]
+        return sorted({version for holder in holders for version in holder.held_versions(wait_for_copy)})
+
+    def pin_snapshot(self, version: Optional[int]) -> bool:
+        return self.checkpointer.pin(version)
+
+    def save_pinned(self, version: int, root: str, keep: int) -> None:
+        self.checkpointer.save_pinned(version, root, tuple(range(self.world_size)), keep)
+
+    def snapshot_of(self, version: int) -> tuple[dict, object]:
+        """(index, payload) of this rank's snapshot of ``version``: sent to a replacement data-parallel replica."""
+        return self._holder_of(version).held_snapshot(version)
+
     def finished_steps(self) -> int:
         """Steps finished: one fewer than started while a step is running."""
         started = self.trainer.step
@@ -180,5 +251,4 @@ class TrainWorker(DistributedWorker):
         """Metrics of the steps finished since the last poll (runs beside train in the control group)."""
         with self._lock:
             drained, self._metrics = self._metrics, []
-            self._polls += 1
         return drained

@@ -9,25 +9,34 @@ from tests.test_cli import orchestrate, ray_processes_of_ours
 from tests.test_layouts_e2e import run
 
 
+def records_of(run_dir):
+    return [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
+
+
 @pytest.mark.slow
-def test_killed_rank_is_recovered_and_the_curve_is_unchanged(reference, tmp_path):
+def test_killed_rank_is_healed_from_its_replica_and_the_survivor_keeps_its_process(reference, tmp_path):
     overrides = ["checkpoint.persist_every=3", "checkpoint.keep=2"]
     _, expected = reference
     recovered = run(tmp_path / "faulty", *overrides, "checkpoint.keepers=false", "fault.kill_rank=1",
                     "fault.at_step=8")
     assert recovered == expected
-    records = [json.loads(line) for line in (tmp_path / "faulty" / "metrics.jsonl").read_text().splitlines()]
+    records = records_of(tmp_path / "faulty")
     [recovery] = [r["recovery"] for r in records if "recovery" in r]
-    assert recovery["failed_rank"] == 1 and recovery["source"] == "disk"
-    assert recovery["restored_step"] in (3, 6) and recovery["seconds"] > 0
-    assert 1 <= recovery["steps_lost"] <= 8 - recovery["restored_step"]
+    # no keeper, no disk version needed: rank 0 holds the same state as rank 1 (DDP) and sends it
+    assert recovery["failed_rank"] == 1 and recovery["source"] == "replica"
+    assert recovery["restarted_ranks"] == [1] and recovery["kept_ranks"] == [0]
+    assert recovery["restored_step"] <= 7 and recovery["seconds"] > 0 and recovery["steps_lost"] <= 7
+    before, after = [r["pids"] for r in records if r.get("event") == "workers"]
+    assert after[0] == before[0] and after[1] != before[1]  # the survivor's process stayed
+    assert [r["fault"]["at_step"] for r in records if r.get("event") == "fault"] == [8]
     assert not ray_processes_of_ours()
-    from_memory = run(tmp_path / "keepers", *overrides, "checkpoint.keepers=true", "fault.kill_rank=0",
-                      "fault.at_step=12")
+    # both ranks lost at once: no replica survives, each one's keeper holds its snapshot
+    both = "fault.schedule=[{rank:0,at_step:12},{rank:1,at_step:12}]"
+    from_memory = run(tmp_path / "keepers", *overrides, "checkpoint.keepers=true", both)
     assert from_memory == expected
-    records = [json.loads(line) for line in (tmp_path / "keepers" / "metrics.jsonl").read_text().splitlines()]
+    records = records_of(tmp_path / "keepers")
     [recovery] = [r["recovery"] for r in records if "recovery" in r]
-    assert recovery["source"] == "keeper" and recovery["failed_rank"] == 0
+    assert recovery["source"] == "keeper" and recovery["restarted_ranks"] == [0, 1]
     last_step = [r for r in records if "step_time" in r][-1]
     assert last_step["ckpt_l1"] is not None and (tmp_path / "keepers" / "checkpoints" / "latest").exists()
     [memory] = [r["nodes"] for r in records if r.get("event") == "keeper_memory"]
@@ -58,8 +67,9 @@ def test_keeper_loss_and_a_fault_during_recovery_are_survived(tmp_path):
     [replaced] = [r for r in records if r.get("event") == "keeper_replaced"]
     assert replaced["ranks"] == [0, 1]
     interrupted, recovered = [r["recovery"] for r in records if "recovery" in r]
-    assert "rank 0" in interrupted["interrupted_by"] and interrupted["source"] == "keeper"
-    # a process died, its keeper did not: the newest version every rank handed over, nothing decoded
+    assert "rank 0" in interrupted["interrupted_by"] and interrupted["source"] == "replica"
+    # rank 0 died while it restored, and rank 1 holds nothing yet: each rank's keeper holds its part, nothing
+    # decoded
     assert recovered["source"] == "keeper" and recovered["decoded_ranks"] == []
     assert recovered["restored_step"] == interrupted["version"]
     assert not (tmp_path / "faulty" / "checkpoints").exists()

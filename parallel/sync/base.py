@@ -24,6 +24,9 @@ class SyncStrategy:
     # True when replicas train apart between syncs (their parameters and optimizer state differ), so a
     # checkpoint must keep every replica's copy to resume exactly.
     replicas_diverge = False
+    # True when every replica holds exactly the same parameters, optimizer and sync state after each step, so a
+    # lost replica can take a survivor's state (DDP; not FSDP shards, not per-rank error feedback)
+    replicas_identical = False
 
     def __init__(self, replica_group, counter: Optional[CommCounter] = None):
         self.replica_group = replica_group

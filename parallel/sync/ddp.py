@@ -34,6 +34,7 @@ def _counting_allreduce_hook(strategy, bucket):
 
 class DDPSync(SyncStrategy):
     name = "ddp"
+    replicas_identical = True
 
     def __init__(self, replica_group, counter: Optional[comm.CommCounter] = None, use_torch_ddp: bool = True):
         super().__init__(replica_group, counter)

@@ -1,0 +1,88 @@
+"""Where every rank of a recovering gang gets the state it rolls back to, fastest source first (DESIGN.md,
+Recovery): a surviving data-parallel replica -> the lost rank's own keeper -> parity decoded in its group ->
+disk. Surviving ranks keep their processes and roll back to their own snapshot in memory; only lost ranks are
+started anew. Plain decisions over what the controller gathered, so they are tested without a cluster.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Callable, Optional
+
+from checkpoint.universal import committed_versions, version_dir
+
+
+@dataclass
+class RecoveryPlan:
+    """``sources``: rank -> how it restores ``version``: ``("own", v)`` (a survivor's own snapshot in memory),
+    ``("replica", v, rank)`` (that surviving replica sends its snapshot) or ``("keeper", v, keeper)``. With
+    ``disk`` set, every rank (survivors too) loads that universal checkpoint instead."""
+
+    source: str  # "replica", "keeper", "parity" or "disk": where the lost ranks' state comes from
+    version: Optional[int] = None
+    sources: dict[int, tuple] = field(default_factory=dict)
+    disk: Optional[Path] = None
+    decoded_ranks: list[int] = field(default_factory=list)
+
+
+def replica_of(rank: int, coords: list[dict[str, int]], survivors: list[int]) -> Optional[int]:
+    """A surviving rank holding the same state as ``rank`` when replicas are identical: the same pipeline stage
+    and tensor-parallel shard (data- and context-parallel ranks of DDP hold the same parameters)."""
+    same = [r for r in survivors if (coords[r]["pp"], coords[r]["tp"]) == (coords[rank]["pp"], coords[rank]["tp"])]
+    return min(same) if same else None
+
+
+def plan_from_replicas(lost: list[int], held: dict[int, list[int]], coords: list[dict[str, int]],
+                       logged_step: int) -> Optional[RecoveryPlan]:
+    """Every lost rank takes a surviving replica's snapshot of the newest version all survivors hold that is not
+    newer than the last logged step (the steps after it are redone, so their metrics are logged once, whole)."""
+    survivors = sorted(held)
+    replicas = {rank: replica_of(rank, coords, survivors) for rank in lost}
+    if not survivors or None in replicas.values():
+        return None
+    common = set.intersection(*(set(versions) for versions in held.values()))
+    usable = [v for v in common if v <= logged_step]
+    if not usable:
+        return None
+    version = max(usable)
+    sources = {rank: ("own", version) for rank in survivors}
+    sources.update({rank: ("replica", version, replicas[rank]) for rank in lost})
+    return RecoveryPlan("replica", version, sources)
+
+
+def plan_from_keepers(keeper_plan, held: dict[int, list[int]], world_size: int) -> RecoveryPlan:
+    """The keepers' plan (``KeeperService.plan_restore``): survivors still read their own memory when it holds
+    the version (it is the very arena the keeper owns), the others read from the keeper that holds their part."""
+    version = keeper_plan.version
+    sources = {rank: ("own", version) if version in held.get(rank, []) else
+               ("keeper", version, keeper_plan.holders[rank]) for rank in range(world_size)}
+    return RecoveryPlan(keeper_plan.source, version, sources, decoded_ranks=list(keeper_plan.decoded_ranks))
+
+
+def plan_recovery(lost: list[int], held: dict[int, list[int]], coords: list[dict[str, int]], logged_step: int,
+                  heals_from_replicas: bool, keeper_plan: Callable[[], Any],
+                  disk_source: Callable[[], Optional[Path]]) -> Optional[RecoveryPlan]:
+    """The fastest plan that restores every rank to one version, or None (nothing to restore from).
+    ``held``: surviving rank -> versions in its own memory. ``keeper_plan()`` and ``disk_source()`` are asked
+    only when the faster sources cannot serve (asking the keepers may decode a lost node's ranks)."""
+    if heals_from_replicas:
+        plan = plan_from_replicas(lost, held, coords, logged_step)
+        if plan is not None:
+            return plan
+    from_keepers = keeper_plan()
+    if from_keepers is not None:
+        return plan_from_keepers(from_keepers, held, len(coords))
+    disk = disk_source()
+    return RecoveryPlan("disk", disk=disk) if disk is not None else None
+
+
+def recovery_source(checkpoint_dir: str, logged_step: int) -> Optional[Path]:
+    """The newest committed version not newer than the last logged step, so that the steps whose metrics died
+    with a rank are computed (and logged) again; else the newest committed version."""
+    if not Path(checkpoint_dir).exists():
+        return None
+    versions = committed_versions(checkpoint_dir)
+    if not versions:
+        return None
+    usable = [v for v in versions if v <= logged_step] or versions
+    return version_dir(checkpoint_dir, usable[-1])

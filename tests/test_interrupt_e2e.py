@@ -1,0 +1,76 @@
+"""Ctrl-C and SIGTERM through the CLI: the first saves the newest snapshot as a universal checkpoint and says how
+to resume (exit 130 / 143); the resumed run computes the steps after it exactly as the interrupted run did; a
+second Ctrl-C stops at once."""
+import json
+import re
+import signal
+import subprocess
+import sys
+import time
+
+import pytest
+
+from tests.test_cli import ENV, orchestrate, ray_processes_of_ours
+
+# a constant learning rate: train.steps does not change the losses, so a resume may stop earlier
+RUN = ["recipe=quickstart", "optim.schedule=constant", "logging.progress=false", "checkpoint.persist_every=0"]
+
+
+def step_losses(run_dir):
+    records = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines() if line]
+    return {r["step"]: r["loss"] for r in records if "step_time" in r}
+
+
+def start(run_dir, *overrides):
+    return subprocess.Popen([sys.executable, "-m", "orchestrator", "launch", *RUN, "train.steps=100000", *overrides,
+                             f"run.dir={run_dir}"], env=ENV, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                            text=True)
+
+
+def wait_for_step(process, run_dir, step, timeout_s=120):
+    deadline = time.monotonic() + timeout_s
+    while not (run_dir / "metrics.jsonl").exists() or max(step_losses(run_dir), default=0) < step:
+        assert process.poll() is None and time.monotonic() < deadline, process.communicate()[1][-2000:]
+        time.sleep(0.1)
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("keepers, sig", [("true", signal.SIGINT), ("false", signal.SIGTERM)])
+def test_an_interrupt_saves_the_newest_snapshot_and_the_resume_goes_on_identically(tmp_path, keepers, sig):
+    run_dir = tmp_path / "interrupted"
+    process = start(run_dir, f"checkpoint.keepers={keepers}")
+    wait_for_step(process, run_dir, 6)
+    process.send_signal(sig)
+    _, stderr = process.communicate(timeout=120)
+    assert process.returncode == 128 + sig, stderr[-2000:]
+    saved = re.search(r"step (\d+) saved in (\S+)\nresume with: orchestrate resume ckpt=(\S+)", stderr)
+    assert saved and saved.group(2) == saved.group(3) == str(run_dir / "checkpoints"), stderr[-2000:]
+    step = int(saved.group(1))
+    before = step_losses(run_dir)
+    assert 6 <= step <= max(before)
+    assert not ray_processes_of_ours()
+
+    resumed_dir, clean_dir = tmp_path / "resumed", tmp_path / "clean"
+    result = orchestrate("resume", f"ckpt={saved.group(3)}", f"train.steps={step + 3}", f"run.dir={resumed_dir}")
+    assert result.returncode == 0, result.stderr[-2000:]
+    clean = orchestrate("launch", *RUN, f"checkpoint.keepers={keepers}", f"train.steps={step + 3}",
+                        f"run.dir={clean_dir}")
+    assert clean.returncode == 0, clean.stderr[-2000:]
+    uninterrupted = step_losses(clean_dir)
+    # before the interrupt and after the resume, every step as in the run that never stopped, bit for bit
+    assert before == {s: uninterrupted[s] for s in before}
+    assert step_losses(resumed_dir) == {s: uninterrupted[s] for s in range(step + 1, step + 4)}
+
+
+@pytest.mark.slow
+def test_a_second_ctrl_c_stops_at_once(tmp_path):
+    process = start(tmp_path / "run", "checkpoint.keepers=true")
+    wait_for_step(process, tmp_path / "run", 2)
+    process.send_signal(signal.SIGINT)
+    time.sleep(0.05)
+    process.send_signal(signal.SIGINT)
+    started = time.monotonic()
+    _, stderr = process.communicate(timeout=60)
+    assert process.returncode == 130 and "stopped without saving" in stderr, stderr[-2000:]
+    assert time.monotonic() - started < 30
+    assert not ray_processes_of_ours()

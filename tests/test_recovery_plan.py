@@ -1,0 +1,40 @@
+"""Which source each rank of a recovering gang restores from (orchestrator/recovery.py), without a cluster."""
+from pathlib import Path
+from types import SimpleNamespace
+
+from orchestrator.recovery import plan_recovery, replica_of
+
+
+def coords(dp, tp=1, pp=1):
+    return [{"dp": d, "tp": t, "pp": p, "cp": 0} for p in range(pp) for d in range(dp) for t in range(tp)]
+
+
+def never():
+    raise AssertionError("a slower source was asked although a faster one serves")
+
+
+def test_a_lost_data_parallel_rank_takes_the_newest_logged_version_its_replica_holds():
+    plan = plan_recovery([1], {0: [6, 7]}, coords(dp=2), logged_step=6, heals_from_replicas=True,
+                         keeper_plan=never, disk_source=never)
+    assert plan.source == "replica" and plan.version == 6
+    assert plan.sources == {0: ("own", 6), 1: ("replica", 6, 0)}
+
+
+def test_replicas_are_ranks_of_the_same_stage_and_tensor_shard():
+    layout = coords(dp=2, tp=2)  # ranks 0, 1: dp 0 (tp 0, 1); ranks 2, 3: dp 1
+    assert replica_of(3, layout, [0, 1, 2]) == 1 and replica_of(2, layout, [0, 1]) == 0
+    assert replica_of(3, layout, [0, 2]) is None
+
+
+def test_without_identical_replicas_or_a_logged_version_the_keepers_then_the_disk_serve():
+    keeper = SimpleNamespace(version=5, source="keeper", holders={0: "k0", 1: "k1"}, decoded_ranks=[])
+    for heals, held in ((False, {0: [5, 6]}), (True, {0: [7]})):
+        plan = plan_recovery([1], held, coords(dp=2), logged_step=6, heals_from_replicas=heals,
+                             keeper_plan=lambda: keeper, disk_source=never)
+        assert plan.source == "keeper" and plan.version == 5
+        expected_own = ("own", 5) if 5 in held[0] else ("keeper", 5, "k0")
+        assert plan.sources == {0: expected_own, 1: ("keeper", 5, "k1")}
+    plan = plan_recovery([0], {1: [3]}, coords(dp=1, tp=2), logged_step=3, heals_from_replicas=True,
+                         keeper_plan=lambda: None, disk_source=lambda: Path("/c/step-2"))
+    assert plan.source == "disk" and plan.disk == Path("/c/step-2") and plan.version is None
+    assert plan_recovery([0], {}, coords(dp=2), 3, True, lambda: None, lambda: None) is None

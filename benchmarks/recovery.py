@@ -7,9 +7,9 @@ step finished after the recovery (detection, attribution, new process, restore, 
 included; the workers' timestamp, same machine), seconds until the controller had attributed the failure, the
 steps redone, and where the lost rank's state came from.
   * process: SIGKILL of a random rank's process; with keepers (default) and without.
-  * node: the raylet of a random training node is killed (simulated multi-node cluster, one CPU per node; a
-    fresh spare node is added after each loss), with every process on it, its keeper included; ``dp=2`` (the
-    survivor is a replica) and ``tp=2`` (no replica: the keepers' parity).
+  * node: the raylet of a random training node is killed with the processes of its ranks, as in a machine crash
+    (simulated multi-node cluster, one CPU per node; a fresh spare node is added after each loss), its keeper
+    included; ``dp=2`` (the survivor is a replica) and ``tp=2`` (no replica: the keepers' parity).
 Goodput: the step rate of the killed run (wall clock from its first to its last step) over the fault-free step
 rate of the same configuration, with the mean time between kills.
 
@@ -54,7 +54,8 @@ def median_step_s(records: list[dict]) -> float:
 
 LONG_RUN = ["recipe=quickstart", "train.steps=1000000", "optim.schedule=constant", "logging.progress=false",
             "checkpoint.persist_every=0"]
-SETTLE_STEPS = 5  # steps the run makes after a recovery before the next kill
+SETTLE_STEPS = 5  # steps the run makes after a recovery before the next kill, and at least SETTLE_S seconds
+SETTLE_S = 10.0
 
 
 def records_of(run_dir: Path) -> list[dict]:
@@ -98,6 +99,8 @@ def kill_run(kind: str, kills: int, seed: int, *overrides: str, sim: SimulatedCl
             kills_done, kill_times = [], []
             for i in range(kills):
                 records = wait_for(run_dir, process, lambda rs: steps_after(rs, i) >= SETTLE_STEPS)
+                time.sleep(SETTLE_S)
+                records = records_of(run_dir)
                 workers = [r for r in records if r.get("event") == "workers"][-1]
                 step_s = statistics.median(r["step_time"] for r in records[-SETTLE_STEPS:] if "step_time" in r)
                 rank = rng.randrange(len(workers["pids"]))
@@ -106,10 +109,13 @@ def kill_run(kind: str, kills: int, seed: int, *overrides: str, sim: SimulatedCl
                 kill_times.append(killed_at)
                 if kind == "process":
                     os.kill(workers["pids"][rank], signal.SIGKILL)
-                else:
+                else:  # the node's raylet and every process of the node's ranks, as when a machine crashes
                     [node] = [n for n in sim.nodes if n.node_id == workers["nodes"][rank]]
                     sim.cluster.remove_node(node, allow_graceful=False)
                     sim.nodes.remove(node)
+                    for pid, node_id in zip(workers["pids"], workers["nodes"]):
+                        if node_id == node.node_id:
+                            os.kill(pid, signal.SIGKILL)
                 records = wait_for(run_dir, process, lambda rs: sum("recovery" in r for r in rs) > i)
                 recovery = [r["recovery"] for r in records if "recovery" in r][i]
                 kills_done.append({"seconds": recovery["resumed_at"] - killed_at,

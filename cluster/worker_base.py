@@ -5,9 +5,12 @@ import os
 import socket
 from contextlib import contextmanager
 from datetime import timedelta
+from typing import Optional
 
 import torch
 import torch.distributed as dist
+
+from cluster.network import collective_interface_environment, listening_socket
 
 
 def pick_backend() -> tuple[str, str]:
@@ -48,30 +51,48 @@ class DistributedWorker:
         self.world_size = world_size
         self.backend, self.device_type = pick_backend()
         self._collective_sockets: dict[int, str] = {}  # fd -> "socket:[inode]" opened by process groups
+        self._store_listener: Optional[socket.socket] = None
 
     def rendezvous_address(self) -> tuple[str, int]:
-        """This node's address and a free port for rank 0 to listen on."""
+        """This node's address (as Ray reports it) and the port rank 0's rendezvous store listens on, bound to
+        that address only."""
         import ray
 
-        address = ray.util.get_node_ip_address()
-        with socket.socket() as sock:
-            sock.bind((address, 0))
-            return address, sock.getsockname()[1]
+        self._close_store_listener()
+        self._store_listener = listening_socket(ray.util.get_node_ip_address())
+        return self._store_listener.getsockname()[:2]
+
+    def _close_store_listener(self) -> None:
+        if self._store_listener is not None:
+            self._store_listener.close()
+            self._store_listener = None
+
+    def _rendezvous_store(self, master_addr: str, master_port: int, timeout: timedelta) -> dist.TCPStore:
+        if self.rank != 0:
+            return dist.TCPStore(master_addr, master_port, self.world_size, False, timeout)
+        listener, self._store_listener = self._store_listener, None
+        return dist.TCPStore(master_addr, master_port, self.world_size, True, timeout, wait_for_workers=False,
+                             master_listen_fd=listener.detach())  # the store owns (and closes) the socket
 
     def init_distributed(self, master_addr: str, master_port: int, timeout_s: float) -> dict:
-        """Join the gang's process group; a rank that survived a failure leaves its broken one first."""
-        self.leave_process_group()
-        os.environ.update(MASTER_ADDR=master_addr, MASTER_PORT=str(master_port),
-                          RANK=str(self.rank), WORLD_SIZE=str(self.world_size))
-        if self.device_type == "cuda":
-            torch.cuda.set_device(0)  # Ray sets CUDA_VISIBLE_DEVICES to this actor's GPU
-        with self.collective_connections():
-            dist.init_process_group(self.backend, rank=self.rank, world_size=self.world_size,
-                                    timeout=timedelta(seconds=timeout_s))
+        """Join the gang's process group; a rank that survived a failure leaves its broken one first.
+        The collectives use the interface of this node's address (see ``cluster.network``)."""
         import ray
 
+        self.leave_process_group()
+        os.environ.update(MASTER_ADDR=master_addr, MASTER_PORT=str(master_port),
+                          RANK=str(self.rank), WORLD_SIZE=str(self.world_size),
+                          **collective_interface_environment(ray.util.get_node_ip_address()))
+        if self.device_type == "cuda":
+            torch.cuda.set_device(0)  # Ray sets CUDA_VISIBLE_DEVICES to this actor's GPU
+        timeout = timedelta(seconds=timeout_s)
+        with self.collective_connections():
+            store = self._rendezvous_store(master_addr, master_port, timeout)
+            dist.init_process_group(self.backend, store=store, rank=self.rank, world_size=self.world_size,
+                                    timeout=timeout)
         return {"rank": self.rank, "pid": os.getpid(), "node_id": ray.get_runtime_context().get_node_id(),
-                "backend": self.backend}
+                "address": ray.util.get_node_ip_address(), "backend": self.backend,
+                "interface": os.environ.get("GLOO_SOCKET_IFNAME")}
 
     @contextmanager
     def collective_connections(self):

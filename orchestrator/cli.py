@@ -21,7 +21,7 @@ from hydra.errors import HydraException
 from omegaconf import OmegaConf
 from omegaconf.errors import OmegaConfBaseException
 
-from orchestrator import job_commands
+from orchestrator import cluster_commands, job_commands
 from orchestrator.config import Config, ConfigError, SyncConfig, validate
 from orchestrator.interrupt import InterruptRequests
 
@@ -196,6 +196,7 @@ def build_parser() -> argparse.ArgumentParser:
     export = commands.add_parser("export", help="write a Hugging Face Llama folder: ckpt=DIR out=DIR")
     export.add_argument("overrides", nargs="*", help="ckpt=DIR out=DIR")
     job_commands.add_commands(commands)
+    cluster_commands.add_commands(commands)
     show = commands.add_parser("config", help="print the resolved config without running anything")
     show.add_argument("overrides", nargs="*")
     show.add_argument("--recipes-dir", action="append", default=[])
@@ -211,6 +212,8 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     args = build_parser().parse_args(argv)
     if args.command in job_commands.COMMANDS:
         return job_commands.run_command(args)
+    if args.command == "cluster":
+        return cluster_commands.run_command(args)
     if args.command == "export":
         return export_command(args.overrides)
     try:

@@ -375,7 +375,8 @@ class Controller:
             raise
         self._setup_infos = infos
         metrics.log({"step": result.steps, "event": "workers", "pids": [info["pid"] for info in infos],
-                     "nodes": [info["node_id"] for info in group.infos]})
+                     "nodes": [info["node_id"] for info in group.infos],
+                     "addresses": [info["address"] for info in group.infos]})
         if self.keepers is not None:
             self.snapshot_sizes = {info["rank"]: tuple(info["snapshot_bytes"]) for info in infos}
             self._attach_arenas(group)

@@ -1,10 +1,12 @@
 """End-to-end: the real ``orchestrate`` command in a subprocess, with an embedded Ray of its own."""
+import ipaddress
 import json
 import os
 import re
 import subprocess
 import sys
 import tempfile
+import time
 from pathlib import Path
 
 import psutil
@@ -33,16 +35,58 @@ def losses(run_dir: Path) -> list[float]:
     return [r["loss"] for r in records if "loss" in r]
 
 
+def listeners_while_running(args: list[str], timeout: float = 300) -> tuple[subprocess.CompletedProcess, dict]:
+    """Run ``orchestrate *args`` and, while it runs, the listening sockets of it and every process it started:
+    {(ip, port): pid}."""
+    proc = subprocess.Popen([sys.executable, "-m", "orchestrator", *args], stdout=subprocess.PIPE,
+                            stderr=subprocess.PIPE, text=True, env=ENV)
+    seen: dict[tuple[str, int], int] = {}
+    try:
+        root = psutil.Process(proc.pid)
+        while proc.poll() is None:
+            try:
+                tree = [root, *root.children(recursive=True)]
+            except psutil.NoSuchProcess:
+                break
+            for process in tree:
+                try:
+                    for conn in process.net_connections("inet"):
+                        if conn.status == psutil.CONN_LISTEN:
+                            seen[(conn.laddr.ip, conn.laddr.port)] = process.pid
+                except (psutil.NoSuchProcess, psutil.AccessDenied):
+                    continue
+            time.sleep(0.1)
+        stdout, stderr = proc.communicate(timeout=timeout)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+    return subprocess.CompletedProcess(proc.args, proc.returncode, stdout, stderr), seen
+
+
+def is_loopback(ip: str) -> bool:
+    address = ipaddress.ip_address(ip)
+    return address.is_loopback or bool(getattr(address, "ipv4_mapped", None) and address.ipv4_mapped.is_loopback)
+
+
+def worker_pids(run_dir: Path) -> set[int]:
+    records = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
+    return {pid for r in records if r.get("event") == "workers" for pid in r["pids"]}
+
+
 @pytest.mark.slow
 def test_launch_trains_with_falling_loss_and_is_deterministic(tmp_path):
     runs = []
     for name in ("a", "b"):
         run_dir = tmp_path / name
-        result = orchestrate("launch", "recipe=quickstart", "train.steps=30", f"run.dir={run_dir}")
+        result, listeners = listeners_while_running(
+            ["launch", "recipe=quickstart", "train.steps=30", f"run.dir={run_dir}"])
         assert result.returncode == 0, result.stderr[-3000:]
         assert "finished 30 steps" in result.stdout
         assert "step 30/30" in result.stdout and "tok/s" in result.stdout
         runs.append(run_dir)
+        # Local mode: every listener of the run (Ray's, the rendezvous store, gloo's) is on loopback only.
+        assert listeners and not [ip for ip, _ in listeners if not is_loopback(ip)], listeners
+        assert set(listeners.values()) & worker_pids(run_dir)  # the ranks' own listeners were seen too
     assert not ray_processes_of_ours()  # nothing left running after the command returned
     first = losses(runs[0])
     assert len(first) == 30

@@ -238,9 +238,6 @@ def build_network(state: EmulatedClusterState, nodes: int, hosts: list) -> None:
     state.save()
     run_ip("addr", "add", f"{state.head_address}/{prefix}", "dev", state.bridge)
     run_ip("link", "set", state.bridge, "up")
-    delay = state.latency_ms and netem_available()
-    if state.latency_ms and not delay:
-        state.notes.append("latency not applied: this kernel has no netem qdisc (links are rate-limited only)")
     for index in range(nodes):
         node = EmulatedNode(namespace=NAMESPACE.format(tag=state.tag, index=index),
                             veth=VETH.format(tag=state.tag, index=index),
@@ -254,11 +251,27 @@ def build_network(state: EmulatedClusterState, nodes: int, hosts: list) -> None:
         run_ip("addr", "add", f"{node.address}/{prefix}", "dev", NODE_INTERFACE, namespace=node.namespace)
         run_ip("link", "set", NODE_INTERFACE, "up", namespace=node.namespace)
         run_ip("link", "set", "lo", "up", namespace=node.namespace)
+    shape_links(state, state.link, state.latency_ms)
+
+
+def shape_links(state: EmulatedClusterState, rate: Optional[str], latency_ms: Optional[float] = None) -> None:
+    """Limit every node's link to ``rate`` (None: unlimited) in both directions, with ``latency_ms`` of delay
+    where the kernel has netem (otherwise a note says it was not applied)."""
+    check_link_rate(rate)
+    delay = bool(latency_ms) and netem_available()
+    if latency_ms and not delay and not any("latency not applied" in note for note in state.notes):
+        state.notes.append("latency not applied: this kernel has no netem qdisc (links are rate-limited only)")
+    for node in state.nodes:
         for device, namespace in ((node.veth, None), (NODE_INTERFACE, node.namespace)):  # both directions
             if delay:
-                delay_link(device, state.latency_ms, state.link, namespace)
-            elif state.link:
-                shape_link(device, state.link, namespace)
+                delay_link(device, latency_ms, rate, namespace)
+            elif rate:
+                shape_link(device, rate, namespace)
+            else:
+                prefix = ["ip", "netns", "exec", namespace] if namespace else []
+                subprocess.run([*prefix, "tc", "qdisc", "del", "dev", device, "root"], capture_output=True)
+    state.link, state.latency_ms = rate, latency_ms
+    state.save()
 
 
 def start_ray(state: EmulatedClusterState, cpus_per_node: float, object_store_mb: int, dashboard: bool) -> None:

@@ -61,13 +61,21 @@ def resolve_address(address: Optional[str]) -> str:
 
 
 def check_reachable(address: str, timeout_s: float = CONNECT_TIMEOUT_S) -> None:
-    parsed = urlparse(address)
-    port = parsed.port or (443 if parsed.scheme == "https" else 80)
+    """Fail at once unless an HTTP server answers at ``address`` within ``timeout_s`` (Ray's client would wait
+    without a limit on an address that accepts connections but never replies)."""
+    import urllib.error
+    import urllib.request
+
     try:
-        with socket.create_connection((parsed.hostname, port), timeout=timeout_s):
-            pass
-    except OSError as err:
-        reason = "timed out" if isinstance(err, socket.timeout) else (err.strerror or str(err))
+        urllib.request.urlopen(f"{address}/api/version", timeout=timeout_s).close()
+    except urllib.error.HTTPError:  # it answers (e.g. 401 without a token): the jobs API says the rest
+        return
+    except (urllib.error.URLError, OSError) as err:
+        cause = getattr(err, "reason", err)
+        if isinstance(cause, (socket.timeout, TimeoutError)):
+            reason = f"no reply within {timeout_s:g}s"
+        else:
+            reason = getattr(cause, "strerror", None) or str(cause)
         raise JobsError(f"cannot reach the Ray dashboard at {address}: {reason.lower()}") from None
 
 

@@ -124,3 +124,54 @@ def stop_processes_using(temp_dir: str, grace_s: float = 5.0) -> list[int]:
             pass
     psutil.wait_procs(leftovers, timeout=5)
     return [p.pid for p in leftovers]
+
+
+class ClusterUnreachable(RuntimeError):
+    """Nothing that looks like a Ray cluster answers at the address given."""
+
+
+# The client preface of HTTP/2 and an empty SETTINGS frame: a gRPC server (Ray's GCS) answers with SETTINGS.
+HTTP2_PREFACE = b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n" + bytes([0, 0, 0, 4, 0, 0, 0, 0, 0])
+HTTP2_SETTINGS_FRAME = 4
+
+
+def gcs_endpoint(address: str) -> Optional[tuple[str, int]]:
+    """(host, port) of a GCS address ``HOST:PORT``; ``auto`` resolves through RAY_ADDRESS when that is set.
+    None when Ray finds the cluster itself (``auto`` without RAY_ADDRESS)."""
+    if address == "auto":
+        address = os.environ.get("RAY_ADDRESS", "")
+        if not address or address == "auto" or "://" in address:
+            return None
+    host, _, port = address.rpartition(":")
+    if not host or not port.isdigit():
+        raise ClusterUnreachable(f"cluster.address={address}: not HOST:PORT (the GCS address, port 6379 by "
+                                 f"default) or auto")
+    return host.strip("[]"), int(port)
+
+
+def check_cluster_answers(address: str, timeout_s: float = 5.0) -> None:
+    """Fail at once, naming why, unless a gRPC server (Ray's GCS) answers at ``address``: Ray's own client
+    retries for minutes before it gives up. Written by hand because no Ray API checks an address with a
+    timeout."""
+    if "://" in address:
+        raise ClusterUnreachable(f"cluster.address={address}: launch joins a cluster by its GCS address HOST:PORT "
+                                 f"(or auto); a dashboard URL is for 'orchestrate submit'")
+    endpoint = gcs_endpoint(address)
+    if endpoint is None:
+        return
+    import socket
+
+    try:
+        with socket.create_connection(endpoint, timeout=timeout_s) as sock:
+            sock.settimeout(timeout_s)
+            sock.sendall(HTTP2_PREFACE)
+            reply = sock.recv(9)
+    except socket.timeout:
+        raise ClusterUnreachable(f"cluster.address={address}: no Ray cluster answers there (no reply within "
+                                 f"{timeout_s:.0f}s)") from None
+    except OSError as err:
+        raise ClusterUnreachable(f"cluster.address={address}: no Ray cluster answers there "
+                                 f"({(err.strerror or str(err)).lower()})") from None
+    if len(reply) < 4 or reply[3] != HTTP2_SETTINGS_FRAME:
+        raise ClusterUnreachable(f"cluster.address={address}: something answers there, but not a Ray cluster "
+                                 f"(its GCS port, 6379 by default)")

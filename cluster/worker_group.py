@@ -22,6 +22,10 @@ class PlacementError(WorkerGroupError):
     """The cluster cannot place the requested workers."""
 
 
+class StartTimeout(RuntimeError):
+    """Ranks did not start (or join the process group) within the start timeout; not a failure to recover from."""
+
+
 class WorkerGroup:
     def __init__(self, worker_cls: type, world_size: int, cpus_per_worker: float, gpus_per_worker: float = 0.0,
                  start_timeout_s: float = 60.0, collective_timeout_s: float = 120.0,
@@ -54,9 +58,31 @@ class WorkerGroup:
 
     def _rendezvous(self) -> list[dict]:
         """Every rank joins one new process group (survivors of a failure leave their broken one)."""
+        self._wait_started([actor.ping.remote() for actor in self.actors], "started")
         master_addr, master_port = self.gather([self.actors[0].rendezvous_address.remote()], self.start_timeout_s)[0]
-        return self.gather([a.init_distributed.remote(master_addr, master_port, self.collective_timeout_s)
-                            for a in self.actors], self.start_timeout_s)
+        refs = [a.init_distributed.remote(master_addr, master_port, self.collective_timeout_s) for a in self.actors]
+        self._wait_started(refs, "joined the process group")
+        return self.gather(refs)
+
+    def _wait_started(self, refs: list, what: str) -> None:
+        """Until every rank's call in ``refs`` is done; a timeout names the ranks missing and their nodes."""
+        ready, _ = ray.wait(refs, num_returns=len(refs), timeout=self.start_timeout_s)
+        if len(ready) == len(refs):
+            return
+        missing = [rank for rank, ref in enumerate(refs) if ref not in ready]
+        where = self.bundle_addresses()
+        nodes = sorted({where.get(rank, "unplaced") for rank in missing})
+        ranks = f"rank{'s' if len(missing) > 1 else ''} {_ranges(missing)}"
+        raise StartTimeout(
+            f"{self.world_size - len(missing)} of {self.world_size} ranks {what} within {self.start_timeout_s:.0f}s; "
+            f"not yet: {ranks} on {', '.join(nodes)}; raise cluster.start_timeout_s (now "
+            f"{self.start_timeout_s:.0f}) if those nodes are only slow to start")
+
+    def bundle_addresses(self) -> dict[int, str]:
+        """Rank -> address of the node its placement bundle is on."""
+        table = ray.util.placement_group_table(self.placement_group)
+        addresses = {node["NodeID"]: node["NodeManagerAddress"] for node in ray.nodes()}
+        return {bundle: addresses.get(node_id, node_id) for bundle, node_id in table["bundles_to_node_id"].items()}
 
     def replace(self, ranks: list[int]) -> None:
         """Start ``ranks`` anew (their actors died or hang) and re-form the process group with the surviving
@@ -130,3 +156,14 @@ class WorkerGroup:
         for actor in self.actors:
             ray.kill(actor, no_restart=True)
         remove_placement_group(self.placement_group)
+
+
+def _ranges(ranks: list[int]) -> str:
+    """[0, 1, 2, 5] -> "0-2, 5"."""
+    spans: list[list[int]] = []
+    for rank in sorted(ranks):
+        if spans and rank == spans[-1][1] + 1:
+            spans[-1][1] = rank
+        else:
+            spans.append([rank, rank])
+    return ", ".join(f"{a}-{b}" if b > a else f"{a}" for a, b in spans)

@@ -21,8 +21,11 @@ def add_commands(subparsers) -> None:
     up.add_argument("--latency", metavar="MS", type=float, help="one-way delay per link (needs netem)")
     up.add_argument("--object-store-mb", type=int, default=256, help="object store per node (default 256)")
     up.add_argument("--no-dashboard", action="store_true", help="no dashboard (faster; 'submit' needs it)")
+    shape = actions.add_parser("shape", help="change the link rate of a running emulated cluster")
+    shape.add_argument("--link", metavar="RATE", help="rate limit, e.g. 10mbit; leave out for unlimited")
+    shape.add_argument("--latency", metavar="MS", type=float, help="one-way delay per link (needs netem)")
     down = actions.add_parser("down", help="stop the emulated cluster and remove its namespaces and bridge")
-    for parser in (up, down):
+    for parser in (up, shape, down):
         parser.add_argument("--state-dir", help="where the cluster's state and logs live (default "
                                                 "/tmp/orch-emulated)")
 
@@ -37,7 +40,17 @@ def run_command(args: argparse.Namespace) -> int:
                                 not args.no_dashboard, state_dir)
             print_up(state)
             return 0
+        if args.cluster_action == "shape":
+            emulated.check_can_build()
+            state = emulated.EmulatedClusterState.load(state_dir)  # FileNotFoundError: no cluster there
+            emulated.shape_links(state, args.link, args.latency)
+            print(f"links {args.link or 'unlimited'}" + "".join(f"\nnote: {note}" for note in state.notes))
+            return 0
         state = emulated.down(state_dir)
+    except FileNotFoundError:
+        print(f"orchestrate: error: no emulated cluster in {state_dir} (start one with 'orchestrate cluster up')",
+              file=sys.stderr)
+        return EXIT_BAD_INPUT
     except emulated.EmulatedClusterError as err:
         print(f"orchestrate: error: {err}", file=sys.stderr)
         return EXIT_BAD_INPUT

@@ -61,6 +61,7 @@ class TrainConfig:
     seq_len: int = 128
     grad_clip: float = 1.0  # 0 disables
     eval_batches: int = 0  # >0: eval_loss on that many held-out batches after the last step
+    eval_every: int = 0  # >0 (with eval_batches): eval_loss also every N steps, in that step's metrics record
 
 
 @dataclass
@@ -147,7 +148,9 @@ class ClusterConfig:
     gpus_per_worker: float = 0.0
     num_cpus: Optional[int] = None  # embedded cluster size; None: this machine's cores
     object_store_mb: int = 512
-    start_timeout_s: float = 60.0
+    # for the placement and for every rank to start and join; None: 60 s + 4 s per worker (workers import torch
+    # and join one by one, so a large gang on small nodes needs longer)
+    start_timeout_s: Optional[float] = None
     collective_timeout_s: float = 120.0
 
 
@@ -220,6 +223,13 @@ class Config:
     def world_size(self) -> int:
         return self.dims.world_size
 
+    @property
+    def start_timeout_s(self) -> float:
+        given = self.cluster.start_timeout_s
+        return given if given is not None else START_TIMEOUT_BASE_S + START_TIMEOUT_PER_WORKER_S * self.world_size
+
+
+START_TIMEOUT_BASE_S, START_TIMEOUT_PER_WORKER_S = 60.0, 4.0
 
 CHOICES = {
     "model.name": ("llama",),
@@ -266,10 +276,13 @@ def validate(cfg: Config) -> None:
     _require(cfg.data.source != "path" or cfg.data.path,
              "data.path: required when data.source=path (a text file, a folder, or a *.u16 token file)")
     _require(0.0 <= cfg.data.val_fraction < 0.5, f"data.val_fraction={cfg.data.val_fraction}: valid: [0, 0.5)")
+    _require(cfg.cluster.start_timeout_s is None or cfg.cluster.start_timeout_s > 0,
+             f"cluster.start_timeout_s={cfg.cluster.start_timeout_s}: must be > 0 (leave it unset for the default)")
     _require(cfg.cluster.cpus_per_worker > 0,
              f"cluster.cpus_per_worker={cfg.cluster.cpus_per_worker}: must be > 0")
-    for key in ("checkpoint.every", "checkpoint.persist_every"):
+    for key in ("checkpoint.every", "checkpoint.persist_every", "train.eval_batches", "train.eval_every"):
         _require(_get(cfg, key) >= 0, f"{key}={_get(cfg, key)}: must be >= 0 (0 turns it off)")
+    _require(not t.eval_every or t.eval_batches, f"train.eval_every={t.eval_every}: needs train.eval_batches > 0")
     _require(cfg.checkpoint.keep >= 1, f"checkpoint.keep={cfg.checkpoint.keep}: must be >= 1")
     _require(cfg.checkpoint.ec.parity >= 0 and cfg.checkpoint.ec.group_size >= 0,
              "checkpoint.ec.parity and checkpoint.ec.group_size: must be >= 0")

@@ -19,8 +19,8 @@ from ray.exceptions import RayError
 
 from checkpoint.universal import CheckpointError, discard_uncommitted
 from cluster.health import await_lost_nodes, live_node_ids, worker_slots
-from cluster.ray_cluster import RayRuntime, local_capacity
-from cluster.worker_group import PlacementError, WorkerGroup, WorkerGroupError
+from cluster.ray_cluster import ClusterUnreachable, RayRuntime, check_cluster_answers, local_capacity
+from cluster.worker_group import PlacementError, StartTimeout, WorkerGroup, WorkerGroupError
 from orchestrator.config import Config, ConfigError, FaultConfig, FaultSpec, validate
 from orchestrator.keepers import KeeperService
 from orchestrator.metrics import MetricsLog, aggregate_step
@@ -134,6 +134,11 @@ class Controller:
         if self.cfg.cluster.address is None:
             capacity = local_capacity(self.cfg.cluster.num_cpus)
             check_capacity(self.cfg, capacity.cpus, capacity.gpus, "this machine's local cluster")
+        else:
+            try:
+                check_cluster_answers(self.cfg.cluster.address)
+            except ClusterUnreachable as err:
+                raise ConfigError(str(err)) from None
 
     def run(self) -> RunResult:
         self.preflight()
@@ -167,13 +172,10 @@ class Controller:
         except RunInterrupted as interrupted:
             result.interrupted, result.checkpoint = interrupted, interrupted.step
             self.state = RunState.INTERRUPTED
-        except RayError as err:
-            if isinstance(err, CheckpointError):  # a bad checkpoint met by the workers: bad input, exit 2
+        except (RayError, WorkerGroupError, StartTimeout) as err:
+            if isinstance(err, CheckpointError) and self.recovery is None and not self.recoveries:
+                # a bad checkpoint to resume from, met by the workers: bad input, exit 2 (in a recovery: a failure)
                 raise ConfigError(str(err).strip().splitlines()[-1]) from None
-            cause = getattr(err, "cause", None) or err  # a rank's own exception, not Ray's wrapper
-            result.error = f"{type(cause).__name__}: {str(cause).strip().splitlines()[-1] if str(cause) else ''}"
-            self.state = RunState.FAILED
-        except WorkerGroupError as err:
             cause = getattr(err, "cause", None) or err  # a rank's own exception, not Ray's wrapper
             result.error = f"{type(cause).__name__}: {str(cause).strip().splitlines()[-1] if str(cause) else ''}"
             self.state = RunState.FAILED
@@ -264,7 +266,7 @@ class Controller:
         c = self.cfg.cluster
         try:
             return WorkerGroup(TrainWorker, self.cfg.world_size, c.cpus_per_worker, c.gpus_per_worker,
-                               c.start_timeout_s, c.collective_timeout_s)
+                               self.cfg.start_timeout_s, c.collective_timeout_s)
         except PlacementError as err:
             raise ConfigError(f"cluster.cpus_per_worker={c.cpus_per_worker}: {err}") from None
 

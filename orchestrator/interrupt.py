@@ -7,6 +7,7 @@ import threading
 from typing import Optional
 
 from orchestrator.config import CheckpointConfig
+from orchestrator.recovery import versions_held_by_all
 
 SIGNALS = (signal.SIGINT, signal.SIGTERM)
 
@@ -61,11 +62,10 @@ def save_held_versions(group, cfg: CheckpointConfig, logged_step: int, timeout_s
     writes it to ``cfg.dir``; the newest one not newer than ``logged_step``, or None when there is none
     (``checkpoint.every=0``, nothing copied yet)."""
     held = group.gather(group.call_async("held_versions", False, control=True), timeout_s)
-    common = set.intersection(*(set(versions) for versions in held))
     cadence = cfg.every * cfg.persist_every
     # a version due on disk anyway is being written by the ranks' own persisters: not twice at once
-    for version in sorted((v for v in common if v <= logged_step and not (cadence and v % cadence == 0)),
-                          reverse=True):
+    candidates = [v for v in versions_held_by_all(held, logged_step) if not (cadence and v % cadence == 0)]
+    for version in reversed(candidates):
         if all(group.gather(group.call_async("pin_snapshot", version, control=True), timeout_s)):
             group.gather(group.call_async("save_pinned", version, cfg.dir, cfg.keep, control=True))
             return version

@@ -163,11 +163,11 @@ class KeeperService:
             if version is not None:
                 self._commit(version)
 
-    def _newest_complete(self, limit: int) -> Optional[int]:
+    def _newest_complete(self, limit: int, disk_due_first: bool = True) -> Optional[int]:
         """The version to commit: the newest up to ``limit`` (offered: handed over and logged) that the keepers
         hold every rank of right now (a trainer overwrites its oldest unclaimed version when its slots are full),
-        unless a version due on disk (a multiple of every * persist_every, which trainers do not overwrite) is
-        complete: that one first, so level 2 holds exactly those steps."""
+        unless (``disk_due_first``) a version due on disk (a multiple of every * persist_every, which trainers do
+        not overwrite) is complete: that one first, so level 2 holds exactly those steps."""
         keepers = [k for group in self.groups for k in group.keepers]
         try:
             holders_of = self._holders(keepers)
@@ -178,7 +178,7 @@ class KeeperService:
         complete = self._complete(holders_of, (self.committed or 0) + 1, limit)
         cadence = self.cfg.every * self.cfg.persist_every
         due_on_disk = [v for v in complete if cadence and v % cadence == 0 and v > (self._persist_target or 0)]
-        return min(due_on_disk) if due_on_disk else max(complete, default=None)
+        return min(due_on_disk) if due_on_disk and disk_due_first else max(complete, default=None)
 
     @staticmethod
     def _holders(keepers: list, answered: Optional[list] = None) -> dict[int, dict[int, Any]]:
@@ -209,7 +209,7 @@ class KeeperService:
         """Commit and write to disk the newest version every rank handed over, not newer than ``logged_step``
         (a run interrupted by Ctrl-C or SIGTERM); trainers go on meanwhile. The version on disk, or None."""
         self.drain()
-        newest = self._newest_complete(logged_step)
+        newest = self._newest_complete(logged_step, disk_due_first=False)
         if newest is not None and newest > (self.committed or 0) and self._commit(newest, persist=True):
             self.drain()
             return self.persisted

@@ -43,6 +43,8 @@ def aggregate_step(reports: list[dict], run_start: float, tokens_per_step: int) 
     """One metrics.jsonl record from the per-rank reports of a step, rank 0's first (in rank order, so sums are
     deterministic). Rank 0 coordinates checkpoint commits, so its checkpoint versions are the committed ones."""
     losses = [r["loss"] for r in reports if r["loss"] is not None]
+    # replicas of low-communication methods differ between syncs: their held-out losses are averaged
+    eval_losses = [r["eval_loss"] for r in reports if r.get("eval_loss") is not None]
     step_time = max(r["step_time"] for r in reports)
     return {
         "step": reports[0]["step"],
@@ -57,6 +59,7 @@ def aggregate_step(reports: list[dict], run_start: float, tokens_per_step: int) 
         "time": max(r["time"] for r in reports),
         "ckpt_l0": reports[0].get("ckpt_l0"),
         "ckpt_l2": reports[0].get("ckpt_l2"),
+        **({"eval_loss": sum(eval_losses) / len(eval_losses)} if eval_losses else {}),
         **loss_rank_timing(reports),
     }
 

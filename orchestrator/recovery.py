@@ -7,7 +7,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Callable, Optional
+from typing import Any, Callable, Iterable, Optional
 
 from checkpoint.universal import committed_versions, version_dir
 
@@ -32,6 +32,13 @@ def replica_of(rank: int, coords: list[dict[str, int]], survivors: list[int]) ->
     return min(same) if same else None
 
 
+def versions_held_by_all(held: Iterable[list[int]], logged_step: int) -> list[int]:
+    """Versions (ascending) that every holder in ``held`` has, not newer than the last logged step (the steps
+    after it are redone, so their metrics are logged once, whole)."""
+    sets = [set(versions) for versions in held]
+    return sorted(v for v in set.intersection(*sets) if v <= logged_step) if sets else []
+
+
 def plan_from_replicas(lost: list[int], held: dict[int, list[int]], coords: list[dict[str, int]],
                        logged_step: int) -> Optional[RecoveryPlan]:
     """Every lost rank takes a surviving replica's snapshot of the newest version all survivors hold that is not
@@ -40,11 +47,10 @@ def plan_from_replicas(lost: list[int], held: dict[int, list[int]], coords: list
     replicas = {rank: replica_of(rank, coords, survivors) for rank in lost}
     if not survivors or None in replicas.values():
         return None
-    common = set.intersection(*(set(versions) for versions in held.values()))
-    usable = [v for v in common if v <= logged_step]
+    usable = versions_held_by_all(held.values(), logged_step)
     if not usable:
         return None
-    version = max(usable)
+    version = usable[-1]
     sources = {rank: ("own", version) for rank in survivors}
     sources.update({rank: ("replica", version, replicas[rank]) for rank in lost})
     return RecoveryPlan("replica", version, sources)

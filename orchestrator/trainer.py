@@ -36,6 +36,7 @@ class StepMetrics:
     comm_peak_bytes: int
     time: float  # wall-clock at the end of the step
     timing: dict = field(default_factory=dict)  # pipeline ranks: pp_compute_s / pp_wait_s of the step
+    eval_loss: Optional[float] = None  # held-out loss after this step (train.eval_every), on ranks with the loss
 
     def as_dict(self) -> dict:
         return asdict(self)

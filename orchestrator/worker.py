@@ -181,6 +181,8 @@ class TrainWorker(DistributedWorker):
                 self._in_step = True
                 metrics = self.trainer.train_step()
                 self._in_step = False
+                if self._eval_due(metrics.step):
+                    metrics.eval_loss = self.evaluate(self.cfg.train.eval_batches)
                 self._publish(metrics)
         except Exception:
             self.leave_process_group()  # a collective failed: the gang is broken, let the others know at once
@@ -210,6 +212,10 @@ class TrainWorker(DistributedWorker):
         """Snapshot into ``arena``, owned by this node's ``keeper``, from the next version on."""
         self.keeper = keeper
         self.checkpointer.use_arena(keeper, arena)
+
+    def _eval_due(self, step: int) -> bool:
+        every = self.cfg.train.eval_every
+        return every > 0 and self.cfg.train.eval_batches > 0 and step % every == 0
 
     def evaluate(self, n_batches: int) -> Optional[float]:
         t = self.trainer

@@ -79,7 +79,8 @@ def test_launch_trains_with_falling_loss_and_is_deterministic(tmp_path):
     for name in ("a", "b"):
         run_dir = tmp_path / name
         result, listeners = listeners_while_running(
-            ["launch", "recipe=quickstart", "train.steps=30", f"run.dir={run_dir}"])
+            ["launch", "recipe=quickstart", "train.steps=30", "train.eval_batches=2", "train.eval_every=10",
+             f"run.dir={run_dir}"])
         assert result.returncode == 0, result.stderr[-3000:]
         assert "finished 30 steps" in result.stdout
         assert "step 30/30" in result.stdout and "tok/s" in result.stdout
@@ -97,6 +98,8 @@ def test_launch_trains_with_falling_loss_and_is_deterministic(tmp_path):
     for key in ("step", "loss", "lr", "tokens", "tokens_per_s", "comm_bytes", "wall_time"):
         assert key in record
     assert record["tokens"] == 30 * 8 * 128 and record["comm_bytes"] > 0
+    evals = {r["step"]: r["eval_loss"] for r in records if "step_time" in r and "eval_loss" in r}
+    assert sorted(evals) == [10, 20, 30] and evals[30] < evals[10]  # held-out loss every train.eval_every steps
     assert "parallel:\n  dp: 2" in (runs[0] / "config.yaml").read_text()
 
 

@@ -50,6 +50,22 @@ def test_cluster_up_without_root_is_one_line_and_exit_2(monkeypatch, capsys):
     assert not os.path.exists("/tmp/orch-never-made")
 
 
+def test_the_commands_in_the_multinode_guide_are_valid():
+    import re
+    import shlex
+    from pathlib import Path
+
+    from orchestrator.cli import build_parser
+
+    guide = (Path(__file__).parents[1] / "docs" / "multinode.md").read_text()
+    section = guide[guide.index("## 9. An emulated cluster"):]
+    commands = [line.split("#")[0].strip() for line in re.findall(r"^orchestrate cluster .*$", section, re.M)]
+    assert len(commands) >= 4
+    for command in commands:
+        args = build_parser().parse_args(shlex.split(command)[1:])
+        assert args.command == "cluster"
+
+
 @pytest.fixture(scope="module")
 def cluster():
     """Five one-CPU nodes (four ranks and a spare), links unshaped, made and removed through the CLI."""
@@ -107,3 +123,20 @@ def test_ddp_and_tp_across_network_stacks_with_parity_keepers_survive_a_node_los
     assert recovery["source"] in ("replica", "parity")
     after = [r for r in records_of(run_dir) if r.get("event") == "workers"][-1]
     assert after["addresses"][1] != lost.address and after["pids"][0] == workers["pids"][0]
+
+
+@needs_root
+def test_links_are_shaped_in_both_directions_and_unshaped_again(cluster):
+    node = cluster.nodes[0]
+
+    def qdiscs():
+        outside = subprocess.run(["tc", "qdisc", "show", "dev", node.veth], capture_output=True, text=True).stdout
+        inside = subprocess.run(["ip", "netns", "exec", node.namespace, "tc", "qdisc", "show", "dev", "eth0"],
+                                capture_output=True, text=True).stdout
+        return outside + inside
+
+    shaped = orchestrate("cluster", "shape", "--link", "10mbit", "--state-dir", cluster.state_dir)
+    assert shaped.returncode == 0, shaped.stderr
+    assert qdiscs().count("tbf") == 2 and qdiscs().count("rate 10Mbit") == 2
+    assert orchestrate("cluster", "shape", "--state-dir", cluster.state_dir).returncode == 0
+    assert "tbf" not in qdiscs()

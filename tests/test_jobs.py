@@ -205,6 +205,43 @@ def test_unreachable_or_wrong_address_is_one_line_exit_2(orchestrate, args, mess
     assert_one_line_exit_2(result, message.format(port=port))
 
 
+@pytest.fixture
+def silent_port():
+    """A port that accepts connections and never replies."""
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        sock.listen(16)
+        yield sock.getsockname()[1]
+
+
+@pytest.mark.parametrize("args, message", [
+    (["launch", "recipe=quickstart", "cluster.address=127.0.0.1:{port}"],
+     "cluster.address=127.0.0.1:{port}: no Ray cluster answers there (no reply within 5s)"),
+    (["submit", "recipe=quickstart", "cluster.address=http://127.0.0.1:{port}"], "no reply within 5s"),
+    (["status", "a-job", "--address", "http://127.0.0.1:{port}"], "no reply within 5s"),
+    (["logs", "a-job", "--address", "http://127.0.0.1:{port}"], "no reply within 5s"),
+    (["stop", "a-job", "--address", "http://127.0.0.1:{port}"], "no reply within 5s"),
+    (["list", "--address", "http://127.0.0.1:{port}"], "cannot reach the Ray dashboard at http://127.0.0.1:{port}: "
+                                                      "no reply within 5s"),
+])
+def test_an_address_that_never_replies_is_one_line_exit_2_within_15s(silent_port, capsys, args, message):
+    from orchestrator.cli import main
+
+    started = time.monotonic()
+    returncode = main([a.format(port=silent_port) for a in args])
+    assert time.monotonic() - started < 15
+    assert_one_line_exit_2(Outcome(returncode, *capsys.readouterr()), message.format(port=silent_port))
+
+
+def test_launch_where_nothing_listens_is_one_line_exit_2_and_makes_no_run_dir(tmp_path, capsys):
+    from orchestrator.cli import main
+
+    port = free_port()
+    returncode = main(["launch", "recipe=quickstart", f"cluster.address=127.0.0.1:{port}", f"run.dir={tmp_path}/run"])
+    assert_one_line_exit_2(Outcome(returncode, *capsys.readouterr()),
+                           f"cluster.address=127.0.0.1:{port}: no Ray cluster answers there (connection refused)")
+    assert not (tmp_path / "run").exists()
+
 
 def test_command_line_entry_prints_one_line_and_exits_2():
     port = free_port()

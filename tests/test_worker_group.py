@@ -45,3 +45,21 @@ def test_group_that_cannot_be_placed_fails_fast(local_ray):
 
     with pytest.raises(PlacementError, match="cannot place 3 workers"):
         WorkerGroup(SumWorker, world_size=3, cpus_per_worker=1.0, start_timeout_s=2)
+
+
+class SlowStartWorker(SumWorker):
+    def __init__(self, rank: int, world_size: int):
+        super().__init__(rank, world_size)
+        if rank == 1:
+            import time
+
+            time.sleep(60)  # a node that is slow to bring the rank up
+
+
+def test_ranks_not_started_in_time_are_named_with_their_nodes_and_the_setting(local_ray):
+    from cluster.worker_group import StartTimeout
+
+    with pytest.raises(StartTimeout) as raised:
+        WorkerGroup(SlowStartWorker, world_size=2, cpus_per_worker=0.5, start_timeout_s=8)
+    assert str(raised.value) == ("1 of 2 ranks started within 8s; not yet: rank 1 on 127.0.0.1; raise "
+                                 "cluster.start_timeout_s (now 8) if those nodes are only slow to start")

@@ -55,7 +55,7 @@ def listeners_while_running(args: list[str], timeout: float = 300) -> tuple[subp
                             seen[(conn.laddr.ip, conn.laddr.port)] = process.pid
                 except (psutil.NoSuchProcess, psutil.AccessDenied):
                     continue
-            time.sleep(0.1)
+            time.sleep(0.5)  # the scan costs CPU that the run shares; the listeners live for the whole run
         stdout, stderr = proc.communicate(timeout=timeout)
     finally:
         if proc.poll() is None:

@@ -17,7 +17,7 @@ from tests.test_multinode_recovery import curve_of, records_of, recoveries_of, w
 IS_ROOT = os.geteuid() == 0
 needs_root = pytest.mark.skipif(not IS_ROOT or shutil.which("ip") is None or shutil.which("tc") is None,
                                 reason="network namespaces need root and iproute2 (ip, tc)")
-STEPS = 30
+STEPS = 20
 
 
 def test_collectives_follow_the_interface_of_the_node_address_unless_the_user_chose_one():

@@ -16,7 +16,7 @@ import shutil
 import tempfile
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, Optional
 
 import torch
 from safetensors.torch import save_file
@@ -26,6 +26,7 @@ from checkpoint.universal import CheckpointError, Manifest, SliceSpec, read_mani
 
 CONFIG_FILE = "config.json"
 WEIGHTS_FILE = "model.safetensors"
+TOKENIZER_FILE = "tokenizer.json"
 DEFAULT_MAX_POSITIONS = 2048  # LlamaConfig.max_seq_len when the run config has no train.seq_len
 
 
@@ -162,7 +163,8 @@ def hf_config(hp: LlamaHyperParameters) -> dict[str, Any]:
     }
 
 
-def _write_folder(out_dir: Path, state: dict[str, torch.Tensor], config: dict[str, Any]) -> None:
+def _write_folder(out_dir: Path, state: dict[str, torch.Tensor], config: dict[str, Any],
+                  tokenizer: Optional[Path]) -> None:
     """Write into a temp sibling and rename, so ``out_dir`` is either absent or complete."""
     if out_dir.exists() and (not out_dir.is_dir() or any(out_dir.iterdir())):
         raise CheckpointError(f"{out_dir}: export destination exists and is not an empty directory")
@@ -171,18 +173,21 @@ def _write_folder(out_dir: Path, state: dict[str, torch.Tensor], config: dict[st
     try:
         save_file(state, str(tmp / WEIGHTS_FILE), metadata={"format": "pt"})
         (tmp / CONFIG_FILE).write_text(json.dumps(config, indent=2) + "\n")
+        if tokenizer is not None:
+            shutil.copyfile(tokenizer, tmp / TOKENIZER_FILE)
         os.replace(tmp, out_dir)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
 
 
-def export_hf(ckpt_dir: str | os.PathLike, out_dir: str | os.PathLike) -> Path:
-    """Write the model weights of a committed checkpoint as a HF Llama folder; returns ``out_dir``."""
+def export_hf(ckpt_dir: str | os.PathLike, out_dir: str | os.PathLike, tokenizer: Optional[Path] = None) -> Path:
+    """Write the model weights of a committed checkpoint as a HF Llama folder, with the run's ``tokenizer.json``
+    when it had one (the byte tokenizer has no file); returns ``out_dir``."""
     manifest = read_manifest(resolve_version_dir(ckpt_dir))
     hp = hyper_parameters(manifest)
     _check_heads(manifest.directory, hp)
     weights = _read_weights(manifest, hp, list(weight_names(hp)))
     out_dir = Path(out_dir)
-    _write_folder(out_dir, hf_state_dict(weights, hp), hf_config(hp))
+    _write_folder(out_dir, hf_state_dict(weights, hp), hf_config(hp), tokenizer)
     return out_dir

@@ -51,7 +51,7 @@ def resolve_address(address: Optional[str]) -> str:
         address = next((os.environ[v] for v in ADDRESS_ENV_VARS
                         if os.environ.get(v, "").startswith(("http://", "https://"))), None)
     if not address:
-        raise JobsError("no cluster address: pass --address http://HOST:8265 (the Ray dashboard) "
+        raise JobsError("no cluster address: pass cluster.address=http://HOST:8265 (the Ray dashboard) "
                         "or export RAY_API_SERVER_ADDRESS")
     parsed = urlparse(address)
     if parsed.scheme not in ("http", "https") or not parsed.hostname:

@@ -58,14 +58,10 @@ class DistributedWorker:
         that address only."""
         import ray
 
-        self._close_store_listener()
+        if self._store_listener is not None:  # one from a rendezvous that never happened
+            self._store_listener.close()
         self._store_listener = listening_socket(ray.util.get_node_ip_address())
         return self._store_listener.getsockname()[:2]
-
-    def _close_store_listener(self) -> None:
-        if self._store_listener is not None:
-            self._store_listener.close()
-            self._store_listener = None
 
     def _rendezvous_store(self, master_addr: str, master_port: int, timeout: timedelta) -> dist.TCPStore:
         if self.rank != 0:
@@ -91,8 +87,7 @@ class DistributedWorker:
             dist.init_process_group(self.backend, store=store, rank=self.rank, world_size=self.world_size,
                                     timeout=timeout)
         return {"rank": self.rank, "pid": os.getpid(), "node_id": ray.get_runtime_context().get_node_id(),
-                "address": ray.util.get_node_ip_address(), "backend": self.backend,
-                "interface": os.environ.get("GLOO_SOCKET_IFNAME")}
+                "address": ray.util.get_node_ip_address(), "backend": self.backend}
 
     @contextmanager
     def collective_connections(self):

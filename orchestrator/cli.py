@@ -21,8 +21,9 @@ from hydra.errors import HydraException
 from omegaconf import OmegaConf
 from omegaconf.errors import OmegaConfBaseException
 
-from orchestrator import cluster_commands, job_commands
+from orchestrator import cluster_commands, job_commands, prepare_data
 from orchestrator.config import Config, ConfigError, SyncConfig, validate
+from orchestrator.inputs import apply_data, explicit_keys, resolve_inputs, tokenizer_file
 from orchestrator.interrupt import InterruptRequests
 
 EXIT_BAD_INPUT = 2
@@ -86,8 +87,10 @@ def check_overrides(overrides: Sequence[str], extra_dirs: Sequence[str]) -> None
         check_override_key(key)
 
 
-def compose_config(overrides: Sequence[str], extra_dirs: Sequence[str] = ()) -> Config:
-    """Recipe + overrides -> a validated Config, or ConfigError with a one-line message."""
+def compose_config(overrides: Sequence[str], extra_dirs: Sequence[str] = (), read_inputs: bool = True) -> Config:
+    """Recipe + overrides -> a validated Config, or ConfigError with a one-line message. ``read_inputs``: check
+    the data, the tokenizer and ``model.init_from`` on this machine and fold them into the config (``submit``
+    does not: those paths are the cluster's)."""
     check_overrides(overrides, extra_dirs)
     ConfigStore.instance().store(name="schema", node=Config)
     search = [f"hydra.searchpath=[{','.join('file://' + str(Path(d).resolve()) for d in extra_dirs)}]"] \
@@ -100,6 +103,9 @@ def compose_config(overrides: Sequence[str], extra_dirs: Sequence[str] = ()) -> 
     except (HydraException, OmegaConfBaseException) as err:
         raise ConfigError(_one_line(err)) from None
     validate(cfg)
+    if read_inputs:
+        resolve_inputs(cfg, explicit_keys(overrides))
+        validate(cfg)  # the model section and vocabulary may have changed
     return cfg
 
 
@@ -158,6 +164,7 @@ def compose_resume_config(ckpt: str, overrides: Sequence[str]) -> Config:
             if not any(o.startswith(f"{key}=") for o in overrides):
                 section.dir = None
         validate(cfg)
+        apply_data(cfg, explicit_keys(overrides))  # the weights come from the checkpoint, not model.init_from
         with torch.device("meta"):
             model = Llama(llama_config(cfg))
         check_model_matches(manifest, {n: tuple(p.shape) for n, p in model.named_parameters()})
@@ -170,14 +177,15 @@ def compose_resume_config(ckpt: str, overrides: Sequence[str]) -> Config:
 
 def export_command(args: Sequence[str]) -> int:
     from checkpoint.export import export_hf
-    from checkpoint.universal import CheckpointError
+    from checkpoint.universal import CheckpointError, read_manifest, resolve_version_dir
 
     values = dict(a.split("=", 1) for a in args if "=" in a)
     unknown = sorted(set(values) - {"ckpt", "out"}) + [a for a in args if "=" not in a]
     if unknown or not values.get("ckpt") or not values.get("out"):
         return fail(f"export takes ckpt=DIR out=DIR (got {' '.join(args) or 'nothing'})")
     try:
-        out = export_hf(values["ckpt"], values["out"])
+        data = read_manifest(resolve_version_dir(values["ckpt"])).trainer_state.config.get("data") or {}
+        out = export_hf(values["ckpt"], values["out"], tokenizer_file(data))
     except CheckpointError as err:
         return fail(str(err))
     print(f"exported a Hugging Face Llama folder to {out}")
@@ -197,6 +205,7 @@ def build_parser() -> argparse.ArgumentParser:
     export.add_argument("overrides", nargs="*", help="ckpt=DIR out=DIR")
     job_commands.add_commands(commands)
     cluster_commands.add_commands(commands)
+    prepare_data.add_command(commands)
     show = commands.add_parser("config", help="print the resolved config without running anything")
     show.add_argument("overrides", nargs="*")
     show.add_argument("--recipes-dir", action="append", default=[])
@@ -209,11 +218,13 @@ def fail(message: str) -> int:
 
 
 def main(argv: Optional[Sequence[str]] = None) -> int:
-    args = build_parser().parse_args(argv)
+    args = job_commands.parse_args(build_parser(), argv)
     if args.command in job_commands.COMMANDS:
         return job_commands.run_command(args)
     if args.command == "cluster":
         return cluster_commands.run_command(args)
+    if args.command == "prepare-data":
+        return prepare_data.run_command(args)
     if args.command == "export":
         return export_command(args.overrides)
     try:

@@ -27,6 +27,7 @@ class ConfigError(ValueError):
 class RunConfig:
     name: str = "run"
     dir: Optional[str] = None  # default: runs/<name>-<timestamp>
+    requires: List[str] = field(default_factory=list)  # keys a recipe leaves to the command line (e.g. data.path)
 
 
 @dataclass
@@ -43,14 +44,21 @@ class ModelConfig:
     norm_eps: float = 1e-5
     tie_embeddings: bool = False
     init_std: float = 0.02
+    # a Hugging Face Llama folder (config.json + safetensors): the model section follows its config.json and
+    # training starts from its weights (on any layout)
+    init_from: Optional[str] = None
 
 
 @dataclass
 class DataConfig:
     source: str = "stdlib"  # stdlib | path
-    path: Optional[str] = None  # text file, folder of text files, or pre-tokenized *.u16 file
+    # text file, folder of text files, pre-tokenized *.u16 file, or a folder written by `orchestrate prepare-data`
+    path: Optional[str] = None
+    tokenizer: str = "bytes"  # bytes | path to a tokenizer.json (Hugging Face `tokenizers`)
     max_bytes: int = 8_000_000  # corpus size cap for text sources
-    val_fraction: float = 0.02  # tail of the token stream held out for eval_loss
+    val_fraction: float = 0.02  # tail of the token stream held out for eval_loss (prepared folders: their split)
+    # filled in at launch: the tokenizer that made the tokens ("bytes" or its sha256); resume checks it
+    tokenizer_hash: Optional[str] = None
 
 
 @dataclass
@@ -254,6 +262,12 @@ def _require(condition: bool, message: str) -> None:
 
 def validate(cfg: Config) -> None:
     """Cross-key checks; each failure is one line naming the key and what is valid."""
+    for key in cfg.run.requires:
+        try:
+            given = _get(cfg, key) is not None
+        except AttributeError:
+            raise ConfigError(f"run.requires: '{key}' is not a config key") from None
+        _require(given, f"{key}: required by recipe {cfg.run.name} ({key}=...)")
     for key, valid in CHOICES.items():
         value = _get(cfg, key)
         _require(value in valid, f"{key}={value}: unknown; valid: {', '.join(valid)}")
@@ -269,7 +283,8 @@ def validate(cfg: Config) -> None:
     _require(m.n_heads % m.n_kv_heads == 0,
              f"model.n_kv_heads={m.n_kv_heads}: must divide model.n_heads={m.n_heads}")
     _require((m.dim // m.n_heads) % 2 == 0, f"model.dim={m.dim}: head dim dim/n_heads must be even for RoPE")
-    _require(m.vocab_size >= 256, f"model.vocab_size={m.vocab_size}: the byte tokenizer needs at least 256")
+    _require(m.vocab_size >= 256 or cfg.data.tokenizer != "bytes",
+             f"model.vocab_size={m.vocab_size}: the byte tokenizer needs at least 256")
     dp = cfg.parallel.dp
     _require(t.global_batch_size % dp == 0,
              f"train.global_batch_size={t.global_batch_size}: must be divisible by parallel.dp={dp}")

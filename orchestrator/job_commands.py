@@ -30,9 +30,42 @@ STOP_TIMEOUT_S = 60.0
 COMMANDS = ("submit", "status", "logs", "stop", "list", "report", "bench")
 
 
+ADDRESS_KEY = "cluster.address"
+
+
 def _address_option(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--address", help="Ray dashboard URL http://HOST:8265 "
-                                           "(default: RAY_API_SERVER_ADDRESS, or RAY_ADDRESS if it is a URL)")
+    parser.add_argument("settings", nargs="*", metavar="cluster.address=URL",
+                        help="Ray dashboard URL http://HOST:8265, as for launch and submit "
+                             "(default: RAY_API_SERVER_ADDRESS, or RAY_ADDRESS if it is a URL)")
+    parser.add_argument("--address", help=f"the same as {ADDRESS_KEY}=URL")
+
+
+def parse_args(parser: argparse.ArgumentParser, argv: Optional[Sequence[str]]) -> argparse.Namespace:
+    """argparse cannot take positionals after an option (``logs JOB --follow cluster.address=URL``): settings
+    left over after parsing join the command's ``settings`` when it has them."""
+    args, extra = parser.parse_known_args(argv)
+    if extra:
+        if not hasattr(args, "settings") or any(e.startswith("-") or "=" not in e for e in extra):
+            parser.error(f"unrecognized arguments: {' '.join(extra)}")
+        args.settings += extra
+    return args
+
+
+def dashboard_address(args: argparse.Namespace) -> Optional[str]:
+    """``cluster.address=URL`` (the grammar of launch and submit) or its alias ``--address URL``."""
+    from cluster.jobs import JobsError
+
+    given = []
+    for setting in args.settings:
+        key, sep, value = setting.partition("=")
+        if key.strip() != ADDRESS_KEY or not sep:
+            raise JobsError(f"'{setting}': {args.command} takes only {ADDRESS_KEY}=URL (or --address URL)")
+        given.append(value)
+    if args.address is not None:
+        given.append(args.address)
+    if len(set(given)) > 1:
+        raise JobsError(f"{ADDRESS_KEY}: given twice with different values ({', '.join(given)})")
+    return given[0] if given else None
 
 
 def add_commands(subparsers) -> None:
@@ -169,7 +202,8 @@ def submit(args: argparse.Namespace) -> int:
     from cluster.jobs import JobsClient
     from orchestrator.cli import compose_config
 
-    cfg = compose_config(args.overrides, args.recipes_dir)  # ConfigError: nothing is submitted
+    # ConfigError: nothing is submitted. Data and model paths are checked in the job, on the cluster's files.
+    cfg = compose_config(args.overrides, args.recipes_dir, read_inputs=False)
     job_recipes_dirs = recipes_dirs_in_job(args.recipes_dir, args.working_dir)
     env = runtime_env(args.working_dir, parse_env(args.env))
     client = JobsClient(cfg.cluster.address)
@@ -184,8 +218,8 @@ def submit(args: argparse.Namespace) -> int:
     address = shlex.quote(client.address)
     print(f"submitted job {job_id} to {client.address}")
     print(f"run dir: {where}" + (" (the job log prints the full path)" if default_run_dir else ""))
-    print(f"follow:  orchestrate logs {job_id} --follow --address {address}")
-    print(f"status:  orchestrate status {job_id} --address {address}")
+    print(f"follow:  orchestrate logs {job_id} --follow {ADDRESS_KEY}={address}")
+    print(f"status:  orchestrate status {job_id} {ADDRESS_KEY}={address}")
     return 0
 
 
@@ -198,7 +232,7 @@ def _when(timestamp: Optional[float]) -> str:
 def status(args: argparse.Namespace) -> int:
     from cluster.jobs import JobsClient
 
-    job = JobsClient(args.address).status(args.job_id)
+    job = JobsClient(dashboard_address(args)).status(args.job_id)
     print(f"{job.job_id}: {job.status}")
     print(f"  started {_when(job.start_time)}" + (f", ended {_when(job.end_time)}" if job.end_time else ""))
     if job.metadata.get("run_dir"):
@@ -211,7 +245,7 @@ def status(args: argparse.Namespace) -> int:
 def logs(args: argparse.Namespace) -> int:
     from cluster.jobs import JobsClient
 
-    client = JobsClient(args.address)
+    client = JobsClient(dashboard_address(args))
     if not args.follow:
         print(client.logs(args.job_id), end="")
         return 0
@@ -223,7 +257,7 @@ def logs(args: argparse.Namespace) -> int:
 def stop(args: argparse.Namespace) -> int:
     from cluster.jobs import JobsClient
 
-    client = JobsClient(args.address)
+    client = JobsClient(dashboard_address(args))
     if not client.stop(args.job_id):
         print(f"job {args.job_id} had already ended: {client.status(args.job_id).status}")
         return 0
@@ -239,7 +273,7 @@ def stop(args: argparse.Namespace) -> int:
 def list_jobs(args: argparse.Namespace) -> int:
     from cluster.jobs import JobsClient
 
-    client = JobsClient(args.address)
+    client = JobsClient(dashboard_address(args))
     jobs = client.list()
     if not jobs:
         print(f"no jobs on {client.address}")
@@ -290,7 +324,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     """``python -m orchestrator.job_commands COMMAND ...``: these commands without the rest of the CLI."""
     parser = argparse.ArgumentParser(prog="orchestrate")
     add_commands(parser.add_subparsers(dest="command", required=True))
-    return run_command(parser.parse_args(argv))
+    return run_command(parse_args(parser, argv))
 
 
 if __name__ == "__main__":

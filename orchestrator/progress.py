@@ -35,7 +35,7 @@ class ProgressLine:
             self.bar.start()
 
     def message(self, text: str) -> None:
-        self.console.print(text, highlight=False)
+        self.console.print(text, highlight=False, soft_wrap=True)  # one line each, whatever the width
 
     def update(self, record: dict) -> None:
         if not self.enabled:
@@ -43,7 +43,8 @@ class ProgressLine:
         if self.bar is not None:
             self.bar.update(self.task, completed=record["step"], info=describe(record))
         elif record["step"] % self.log_every == 0 or record["step"] == self.total:
-            self.console.print(f"step {record['step']}/{self.total} | {describe(record)}", highlight=False)
+            self.console.print(f"step {record['step']}/{self.total} | {describe(record)}", highlight=False,
+                               soft_wrap=True)
 
     def close(self) -> None:
         if self.bar is not None:

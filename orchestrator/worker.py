@@ -10,6 +10,7 @@ from typing import Optional
 import torch
 from omegaconf import OmegaConf
 
+from checkpoint.hf_import import load_hf_into
 from checkpoint.universal import CheckpointError, TrainerState
 from cluster.worker_base import DistributedWorker
 from orchestrator.checkpointing import TrainerCheckpointer
@@ -31,7 +32,7 @@ def config_from_dict(cfg_dict: dict) -> Config:
 
 
 def build_data(cfg: Config) -> WindowedTokens:
-    tokens = load_tokens(cfg.data.source, cfg.data.path, cfg.data.max_bytes)
+    tokens = load_tokens(cfg.data.source, cfg.data.path, cfg.data.max_bytes, cfg.data.tokenizer)
     return WindowedTokens(tokens, cfg.train.seq_len, cfg.data.val_fraction)
 
 
@@ -87,7 +88,10 @@ class TrainWorker(DistributedWorker):
         dims = cfg.dims
         self.coords = dims.coordinates(self.rank)
         device = torch.device(self.device_type)
-        model = build_llama(llama_config(cfg), seed=cfg.train.seed).to(device)
+        model = build_llama(llama_config(cfg), seed=cfg.train.seed)
+        if cfg.model.init_from and restore is None and not cfg.checkpoint.resume_from:
+            load_hf_into(model, cfg.model.init_from)  # before parallelizing: every layout shards it from here
+        model = model.to(device)
         with self.collective_connections():  # the groups of the mesh and of the replica dimension connect here
             mesh = build_mesh(dims, self.device_type)
             sync = build_sync_strategy(cfg, mesh)

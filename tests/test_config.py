@@ -36,7 +36,12 @@ def test_bad_input_is_one_line_naming_the_key(overrides, message):
 
 def test_every_packaged_recipe_composes_and_validates():
     for name in packaged_recipes():
-        cfg = compose_config([f"recipe={name}"])
+        if name == "continue":  # leaves the model and the data to the command line, and says so
+            with pytest.raises(ConfigError, match=r"^model.init_from: required by recipe continue"):
+                compose_config([f"recipe={name}"])
+            cfg = compose_config([f"recipe={name}", "model.init_from=hf", "data.path=tokens"], read_inputs=False)
+        else:
+            cfg = compose_config([f"recipe={name}"])
         assert cfg.run.name == name and cfg.world_size * cfg.cluster.cpus_per_worker <= 2
 
 

@@ -7,6 +7,7 @@ import torch
 from safetensors import safe_open
 
 from checkpoint.export import CONFIG_FILE, WEIGHTS_FILE, export_hf
+from checkpoint.hf_import import load_hf_into
 from checkpoint.fragments import model_fragments, optimizer_fragments
 from checkpoint.universal import CheckpointError, TrainerState, commit_version, version_dir, write_fragments
 from orchestrator.config import ModelConfig
@@ -19,7 +20,7 @@ VARIANTS = {"gqa": BASE, "tied": replace(BASE, tie_embeddings=True), "mha": repl
 
 
 def _build(model_cfg):
-    fields = {key: value for key, value in asdict(model_cfg).items() if key != "name"}
+    fields = {key: value for key, value in asdict(model_cfg).items() if key not in ("name", "init_from")}
     model = build_llama(LlamaConfig(max_seq_len=SEQ_LEN, **fields), seed=0)
     with torch.no_grad():
         for name, param in model.named_parameters():
@@ -96,6 +97,20 @@ def test_transformers_logits_match_our_forward(exported):
     with torch.no_grad():
         ours, theirs = model(tokens), hf_model(tokens).logits
     torch.testing.assert_close(theirs, ours, atol=1e-5, rtol=0)
+
+
+def test_export_then_init_from_gives_the_same_weights_and_logits(exported):
+    model, model_cfg, out = exported
+    fresh = _build(model_cfg)
+    with torch.no_grad():
+        for param in fresh.parameters():
+            param.zero_()
+    load_hf_into(fresh, out)
+    for (name, theirs), ours in zip(model.named_parameters(), fresh.parameters()):
+        assert torch.equal(theirs, ours), name
+    tokens = torch.randint(0, 256, (2, SEQ_LEN), generator=torch.Generator().manual_seed(1))
+    with torch.no_grad():
+        torch.testing.assert_close(fresh.eval()(tokens), model(tokens), atol=1e-5, rtol=0)
 
 
 @pytest.fixture

@@ -138,7 +138,7 @@ def test_entrypoint_joins_the_cluster_it_runs_on_with_the_same_overrides():
 def test_submit_quickstart_follows_to_succeeded_and_writes_metrics(head, orchestrate):
     job_id = submitted_job_id(orchestrate("submit", "recipe=quickstart", f"cluster.address={head.address}",
                                           "train.steps=10", *TINY))
-    followed = orchestrate("logs", job_id, "--follow", "--address", head.address)
+    followed = orchestrate("logs", job_id, "--follow", f"cluster.address={head.address}")  # launch's grammar
     assert followed.returncode == 0, followed.stdout[-3000:] + followed.stderr
     assert "finished 10 steps" in followed.stdout and f"job {job_id} SUCCEEDED" in followed.stderr
     run_dir = Path(re.search(r"run dir (/\S+)", followed.stdout).group(1))
@@ -162,16 +162,16 @@ def test_status_logs_list_and_stop_a_long_job(head, orchestrate):
     deadline = time.monotonic() + 120
     while client.status(job_id).status != "RUNNING" and time.monotonic() < deadline:
         time.sleep(0.5)
-    status = orchestrate("status", job_id, "--address", head.address)
+    status = orchestrate("status", job_id, f"cluster.address={head.address}")
     assert f"{job_id}: RUNNING" in status.stdout, status.stdout + status.stderr
     metadata = client.status(job_id).metadata  # what the run is, readable by any later client
     assert metadata["run_name"] == "quickstart" and "train.steps=100000" in metadata["overrides"]
     logs = orchestrate("logs", job_id, "--address", head.address)
     assert logs.returncode == 0 and f"Running entrypoint for job {job_id}" in logs.stdout
-    listing = orchestrate("list", "--address", head.address)
+    listing = orchestrate("list", f"cluster.address={head.address}")
     assert re.search(rf"^{re.escape(job_id)}\s+RUNNING\s", listing.stdout, re.M), listing.stdout
 
-    stopped = orchestrate("stop", job_id, "--address", head.address)
+    stopped = orchestrate("stop", job_id, f"cluster.address={head.address}")
     assert stopped.returncode == 0 and f"job {job_id} STOPPED" in stopped.stdout, stopped.stdout + stopped.stderr
     assert client.status(job_id).status == "STOPPED"
     followed = orchestrate("logs", job_id, "--follow", "--address", head.address)
@@ -219,8 +219,8 @@ def silent_port():
      "cluster.address=127.0.0.1:{port}: no Ray cluster answers there (no reply within 5s)"),
     (["submit", "recipe=quickstart", "cluster.address=http://127.0.0.1:{port}"], "no reply within 5s"),
     (["status", "a-job", "--address", "http://127.0.0.1:{port}"], "no reply within 5s"),
-    (["logs", "a-job", "--address", "http://127.0.0.1:{port}"], "no reply within 5s"),
-    (["stop", "a-job", "--address", "http://127.0.0.1:{port}"], "no reply within 5s"),
+    (["logs", "a-job", "--follow", "cluster.address=http://127.0.0.1:{port}"], "no reply within 5s"),
+    (["stop", "a-job", "cluster.address=http://127.0.0.1:{port}"], "no reply within 5s"),
     (["list", "--address", "http://127.0.0.1:{port}"], "cannot reach the Ray dashboard at http://127.0.0.1:{port}: "
                                                       "no reply within 5s"),
 ])

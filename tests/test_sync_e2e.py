@@ -16,13 +16,25 @@ STRATEGIES = {
 }
 
 
+@pytest.fixture(scope="module")
+def full_runs(tmp_path_factory) -> dict:
+    """name -> (run dir, step -> loss) of each strategy's uninterrupted run, made once for this module."""
+    made = {}
+
+    def full_run(name: str):
+        if name not in made:
+            run_dir = tmp_path_factory.mktemp(name)
+            made[name] = run_dir, run(run_dir, f"sync.name={name}", *STRATEGIES[name])
+        return made[name]
+    return full_run
+
+
 @pytest.mark.slow
 @pytest.mark.parametrize("name", sorted(STRATEGIES))
-def test_strategy_trains_and_resumes_bit_identically(tmp_path, name):
-    overrides = [f"sync.name={name}", *STRATEGIES[name]]
-    expected = run(tmp_path / "full", *overrides)
+def test_strategy_trains_and_resumes_bit_identically(tmp_path, full_runs, name):
+    run_dir, expected = full_runs(name)
     assert expected[20] < expected[1]
-    checkpoint = tmp_path / "full" / "checkpoints" / "step-000000000010"
+    checkpoint = run_dir / "checkpoints" / "step-000000000010"
     resumed = run(tmp_path / "resumed", f"ckpt={checkpoint}", command="resume")
     assert resumed == {s: expected[s] for s in range(11, 21)}
 
@@ -33,15 +45,14 @@ def _comm_bytes(run_dir) -> list[int]:
 
 
 @pytest.mark.slow
-def test_diloco_with_context_parallel_follows_the_cp1_curve(tmp_path):
+def test_diloco_with_context_parallel_follows_the_cp1_curve(tmp_path, full_runs):
     """dp=2 x cp=2: the cp ranks average gradients every step, DiLoCo averages pseudo-gradients across dp only,
     the cp all-reduce is not in comm_bytes (the same bytes as dp=2 x cp=1), and a resume is bit-identical."""
-    overrides = ["sync.name=diloco", "sync.diloco.sync_every=4"]
-    expected = run(tmp_path / "cp1", *overrides)
-    actual = run(tmp_path / "cp2", "parallel.cp=2", *overrides)
+    cp1_dir, expected = full_runs("diloco")
+    actual = run(tmp_path / "cp2", "parallel.cp=2", "sync.name=diloco", *STRATEGIES["diloco"])
     assert_close_curves(actual, expected, 1e-4)
     assert actual.keys() == expected.keys()
-    assert _comm_bytes(tmp_path / "cp2") == _comm_bytes(tmp_path / "cp1") and _comm_bytes(tmp_path / "cp1")[-1] > 0
+    assert _comm_bytes(tmp_path / "cp2") == _comm_bytes(cp1_dir) and _comm_bytes(cp1_dir)[-1] > 0
     resumed = run(tmp_path / "resumed", f"ckpt={tmp_path / 'cp2' / 'checkpoints' / 'step-000000000010'}",
                   command="resume")
     assert resumed == {s: actual[s] for s in range(11, 21)}

@@ -1,0 +1,92 @@
+"""What a run reads before it starts: a Hugging Face model to start from, the data and its tokenizer.
+
+Checked and folded into the config before Ray starts or a run directory exists, so bad input is one line and
+exit code 2 with nothing started. The model section follows the Hugging Face folder's ``config.json`` (an
+explicit command-line value that disagrees is an error naming both); the vocabulary follows the tokenizer; the
+tokenizer's hash is recorded in the config, so a resume on data made with another tokenizer is refused.
+"""
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Collection, Iterable
+
+from checkpoint.hf_import import read_hf_llama
+from checkpoint.universal import CheckpointError
+from orchestrator.config import Config, ConfigError
+from orchestrator.data import DataError, inspect_data
+
+# our model.* key -> the field of the folder's hyper-parameters it takes its value from
+MODEL_KEYS_FROM_HF = {"vocab_size": "vocab_size", "dim": "dim", "n_layers": "n_layers", "n_heads": "n_heads",
+                      "n_kv_heads": "n_kv_heads", "ffn_hidden": "hidden_dim", "rope_theta": "rope_theta",
+                      "norm_eps": "norm_eps", "tie_embeddings": "tie_embeddings"}
+HF_TOKENIZER_FILE = "tokenizer.json"
+BYTES = "bytes"
+
+
+def explicit_keys(overrides: Iterable[str]) -> set[str]:
+    """The config keys set on the command line (``key=value``)."""
+    return {o.split("=", 1)[0].strip().lstrip("+~") for o in overrides if "=" in o}
+
+
+def apply_init_from(cfg: Config, explicit: Collection[str]) -> None:
+    """``model.init_from``: the model section becomes the folder's; its weights are checked (headers only)."""
+    if not cfg.model.init_from:
+        return
+    try:
+        source = read_hf_llama(cfg.model.init_from)
+    except CheckpointError as err:
+        raise ConfigError(str(err)) from None
+    for key, attribute in MODEL_KEYS_FROM_HF.items():
+        theirs, ours = getattr(source.hp, attribute), getattr(cfg.model, key)
+        if f"model.{key}" in explicit and ours != theirs:
+            raise ConfigError(f"model.{key}={ours}: conflicts with model.init_from={source.folder}, whose "
+                              f"config.json gives {theirs}")
+        setattr(cfg.model, key, theirs)
+    cfg.model.init_from = str(source.folder)
+    tokenizer = source.folder / HF_TOKENIZER_FILE
+    if tokenizer.is_file() and "data.tokenizer" not in explicit and cfg.data.tokenizer == BYTES:
+        cfg.data.tokenizer = str(tokenizer)  # the model's own tokenizer, unless the user names another
+
+
+def apply_data(cfg: Config, explicit: Collection[str]) -> None:
+    """The data is there and readable; the vocabulary follows its tokenizer; its hash is recorded. A config that
+    already records a hash (a resume) must read data made with the same tokenizer."""
+    try:
+        info = inspect_data(cfg.data)
+    except DataError as err:
+        raise ConfigError(str(err)) from None
+    recorded = cfg.data.tokenizer_hash
+    if recorded is not None and recorded != info.tokenizer_hash:
+        raise ConfigError(f"data.path={cfg.data.path}: tokenized with {_short(info.tokenizer_hash)}, but the "
+                          f"checkpoint was trained on tokens of {_short(recorded)}; use data made with the "
+                          f"checkpoint's tokenizer")
+    model_is_given = "model.vocab_size" in explicit or bool(cfg.model.init_from) or recorded is not None
+    if not model_is_given:
+        cfg.model.vocab_size = info.vocab_size
+    elif cfg.model.vocab_size < info.vocab_size:
+        raise ConfigError(f"model.vocab_size={cfg.model.vocab_size}: smaller than the tokenizer's vocabulary "
+                          f"({info.vocab_size}, {info.description})")
+    cfg.data.tokenizer_hash = info.tokenizer_hash
+
+
+def _short(tokenizer_hash: str) -> str:
+    return tokenizer_hash if tokenizer_hash == BYTES else f"tokenizer {tokenizer_hash[:12]}"
+
+
+def resolve_inputs(cfg: Config, explicit: Collection[str]) -> None:
+    apply_init_from(cfg, explicit)
+    apply_data(cfg, explicit)
+
+
+def tokenizer_file(data_section: dict) -> Path | None:
+    """The tokenizer.json a run's data section used, if it still exists: ``data.tokenizer``, or the one a
+    prepared data folder carries (for ``export``, which puts it next to the weights)."""
+    candidates = [data_section.get("tokenizer") or BYTES, data_section.get("path") or ""]
+    for spec in candidates:
+        if not spec or spec == BYTES:
+            continue
+        path = Path(spec)
+        path = path / HF_TOKENIZER_FILE if path.is_dir() else path
+        if path.name == HF_TOKENIZER_FILE and path.is_file():
+            return path
+    return None

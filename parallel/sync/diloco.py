@@ -13,6 +13,11 @@ Step numbering: ``after_optimizer(step)`` receives the index of the optimizer st
 an outer step follows optimizer step ``step`` when ``(step + 1) % sync_every == 0``.
 The trainer must not average gradients (no DDP): ``wrap_model`` returns the model unchanged. All replicas must
 start from identical parameters (same seed or a loaded checkpoint).
+
+SparseLoCo (arXiv 2508.15706, ``compression="sparseloco"``): each replica keeps an error-feedback buffer in place of
+the outer momentum, e <- beta * e + Delta, sends s = Q(TopK_chunk(e)) and keeps e <- e - s; every replica
+all-gathers every s (wire format: parallel/sync/sparse.py), sums them decoded in rank order and divides by R, and
+phi takes a plain SGD step with ``outer_lr`` (no momentum).
 """
 from __future__ import annotations
 
@@ -26,22 +31,53 @@ from torch.distributed.tensor import DTensor
 from parallel import comm
 from parallel.quantize import QUANTIZATIONS, BlockQuantizer, Packed, build_quantizer, pad_to, round_up
 from parallel.sync.base import SyncStrategy
+from parallel.sync.sparse import SPARSE_BITS, SparseCodec
+
+COMPRESSIONS = ("none", "sparseloco")
 
 
 @dataclass
 class DiLoCoConfig:
+    """With ``compression="sparseloco"`` the error buffer replaces the outer momentum: ``outer_momentum`` and
+    ``nesterov`` are ignored and the outer step is SGD with ``outer_lr`` alone (the reference uses 1.0)."""
+
     sync_every: int = 500  # H, inner steps per outer step
     outer_lr: float = 0.7
     outer_momentum: float = 0.9
     nesterov: bool = True
     quantization: str = "none"  # wire format of Delta: none (fp32), int8 or e3m0 (parallel/quantize.py)
     quant_block: int = 128  # values per quantisation scale
+    compression: str = "none"  # none, or sparseloco: top-k of an error-feedback buffer (parallel/sync/sparse.py)
+    sparse_density: float = 0.03125  # k / C, the share of each chunk sent (the reference: top 128 of 64x64)
+    sparse_chunk: int = 4096  # C, consecutive values per top-k chunk
+    sparse_bits: int = 2  # per sent value: 2, or 32 for full precision (the outer dtype: fp32, fp64 stays fp64)
+    error_decay: float = 0.95  # beta, the error buffer's decay
 
     def __post_init__(self):
         if self.sync_every < 1:
             raise ValueError(f"sync_every={self.sync_every}: must be >= 1")
         if self.quantization not in QUANTIZATIONS:
             raise ValueError(f"quantization={self.quantization}: valid: {', '.join(QUANTIZATIONS)}")
+        self._check_compression()
+
+    def _check_compression(self) -> None:
+        if self.compression not in COMPRESSIONS:
+            raise ValueError(f"compression={self.compression}: valid: {', '.join(COMPRESSIONS)}")
+        if not 0.0 < self.sparse_density <= 1.0:
+            raise ValueError(f"sparse_density={self.sparse_density}: valid: (0, 1]")
+        if self.sparse_chunk < 1:
+            raise ValueError(f"sparse_chunk={self.sparse_chunk}: must be >= 1")
+        if self.sparse_bits not in SPARSE_BITS:
+            raise ValueError(f"sparse_bits={self.sparse_bits}: valid: {', '.join(map(str, SPARSE_BITS))}")
+        if not 0.0 <= self.error_decay <= 1.0:
+            raise ValueError(f"error_decay={self.error_decay}: valid: [0, 1]")
+        if self.compression == "none":
+            return
+        if type(self) is not DiLoCoConfig:  # subclasses (Streaming DiLoCo) run their own sync loop
+            raise ValueError(f"compression={self.compression}: only sync.diloco supports it; valid here: none")
+        if self.quantization != "none":
+            raise ValueError(f"quantization={self.quantization}: must be none with compression={self.compression} "
+                             f"(sparse_bits sets its wire format)")
 
 
 def local_tensor(tensor: torch.Tensor) -> torch.Tensor:
@@ -242,6 +278,39 @@ def finish_fragment_sync(fragment: Fragment, pending: ReplicaMean, alpha: Option
     fragment.merge(alpha)
 
 
+class ErrorFeedback:
+    """SparseLoCo's per-replica accumulator of one fragment: e <- beta * e + Delta; send s = Q(TopK_chunk(e));
+    keep e <- e - s. What is not sent (dropped or lost to quantisation) stays in e for later outer steps."""
+
+    def __init__(self, numel: int, dtype: torch.dtype, config: DiLoCoConfig):
+        self.error = torch.zeros(numel, dtype=dtype)
+        self.decay = config.error_decay
+        self.codec = SparseCodec.build(numel, config.sparse_density, config.sparse_chunk, config.sparse_bits, dtype)
+
+    @torch.no_grad()
+    def compress(self, delta: torch.Tensor) -> torch.Tensor:
+        """This replica's message for the outer step with pseudo-gradient ``delta``."""
+        self.error.mul_(self.decay).add_(delta)
+        message = self.codec.encode(self.error)
+        self.error.sub_(self.codec.decode(message))  # s exactly as every replica decodes it
+        return message
+
+
+def sparse_replica_mean(message: torch.Tensor, codec: SparseCodec, group, counter: comm.CommCounter) -> torch.Tensor:
+    """(1/R) * the sum of every replica's decoded message, added in rank order so that every rank computes the same
+    bits. One all-gather of the equal-sized messages; a group of one rank sends nothing."""
+    world = comm.group_size(group)
+    received = [message]
+    if world > 1:
+        gathered = message.new_empty(message.numel() * world)
+        comm.all_gather_into(gathered, message, group, counter)
+        received = list(gathered.chunk(world))
+    total = torch.zeros(codec.numel, dtype=codec.dtype)
+    for replica_message in received:
+        total += codec.decode(replica_message)
+    return total.div_(world)
+
+
 class DiLoCoSync(SyncStrategy):
     replicas_diverge = True
     name = "diloco"
@@ -253,19 +322,30 @@ class DiLoCoSync(SyncStrategy):
         self.config = config or DiLoCoConfig()
         self.quantizer = build_quantizer(self.config.quantization, self.config.quant_block)
         self.fragments: list[Fragment] = []
+        self.error_feedback: list[ErrorFeedback] = []  # one per fragment with compression=sparseloco, else empty
 
     def wrap_model(self, model: nn.Module) -> nn.Module:
         self.model = model
         cfg = self.config
-        self.fragments = [Fragment(trainable_parameters(model), cfg.outer_lr, cfg.outer_momentum, cfg.nesterov)]
+        sparse = cfg.compression == "sparseloco"
+        momentum, nesterov = (0.0, False) if sparse else (cfg.outer_momentum, cfg.nesterov)
+        self.fragments = [Fragment(trainable_parameters(model), cfg.outer_lr, momentum, nesterov)]
+        if sparse:
+            self.error_feedback = [ErrorFeedback(f.numel, f.global_params.dtype, cfg) for f in self.fragments]
         return model
 
     def after_optimizer(self, step: int) -> None:
         if (step + 1) % self.config.sync_every:
             return
-        for fragment in self.fragments:
-            pending = ReplicaMean(fragment.pseudo_gradient(), self.replica_group, self.counter, self.quantizer)
-            finish_fragment_sync(fragment, pending, alpha=None)
+        for index, fragment in enumerate(self.fragments):
+            if self.error_feedback:
+                feedback = self.error_feedback[index]
+                message = feedback.compress(fragment.pseudo_gradient())
+                fragment.outer_step(sparse_replica_mean(message, feedback.codec, self.replica_group, self.counter))
+                fragment.merge(None)
+            else:
+                pending = ReplicaMean(fragment.pseudo_gradient(), self.replica_group, self.counter, self.quantizer)
+                finish_fragment_sync(fragment, pending, alpha=None)
         self.counter.end_event()
 
     def outer_parameters(self) -> dict[str, torch.Tensor]:
@@ -275,8 +355,21 @@ class DiLoCoSync(SyncStrategy):
             views.update(fragment.flat.views(fragment.global_params))
         return views
 
+    def error_views(self) -> dict[str, torch.Tensor]:
+        """``<prefix>.error.<name>`` -> this replica's error buffer shaped like the local shard (sparseloco)."""
+        views: dict[str, torch.Tensor] = {}
+        for fragment, feedback in zip(self.fragments, self.error_feedback):
+            views.update({f"{self.state_prefix}.error.{n}": v for n, v in fragment.flat.views(feedback.error).items()})
+        return views
+
     def state_dict(self) -> dict[str, torch.Tensor]:
-        return fragments_state_dict(self.state_prefix, self.fragments)
+        state = fragments_state_dict(self.state_prefix, self.fragments)
+        state.update(self.error_views())
+        return state
 
     def load_state_dict(self, state: dict[str, torch.Tensor]) -> None:
+        """Without saved error buffers (another compression, or a fresh outer loop) they restart at zero."""
         load_fragments_state(self.state_prefix, self.fragments, state)
+        if not copy_named_state(self.error_views(), state):
+            for feedback in self.error_feedback:
+                feedback.error.zero_()

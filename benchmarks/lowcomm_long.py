@@ -73,12 +73,15 @@ def sweeps(steps: int) -> dict[str, list[tuple[str, Run, float]]]:
                                                             dict(sync_every=50, outer_lr=lr, momentum=m)), 1.0)
                        for lr, m in ((0.5, 0.5), (0.7, 0.5), (1.0, 0.5), (0.7, 0.3))],
         "sparseloco_h50": [(f"outer lr {lr}", Run("SparseLoCo H=50", "diloco", dict(
-            sync_every=50, outer_lr=lr, compression="sparseloco")), 1.0) for lr in (0.5, 0.7, 1.0, 1.3)],
+            sync_every=50, outer_lr=lr, compression="sparseloco")), 1.0) for lr in SPARSELOCO_OUTER_LRS],
         "onebit_adam": [(f"freeze at {share:.0%}", Run("1-bit Adam", "onebit_adam",
                                                         dict(freeze_step=max(1, int(steps * share)))), 1.0)
                         for share in (0.05, 0.1, 0.2, 0.4)],
     }
 
+
+# SparseLoCo's best of the first four (0.5..1.3) was the largest, so its sweep was extended past that edge.
+SPARSELOCO_OUTER_LRS = (0.5, 0.7, 1.0, 1.3, 1.6, 2.0)
 
 GOALS = {"diloco_h50": 1.05, "streaming_h50": 1.07, "noloco_h50": 1.10, "onebit_adam": 1.02, "sparseloco_h50": 1.10}
 

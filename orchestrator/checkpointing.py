@@ -44,12 +44,14 @@ class TrainerCheckpointer:
     def __init__(self, cfg: Config, rank: int, coords: dict[str, int], runner, optimizer, sync, trainer_state_fn,
                  keeper=None):
         dims = cfg.dims
-        replica = coords["dp"] * dims.cp + coords["cp"]
-        self.replica, self.replicas = replica, dims.dp * dims.cp
-        self.rank_tag = f"pp{coords['pp']}.tp{coords['tp']}"
+        replica = dims.replica_of(coords)
+        self.replica, self.replicas = replica, dims.replicas * dims.cp
+        shard = f".shard{coords['dp'] % dims.dp_shard}" if dims.dp_shard > 1 else ""
+        self.rank_tag = f"pp{coords['pp']}.tp{coords['tp']}{shard}"
         self.tp_rank = coords["tp"]
         self.per_replica = sync.replicas_diverge
-        self.replica_index = 0 if cfg.parallel.dp_shard else replica
+        # FSDP2's DTensor mesh holds every copy of a sharded parameter (HSDP: the replicas too)
+        self.replica_index = 0 if dims.dp_shard > 1 else replica
         self.plain_replica_id = replica * dims.tp + coords["tp"]
         self.runner, self.optimizer, self.sync = runner, optimizer, sync
         self.trainer_state_fn = trainer_state_fn
@@ -98,7 +100,8 @@ class TrainerCheckpointer:
         for name, tensor in state.items():
             param = _parameter_of(name, params)
             if param is not None and isinstance(param, DTensor) and tensor.shape == param.to_local().shape:
-                laid_out = DTensor.from_local(tensor.detach(), param.device_mesh, param.placements, run_check=False)
+                laid_out = DTensor.from_local(tensor.detach(), param.device_mesh, param.placements, run_check=False,
+                                              shape=param.shape, stride=param.stride())
                 fragments.append(tensor_fragment(f"{SYNC_PREFIX}replica{replica}.{name}", laid_out, 0))
             elif param is not None and not isinstance(param, DTensor):
                 fragments.append(FragmentSpec.whole(f"{SYNC_PREFIX}replica{replica}.{name}", tensor.detach(), 0))

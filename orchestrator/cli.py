@@ -127,6 +127,7 @@ def _one_line(err: BaseException) -> str:
         cause = cause.__cause__
     key = getattr(cause, "full_key", None)
     reason = str(cause).splitlines()[0] if str(cause) else type(cause).__name__
+    reason = reason.replace("type hint 'Union[int, bool]'", "true, false or an integer")
     return f"{key}: {reason}" if key else reason
 
 

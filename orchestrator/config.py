@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import dataclasses
 from dataclasses import dataclass, field
-from typing import List, Optional
+from typing import List, Optional, Union
 
 from orchestrator.models.llama import LlamaConfig
 from parallel.mesh import ParallelDims, ParallelConfigError
@@ -91,7 +91,10 @@ class ParallelConfig:
     tp: int = 1
     pp: int = 1
     cp: int = 1
-    dp_shard: bool = False  # shard parameters/gradients/optimizer state over dp (FSDP2) instead of replicating
+    # FSDP2: shard each replica's parameters, gradients and optimizer state over dp_shard of its dp ranks. false:
+    # replicate (no sharding); true: shard over all dp ranks; S: dp/S replicas of S ranks each (HSDP under DDP; the
+    # ranks of one replica under DiLoCo, Streaming DiLoCo and NoLoCo, which sync each shard across replicas)
+    dp_shard: Union[int, bool] = False
     cp_impl: str = "ring"  # ring | ulysses
     sequence_parallel: bool = False  # shard norm/residual activations along the sequence between TP regions
     loss_parallel: bool = True  # with tp: cross-entropy on vocabulary-sharded logits, never gathering them
@@ -225,7 +228,7 @@ class Config:
     @property
     def dims(self) -> ParallelDims:
         p = self.parallel
-        return ParallelDims(dp=p.dp, tp=p.tp, pp=p.pp, cp=p.cp)
+        return ParallelDims(dp=p.dp, tp=p.tp, pp=p.pp, cp=p.cp, dp_shard=shard_degree(p))
 
     @property
     def world_size(self) -> int:
@@ -308,8 +311,9 @@ def validate(cfg: Config) -> None:
              f"newer one)")
     validate_pipeline(cfg)
     validate_tensor_and_context(cfg)
-    _require(not cfg.parallel.dp_shard or cfg.sync.name == "ddp",
-             f"parallel.dp_shard=true: needs sync.name=ddp (got {cfg.sync.name})")
+    _require(cfg.dims.dp_shard == 1 or cfg.sync.name in SHARDED_SYNCS,
+             f"parallel.dp_shard={_shard_text(cfg.parallel)}: needs sync.name in {', '.join(SHARDED_SYNCS)} "
+             f"(got {cfg.sync.name})")
     validate_faults(cfg)
 
 
@@ -343,7 +347,7 @@ def validate_pipeline(cfg: Config) -> None:
     from parallel.pipeline import validate_pp
 
     _require(not cfg.model.tie_embeddings, "model.tie_embeddings=true: not available with parallel.pp > 1")
-    _require(not p.dp_shard, "parallel.dp_shard=true: not available with parallel.pp > 1")
+    _require(cfg.dims.dp_shard == 1, f"parallel.dp_shard={_shard_text(p)}: not available with parallel.pp > 1")
     try:
         validate_pp(cfg.model.n_layers, p.pp, p.pp_schedule, p.microbatches, p.pp_virtual_stages,
                     cfg.train.global_batch_size // p.dp)
@@ -366,8 +370,23 @@ def validate_tensor_and_context(cfg: Config) -> None:
     except ValueError as err:
         raise ConfigError(str(err)) from None
     _require(cfg.sync.name == "ddp" or p.pp == 1 or p.tp == 1, "parallel.pp with parallel.tp: needs sync.name=ddp")
-    _require(not (p.dp_shard and (p.tp > 1 or p.cp > 1)),
-             "parallel.dp_shard=true: not available with parallel.tp > 1 or parallel.cp > 1 yet")
+    _require(cfg.dims.dp_shard == 1 or (p.tp == 1 and p.cp == 1),
+             f"parallel.dp_shard={_shard_text(p)}: not available with parallel.tp > 1 or parallel.cp > 1 yet")
+
+
+# strategies that run over FSDP2-sharded replicas (1-bit and 0/1 Adam replace the optimizer FSDP2 shards)
+SHARDED_SYNCS = ("ddp", "diloco", "streaming_diloco", "noloco")
+
+
+def shard_degree(p: ParallelConfig) -> int:
+    """``parallel.dp_shard`` as the number of ranks a replica is sharded over: true is dp, false is 1."""
+    if isinstance(p.dp_shard, bool):
+        return p.dp if p.dp_shard else 1
+    return p.dp_shard
+
+
+def _shard_text(p: ParallelConfig) -> str:
+    return str(p.dp_shard).lower() if isinstance(p.dp_shard, bool) else str(p.dp_shard)
 
 
 def llama_config(cfg: Config) -> LlamaConfig:

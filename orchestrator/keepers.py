@@ -107,6 +107,13 @@ class KeeperService:
         self.groups = [KeeperGroup(chunk, parity=min(self.cfg.ec.parity, len(chunk) - 1)) for chunk in chunks]
 
     def keeper_on(self, node_id: str):
+        """The keeper of a worker's node; one that did not start in time (a busy node) gets one more try."""
+        if node_id not in self.keepers:
+            self.refresh()
+        if node_id not in self.keepers:
+            raise RuntimeError(f"no snapshot keeper runs on node {node_id[:8]}: it did not answer within "
+                               f"{KEEPER_START_TIMEOUT_S:.0f}s of starting, twice; set checkpoint.keepers=false to "
+                               f"train without in-memory snapshots")
         return self.keepers[node_id]
 
     def reserve_arenas(self, sizes_by_node: dict[str, dict[int, tuple[int, int]]]) -> dict[int, dict]:

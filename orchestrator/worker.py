@@ -21,10 +21,10 @@ from orchestrator.models import build_llama, cross_entropy_loss
 from orchestrator.parallelize import build_runner
 from orchestrator.trainer import StepMetrics, Trainer, build_lr_scheduler, build_optimizer
 from parallel.comm import CommCounter
-from parallel.mesh import build_mesh, replica_mesh
+from parallel.mesh import build_mesh, replica_mesh, split_data_parallel
 from parallel.sync import SyncStrategy, build_sync
-from parallel.sync.context_mean import ContextMeanSync
 from parallel.sync.fsdp import FSDPSync
+from parallel.sync.within_replica import context_mean, sharded_replicas
 
 
 def config_from_dict(cfg_dict: dict) -> Config:
@@ -37,14 +37,20 @@ def build_data(cfg: Config) -> WindowedTokens:
 
 
 def build_sync_strategy(cfg: Config, mesh) -> SyncStrategy:
-    """DDP and FSDP average over dp x cp; other strategies act across dp, after a cp gradient mean (cp > 1)."""
-    replicas = replica_mesh(mesh)
-    if cfg.parallel.dp_shard:
-        return FSDPSync(replicas, CommCounter())
+    """DDP and FSDP2 average gradients over dp x cp (HSDP when replicas are sharded over fewer ranks than dp);
+    the other strategies act across replicas, after what a replica's ranks do together every step (a cp gradient
+    mean, or FSDP2 over a sharded replica)."""
+    dims = cfg.dims
     if cfg.sync.name == "ddp":
-        return build_sync(cfg.sync.name, replicas.get_group(), CommCounter())
+        if dims.dp_shard == 1:
+            return build_sync(cfg.sync.name, replica_mesh(mesh).get_group(), CommCounter())
+        return FSDPSync(replica_mesh(mesh) if dims.replicas == 1 else split_data_parallel(mesh, dims), CommCounter())
+    if dims.dp_shard > 1:
+        split = split_data_parallel(mesh, dims)
+        strategy = build_sync(cfg.sync.name, split["dp_replicate"].get_group(), CommCounter(), cfg.sync.options())
+        return sharded_replicas(strategy, split["dp_shard"])
     strategy = build_sync(cfg.sync.name, mesh["dp"].get_group(), CommCounter(), cfg.sync.options())
-    return strategy if cfg.parallel.cp == 1 else ContextMeanSync(strategy, mesh["cp"].get_group())
+    return strategy if cfg.parallel.cp == 1 else context_mean(strategy, mesh["cp"].get_group())
 
 
 def kill_node_of_this_process() -> None:

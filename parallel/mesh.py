@@ -2,6 +2,10 @@
 
 Mesh dimensions are always ("pp", "dp", "cp", "tp"), outermost to innermost, including degrees of 1, so code can
 slice ``mesh["dp"]`` without asking whether data parallelism is on. tp is innermost because it communicates most.
+
+Sharded replicas (``dp_shard`` S > 1): the dp ranks form dp/S replicas of S consecutive ranks each; a replica's
+parameters, gradients and optimizer state are sharded over its S ranks (FSDP2), and each shard has a counterpart
+in every other replica. ``split_data_parallel`` unflattens dp into ("dp_replicate", "dp_shard") for that.
 """
 from __future__ import annotations
 
@@ -23,6 +27,17 @@ class ParallelDims:
     tp: int = 1
     pp: int = 1
     cp: int = 1
+    dp_shard: int = 1  # ranks each replica's state is sharded over (FSDP2); 1: replicas are not sharded
+
+    @property
+    def replicas(self) -> int:
+        """Data-parallel replicas: groups of ranks that each hold a whole copy of the model's state."""
+        return self.dp // self.dp_shard
+
+    def replica_of(self, coords: dict[str, int]) -> int:
+        """The replica a rank belongs to, counting context-parallel ranks as replicas of their own (they hold the
+        same parameters and see other tokens)."""
+        return (coords["dp"] // self.dp_shard) * self.cp + coords["cp"]
 
     @property
     def world_size(self) -> int:
@@ -37,6 +52,9 @@ class ParallelDims:
             degree = getattr(self, name)
             if degree < 1:
                 raise ParallelConfigError(f"parallel.{name}={degree}: must be a positive integer")
+        if self.dp_shard < 1 or self.dp % self.dp_shard:
+            raise ParallelConfigError(f"parallel.dp_shard={self.dp_shard}: must divide parallel.dp={self.dp} "
+                                      f"(valid: true, false, or a divisor of {self.dp}: {', '.join(map(str, divisors(self.dp)))})")
         if world_size is not None and world_size != self.world_size:
             raise ParallelConfigError(
                 f"cluster.num_workers={world_size}: must equal parallel.dp*tp*pp*cp = "
@@ -69,3 +87,13 @@ def replica_mesh(mesh: DeviceMesh) -> DeviceMesh:
 
 def replica_group(mesh: DeviceMesh):
     return replica_mesh(mesh).get_group()
+
+
+def split_data_parallel(mesh: DeviceMesh, dims: ParallelDims) -> DeviceMesh:
+    """The dp ranks as a 2-D mesh ("dp_replicate", "dp_shard"): ``["dp_shard"]`` is the ranks of this rank's
+    replica (FSDP2 shards over them), ``["dp_replicate"]`` this shard's counterparts in the other replicas."""
+    return mesh["dp"]._unflatten(0, (dims.replicas, dims.dp_shard), ("dp_replicate", "dp_shard"))
+
+
+def divisors(n: int) -> list[int]:
+    return [d for d in range(1, n + 1) if n % d == 0]

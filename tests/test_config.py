@@ -25,6 +25,12 @@ def test_recipes_compose_with_overrides():
     (["parallel.dp=3"], "train.global_batch_size=8: must be divisible by parallel.dp=3"),
     (["model.n_heads=3"], "model.n_heads=3: must divide model.dim=128"),
     (["fault.kill_rank=5", "fault.at_step=2"], "fault.kill_rank=5: valid: 0..1"),
+    (["parallel.dp_shard=3"], "parallel.dp_shard=3: must divide parallel.dp=2 (valid: true, false, or a divisor "
+                              "of 2: 1, 2)"),
+    (["parallel.dp_shard=maybe"], "parallel.dp_shard: Value 'maybe' of type 'str' is incompatible with true, "
+                                  "false or an integer"),
+    (["parallel.dp_shard=2", "sync.name=onebit_adam"], "parallel.dp_shard=2: needs sync.name in ddp, diloco, "
+                                                       "streaming_diloco, noloco (got onebit_adam)"),
 ])
 def test_bad_input_is_one_line_naming_the_key(overrides, message):
     with pytest.raises(ConfigError) as err:
@@ -51,3 +57,16 @@ def test_pipeline_composes_with_tensor_context_and_evaluation():
     assert cfg.world_size == 8
     with pytest.raises(ConfigError, match="parallel.pp with parallel.tp: needs sync.name=ddp"):
         compose_config(["recipe=quickstart", "parallel.dp=1", "parallel.pp=2", "parallel.tp=2", "sync.name=diloco"])
+
+
+def test_shard_degree_counts_the_ranks_of_a_replica():
+    """parallel.dp_shard: true shards over every dp rank (one replica), S gives dp/S replicas of S ranks, and the
+    batch is still split over every dp rank."""
+    def dims(*overrides):
+        return compose_config(["recipe=quickstart", "parallel.dp=4", *overrides]).dims
+
+    assert (dims().dp_shard, dims().replicas) == (1, 4)
+    assert (dims("parallel.dp_shard=true").dp_shard, dims("parallel.dp_shard=true").replicas) == (4, 1)
+    sharded = dims("parallel.dp_shard=2", "sync.name=diloco")
+    assert (sharded.dp_shard, sharded.replicas, sharded.world_size) == (2, 2, 4)
+    assert [sharded.replica_of(sharded.coordinates(rank)) for rank in range(4)] == [0, 0, 1, 1]

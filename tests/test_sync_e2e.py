@@ -56,3 +56,28 @@ def test_diloco_with_context_parallel_follows_the_cp1_curve(tmp_path, full_runs)
     resumed = run(tmp_path / "resumed", f"ckpt={tmp_path / 'cp2' / 'checkpoints' / 'step-000000000010'}",
                   command="resume")
     assert resumed == {s: actual[s] for s in range(11, 21)}
+
+
+@pytest.mark.slow
+def test_diloco_over_sharded_replicas_resumes_across_shard_degrees(tmp_path, full_runs):
+    """parallel.dp=4 parallel.dp_shard=2: 2 replicas of 2 FSDP2 shards, DiLoCo syncing each shard with its
+    counterpart. The unsharded dp=2 run's step-10 checkpoint continues on sharded replicas with the unsharded
+    losses (1e-5), through a rank killed at step 13 and restored from its keeper; that run's step-15 checkpoint continues on unsharded replicas with them again; the bytes
+    sent across replicas are those of the unsharded replicas (each shard sends its slice). Numerics of all three
+    outer-loop strategies over sharded replicas: test_sync_sharded_replicas."""
+    plain_dir, expected = full_runs("diloco")
+    sharded_dir = tmp_path / "sharded"
+    sharded = run(sharded_dir, f"ckpt={plain_dir / 'checkpoints' / 'step-000000000010'}", "parallel.dp=4",
+                  "parallel.dp_shard=2", "checkpoint.persist_every=5", "fault.kill_rank=1", "fault.at_step=13",
+                  command="resume")
+    assert_close_curves(sharded, expected, 1e-5)
+    assert sorted(sharded) == list(range(11, 21))
+    events = [json.loads(line) for line in (sharded_dir / "metrics.jsonl").read_text().splitlines()]
+    [recovery] = [e["recovery"] for e in events if "recovery" in e]
+    assert recovery["restarted_ranks"] == [1] and recovery["source"] == "keeper"
+    # rank 0's counter starts at the resume; it holds shard 0 of replica 0, half of every (even) dimension
+    assert _comm_bytes(sharded_dir)[-1] == (_comm_bytes(plain_dir)[-1] - _comm_bytes(plain_dir)[10 - 1]) // 2 > 0
+    plain = run(tmp_path / "plain", f"ckpt={sharded_dir / 'checkpoints' / 'step-000000000015'}", "parallel.dp=2",
+                "parallel.dp_shard=false", command="resume")
+    assert sorted(plain) == list(range(16, 21))
+    assert_close_curves(plain, expected, 1e-5)

@@ -2,9 +2,9 @@
 
 A strategy acts across the replica dimension (``replica_group``). For DDP that is the data-parallel ranks
 flattened with the context-parallel ranks (which hold the same parameters but see other tokens); the other
-strategies get the data-parallel ranks only and, with cp > 1, are wrapped in ``ContextMeanSync`` (context_mean.py),
-which averages gradients over cp every step. A strategy composes with tp/pp inside a replica because it only
-touches the local tensors of this rank's parameters.
+strategies get one rank of each replica and, when a replica is several ranks (cp > 1, or FSDP2-sharded replicas),
+are wrapped in ``WithinReplicaSync`` (within_replica.py), which runs the replica's own sync first. A strategy
+composes with tp/pp/FSDP2 inside a replica because it only touches the local tensors of this rank's parameters.
 
 Training-step contract (DESIGN.md section 2):
     loss.backward(); sync.before_optimizer(step); optimizer.step(); sync.after_optimizer(step)

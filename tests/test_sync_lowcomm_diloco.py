@@ -227,6 +227,33 @@ def _llama_streaming_e3m0(rank, group, world):
             "total": sync.counter.total}
 
 
+def _ddp_warmup(rank, group):
+    """ddp_warmup_steps=W: W steps of DDP (the replicas stay identical), then exactly DiLoCo started afresh from
+    the common parameters; the warm-up's gradient all-reduces are counted."""
+    from parallel.sync.ddp import DDPSync
+    from parallel.sync.diloco import DiLoCoConfig, DiLoCoSync
+
+    warmup, outer = 3, dict(sync_every=2, outer_lr=0.7, outer_momentum=0.9, nesterov=True)
+    model, sync, optimizer = _diloco(group, DiLoCoConfig(ddp_warmup_steps=warmup, **outer), sgd)
+    after_warmup = None
+    for step in range(warmup + 4):
+        train_step(model, sync, optimizer, step, batch(rank, step))
+        if step == warmup - 1:
+            after_warmup, warmup_bytes = fingerprint([flat_params(model)]), sync.counter.total
+    reference = TinyNet()
+    reference_optimizer = sgd(reference)
+    ddp = DDPSync(group, use_torch_ddp=False)
+    ddp.wrap_model(reference)
+    for step in range(warmup):
+        train_step(reference, ddp, reference_optimizer, step, batch(rank, step))
+    diloco = DiLoCoSync(group, config=DiLoCoConfig(**outer))
+    diloco.wrap_model(reference)
+    for step in range(4):
+        train_step(reference, diloco, reference_optimizer, step, batch(rank, warmup + step))
+    return {"after_warmup": after_warmup, "same_as_reference": flat_params(model).equal(flat_params(reference)),
+            "warmup_bytes": warmup_bytes, "ddp_bytes": ddp.counter.total}
+
+
 def _world2(rank, world):
     import torch.distributed as dist
 
@@ -236,7 +263,7 @@ def _world2(rank, world):
             "streaming_equals_diloco": _streaming_equals_diloco(rank, group),
             "merge0": _streaming_merge(rank, group, 0.0), "merge1": _streaming_merge(rank, group, 1.0),
             "means": _replica_means(rank, group), "checkpoint": _checkpoint_in_flight(rank, group),
-            "llama": _llama_streaming_e3m0(rank, group, world)}
+            "llama": _llama_streaming_e3m0(rank, group, world), "warmup": _ddp_warmup(rank, group)}
 
 
 def _world4(rank, world):
@@ -334,6 +361,9 @@ def test_diloco_and_streaming_world2():
         assert live[0] == live[1] and state[0] == state[1]
     _check_invariants(results, world)
     _check_means(results, world)
+    warmups = [result["warmup"] for result in results]
+    assert warmups[0]["after_warmup"] == warmups[1]["after_warmup"]
+    assert all(w["same_as_reference"] and w["warmup_bytes"] == w["ddp_bytes"] > 0 for w in warmups)
     assert results[0]["merge0"]["sent_per_step"] == results[1]["merge0"]["sent_per_step"]
 
     llama = results[0]["llama"]

@@ -10,7 +10,9 @@ as one flat vector), ``Fragment`` (a FlatParams with its global copy and outer o
 (an asynchronous, optionally quantised mean over the replica group).
 
 Step numbering: ``after_optimizer(step)`` receives the index of the optimizer step just taken, counting from 0;
-an outer step follows optimizer step ``step`` when ``(step + 1) % sync_every == 0``.
+an outer step follows optimizer step ``step`` when ``(step + 1) % sync_every == 0``. With ``ddp_warmup_steps`` W
+the first W steps average gradients over the replicas (DDP), phi restarts from the common parameters after step
+W - 1, and outer steps follow when ``(step + 1 - W) % sync_every == 0``.
 The trainer must not average gradients (no DDP): ``wrap_model`` returns the model unchanged. All replicas must
 start from identical parameters (same seed or a loaded checkpoint).
 
@@ -31,6 +33,7 @@ from torch.distributed.tensor import DTensor
 from parallel import comm
 from parallel.quantize import QUANTIZATIONS, BlockQuantizer, Packed, build_quantizer, pad_to, round_up
 from parallel.sync.base import SyncStrategy
+from parallel.sync.ddp import DDPSync
 from parallel.sync.sparse import SPARSE_BITS, SparseCodec
 
 COMPRESSIONS = ("none", "sparseloco")
@@ -52,6 +55,9 @@ class DiLoCoConfig:
     sparse_chunk: int = 4096  # C, consecutive values per top-k chunk
     sparse_bits: int = 2  # per sent value: 2, or 32 for full precision (the outer dtype: fp32, fp64 stays fp64)
     error_decay: float = 0.95  # beta, the error buffer's decay
+    # optimizer steps that first train as DDP (gradients averaged over replicas every step); the outer loop then
+    # starts from their common parameters, as the DiLoCo papers start from a model trained with data parallelism
+    ddp_warmup_steps: int = 0
 
     def __post_init__(self):
         if self.sync_every < 1:
@@ -71,6 +77,10 @@ class DiLoCoConfig:
             raise ValueError(f"sparse_bits={self.sparse_bits}: valid: {', '.join(map(str, SPARSE_BITS))}")
         if not 0.0 <= self.error_decay <= 1.0:
             raise ValueError(f"error_decay={self.error_decay}: valid: [0, 1]")
+        if self.ddp_warmup_steps < 0:
+            raise ValueError(f"ddp_warmup_steps={self.ddp_warmup_steps}: must be >= 0")
+        if self.ddp_warmup_steps and type(self) is not DiLoCoConfig:
+            raise ValueError(f"ddp_warmup_steps={self.ddp_warmup_steps}: only sync.diloco supports it; valid here: 0")
         if self.compression == "none":
             return
         if type(self) is not DiLoCoConfig:  # subclasses (Streaming DiLoCo) run their own sync loop
@@ -161,6 +171,13 @@ class Fragment:
         self.global_params.grad = None
 
     @torch.no_grad()
+    def restart(self) -> None:
+        """phi <- theta and a zero outer momentum: the outer loop starts afresh from the live parameters."""
+        self.global_params.copy_(self.flat.flatten())
+        if self.momentum is not None:
+            self.momentum.zero_()
+
+    @torch.no_grad()
     def merge(self, alpha: Optional[float]) -> None:
         """theta <- phi (alpha None) or theta <- alpha * theta + (1 - alpha) * phi (exact at alpha 0 and 1)."""
         if alpha is None:
@@ -204,9 +221,7 @@ def load_fragments_state(prefix: str, fragments: list[Fragment], state: dict[str
     if copy_named_state(fragments_state_dict(prefix, fragments), state):
         return
     for fragment in fragments:
-        fragment.global_params.copy_(fragment.flat.flatten())
-        if fragment.momentum is not None:
-            fragment.momentum.zero_()
+        fragment.restart()
 
 
 class ReplicaMean:
@@ -323,6 +338,7 @@ class DiLoCoSync(SyncStrategy):
         self.quantizer = build_quantizer(self.config.quantization, self.config.quant_block)
         self.fragments: list[Fragment] = []
         self.error_feedback: list[ErrorFeedback] = []  # one per fragment with compression=sparseloco, else empty
+        self.warmup = DDPSync(replica_group, self.counter, use_torch_ddp=False)  # the first ddp_warmup_steps
 
     def wrap_model(self, model: nn.Module) -> nn.Module:
         self.model = model
@@ -332,10 +348,21 @@ class DiLoCoSync(SyncStrategy):
         self.fragments = [Fragment(trainable_parameters(model), cfg.outer_lr, momentum, nesterov)]
         if sparse:
             self.error_feedback = [ErrorFeedback(f.numel, f.global_params.dtype, cfg) for f in self.fragments]
+        self.warmup.wrap_model(model)
         return model
 
+    def before_optimizer(self, step: int) -> None:
+        if step < self.config.ddp_warmup_steps:
+            self.warmup.before_optimizer(step)
+
     def after_optimizer(self, step: int) -> None:
-        if (step + 1) % self.config.sync_every:
+        warmup = self.config.ddp_warmup_steps
+        if step < warmup:
+            if step == warmup - 1:  # the replicas hold the same parameters: the outer loop starts from them
+                for fragment in self.fragments:
+                    fragment.restart()
+            return
+        if (step + 1 - warmup) % self.config.sync_every:
             return
         for index, fragment in enumerate(self.fragments):
             if self.error_feedback:

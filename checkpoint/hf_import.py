@@ -88,18 +88,27 @@ def hyper_parameters(folder: Path, config: dict[str, Any]) -> LlamaHyperParamete
     return hp
 
 
-def _weight_files(folder: Path) -> dict[str, Path]:
+def _weights(folder: Path) -> tuple[dict[str, Path], dict[str, tuple[int, ...]]]:
+    """Tensor name -> its file (a sharded index, or the one model.safetensors), and tensor name -> shape from
+    the files' headers, each header read once."""
     index = folder / INDEX_FILE
     if index.is_file():
         try:
             weight_map = json.loads(index.read_text())["weight_map"]
         except (OSError, ValueError, KeyError) as err:
             raise _error(folder, f"{INDEX_FILE} has no readable weight_map ({err})") from None
-        return {name: folder / file for name, file in weight_map.items()}
-    single = folder / WEIGHTS_FILE
-    if not single.is_file():
-        raise _error(folder, f"no {WEIGHTS_FILE} or {INDEX_FILE}")
-    return {name: single for name in _header_shapes(folder, single)}
+        files = {name: folder / file for name, file in weight_map.items()}
+    else:
+        single = folder / WEIGHTS_FILE
+        if not single.is_file():
+            raise _error(folder, f"no {WEIGHTS_FILE} or {INDEX_FILE}")
+        files = {"": single}
+    shapes: dict[str, tuple[int, ...]] = {}
+    for file in sorted(set(files.values())):
+        shapes.update(_header_shapes(folder, file))
+    if "" in files:
+        files = {name: files[""] for name in shapes}
+    return files, shapes
 
 
 def _header_shapes(folder: Path, file: Path) -> dict[str, tuple[int, ...]]:
@@ -114,10 +123,7 @@ def read_hf_llama(folder: str | Path) -> HFLlama:
     """The folder's hyper-parameters, checked against every tensor header; no tensor is read."""
     folder = Path(folder).expanduser().resolve()
     hp = hyper_parameters(folder, _read_config(folder))
-    files = _weight_files(folder)
-    shapes: dict[str, tuple[int, ...]] = {}
-    for file in sorted(set(files.values())):
-        shapes.update(_header_shapes(folder, file))
+    files, shapes = _weights(folder)
     for ours, theirs in weight_names(hp).items():
         if theirs not in files or theirs not in shapes:
             raise _error(folder, f"tensor {theirs!r} is missing (a Llama with this config.json needs it)")

@@ -71,7 +71,7 @@ def sweeps(steps: int) -> dict[str, list[tuple[str, Run, float]]]:
                                                   streaming(100, lr)), 1.0) for lr in outer_lrs],
         "noloco_h50": [(f"outer lr {lr}, momentum {m}", Run("NoLoCo H=50", "noloco",
                                                             dict(sync_every=50, outer_lr=lr, momentum=m)), 1.0)
-                       for lr, m in ((0.5, 0.5), (0.7, 0.5), (1.0, 0.5), (0.7, 0.3))],
+                       for lr, m in ((0.5, 0.3), (0.7, 0.5), (1.0, 0.5), (0.7, 0.3))],  # inside its stability window
         # the diagnosis of DiLoCo's gap: DDP steps before the first outer step, as the DiLoCo papers start from a
         # model trained with data parallelism (bytes include the warm-up's); at H=50's best outer lr (its sweep)
         "diloco_h50_warmup": [(f"DDP warm-up {w} steps", Run("DiLoCo H=50 after DDP warm-up", "diloco", dict(

@@ -53,8 +53,9 @@ class ParallelDims:
             if degree < 1:
                 raise ParallelConfigError(f"parallel.{name}={degree}: must be a positive integer")
         if self.dp_shard < 1 or self.dp % self.dp_shard:
+            valid = ", ".join(map(str, divisors(self.dp)))
             raise ParallelConfigError(f"parallel.dp_shard={self.dp_shard}: must divide parallel.dp={self.dp} "
-                                      f"(valid: true, false, or a divisor of {self.dp}: {', '.join(map(str, divisors(self.dp)))})")
+                                      f"(valid: true, false, or a divisor of {self.dp}: {valid})")
         if world_size is not None and world_size != self.world_size:
             raise ParallelConfigError(
                 f"cluster.num_workers={world_size}: must equal parallel.dp*tp*pp*cp = "

@@ -62,9 +62,10 @@ def test_diloco_with_context_parallel_follows_the_cp1_curve(tmp_path, full_runs)
 def test_diloco_over_sharded_replicas_resumes_across_shard_degrees(tmp_path, full_runs):
     """parallel.dp=4 parallel.dp_shard=2: 2 replicas of 2 FSDP2 shards, DiLoCo syncing each shard with its
     counterpart. The unsharded dp=2 run's step-10 checkpoint continues on sharded replicas with the unsharded
-    losses (1e-5), through a rank killed at step 13 and restored from its keeper; that run's step-15 checkpoint continues on unsharded replicas with them again; the bytes
-    sent across replicas are those of the unsharded replicas (each shard sends its slice). Numerics of all three
-    outer-loop strategies over sharded replicas: test_sync_sharded_replicas."""
+    losses (1e-5), through a rank killed at step 13 and restored from its keeper; that run's step-15 checkpoint
+    continues on unsharded replicas with them again; the bytes sent across replicas are those of the unsharded
+    replicas (each shard sends its slice). Numerics of all three outer-loop strategies over sharded replicas:
+    test_sync_sharded_replicas."""
     plain_dir, expected = full_runs("diloco")
     sharded_dir = tmp_path / "sharded"
     sharded = run(sharded_dir, f"ckpt={plain_dir / 'checkpoints' / 'step-000000000010'}", "parallel.dp=4",

@@ -76,6 +76,9 @@ def sweeps(steps: int) -> dict[str, list[tuple[str, Run, float]]]:
         # model trained with data parallelism (bytes include the warm-up's); at H=50's best outer lr (its sweep)
         "diloco_h50_warmup": [(f"DDP warm-up {w} steps", Run("DiLoCo H=50 after DDP warm-up", "diloco", dict(
             sync_every=50, outer_lr=0.5, ddp_warmup_steps=w)), 1.0) for w in (100, 250, 500, 1000)],
+        "streaming_h50_warmup": [("outer lr 0.5, DDP warm-up 250 steps", Run(
+            "Streaming DiLoCo H=50 e3m0 after DDP warm-up", "streaming_diloco", dict(streaming(50, 0.5),
+                                                                               ddp_warmup_steps=250)), 1.0)],
         "sparseloco_h50_warmup": [("outer lr 1.6, DDP warm-up 250 steps", Run(
             "SparseLoCo H=50 after DDP warm-up", "diloco", dict(sync_every=50, outer_lr=1.6, compression="sparseloco",
                                                                 ddp_warmup_steps=250)), 1.0)],

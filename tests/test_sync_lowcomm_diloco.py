@@ -228,15 +228,27 @@ def _llama_streaming_e3m0(rank, group, world):
 
 
 def _ddp_warmup(rank, group):
-    """ddp_warmup_steps=W: W steps of DDP (the replicas stay identical), then exactly DiLoCo started afresh from
-    the common parameters; the warm-up's gradient all-reduces are counted."""
-    from parallel.sync.ddp import DDPSync
+    """ddp_warmup_steps=W: W steps of DDP (the replicas stay identical), then exactly DiLoCo (and Streaming DiLoCo)
+    started afresh from the common parameters; the warm-up's gradient all-reduces are counted."""
     from parallel.sync.diloco import DiLoCoConfig, DiLoCoSync
+    from parallel.sync.streaming_diloco import StreamingDiLoCoConfig, StreamingDiLoCoSync
 
-    warmup, outer = 3, dict(sync_every=2, outer_lr=0.7, outer_momentum=0.9, nesterov=True)
-    model, sync, optimizer = _diloco(group, DiLoCoConfig(ddp_warmup_steps=warmup, **outer), sgd)
+    diloco = dict(sync_every=2, outer_lr=0.7, outer_momentum=0.9, nesterov=True)
+    streaming = dict(sync_every=6, outer_lr=0.7, quantization="none", layers_per_fragment=2, overlap_steps=1)
+    return {"diloco": _warmup_then(rank, group, DiLoCoSync, DiLoCoConfig, diloco),
+            "streaming": _warmup_then(rank, group, StreamingDiLoCoSync, StreamingDiLoCoConfig, streaming)}
+
+
+def _warmup_then(rank, group, sync_class, config_class, outer):
+    from parallel.sync.ddp import DDPSync
+
+    warmup, steps = 3, 7
+    model = TinyNet()
+    sync = sync_class(group, config=config_class(ddp_warmup_steps=warmup, **outer))
+    sync.wrap_model(model)
+    optimizer = sgd(model)
     after_warmup = None
-    for step in range(warmup + 4):
+    for step in range(warmup + steps):
         train_step(model, sync, optimizer, step, batch(rank, step))
         if step == warmup - 1:
             after_warmup, warmup_bytes = fingerprint([flat_params(model)]), sync.counter.total
@@ -246,10 +258,10 @@ def _ddp_warmup(rank, group):
     ddp.wrap_model(reference)
     for step in range(warmup):
         train_step(reference, ddp, reference_optimizer, step, batch(rank, step))
-    diloco = DiLoCoSync(group, config=DiLoCoConfig(**outer))
-    diloco.wrap_model(reference)
-    for step in range(4):
-        train_step(reference, diloco, reference_optimizer, step, batch(rank, warmup + step))
+    fresh = sync_class(group, config=config_class(**outer))
+    fresh.wrap_model(reference)
+    for step in range(steps):
+        train_step(reference, fresh, reference_optimizer, step, batch(rank, warmup + step))
     return {"after_warmup": after_warmup, "same_as_reference": flat_params(model).equal(flat_params(reference)),
             "warmup_bytes": warmup_bytes, "ddp_bytes": ddp.counter.total}
 
@@ -361,9 +373,10 @@ def test_diloco_and_streaming_world2():
         assert live[0] == live[1] and state[0] == state[1]
     _check_invariants(results, world)
     _check_means(results, world)
-    warmups = [result["warmup"] for result in results]
-    assert warmups[0]["after_warmup"] == warmups[1]["after_warmup"]
-    assert all(w["same_as_reference"] and w["warmup_bytes"] == w["ddp_bytes"] > 0 for w in warmups)
+    for name in ("diloco", "streaming"):
+        warmups = [result["warmup"][name] for result in results]
+        assert warmups[0]["after_warmup"] == warmups[1]["after_warmup"]
+        assert all(w["same_as_reference"] and w["warmup_bytes"] == w["ddp_bytes"] > 0 for w in warmups)
     assert results[0]["merge0"]["sent_per_step"] == results[1]["merge0"]["sent_per_step"]
 
     llama = results[0]["llama"]

@@ -12,7 +12,7 @@ as one flat vector), ``Fragment`` (a FlatParams with its global copy and outer o
 Step numbering: ``after_optimizer(step)`` receives the index of the optimizer step just taken, counting from 0;
 an outer step follows optimizer step ``step`` when ``(step + 1) % sync_every == 0``. With ``ddp_warmup_steps`` W
 the first W steps average gradients over the replicas (DDP), phi restarts from the common parameters after step
-W - 1, and outer steps follow when ``(step + 1 - W) % sync_every == 0``.
+W - 1, and the outer loop counts its steps from W (Streaming DiLoCo's fragment schedule too).
 The trainer must not average gradients (no DDP): ``wrap_model`` returns the model unchanged. All replicas must
 start from identical parameters (same seed or a loaded checkpoint).
 
@@ -79,8 +79,6 @@ class DiLoCoConfig:
             raise ValueError(f"error_decay={self.error_decay}: valid: [0, 1]")
         if self.ddp_warmup_steps < 0:
             raise ValueError(f"ddp_warmup_steps={self.ddp_warmup_steps}: must be >= 0")
-        if self.ddp_warmup_steps and type(self) is not DiLoCoConfig:
-            raise ValueError(f"ddp_warmup_steps={self.ddp_warmup_steps}: only sync.diloco supports it; valid here: 0")
         if self.compression == "none":
             return
         if type(self) is not DiLoCoConfig:  # subclasses (Streaming DiLoCo) run their own sync loop
@@ -355,14 +353,16 @@ class DiLoCoSync(SyncStrategy):
         if step < self.config.ddp_warmup_steps:
             self.warmup.before_optimizer(step)
 
-    def after_optimizer(self, step: int) -> None:
+    def in_warmup(self, step: int) -> bool:
+        """True during the DDP warm-up; after its last step phi restarts from the replicas' common parameters."""
         warmup = self.config.ddp_warmup_steps
-        if step < warmup:
-            if step == warmup - 1:  # the replicas hold the same parameters: the outer loop starts from them
-                for fragment in self.fragments:
-                    fragment.restart()
-            return
-        if (step + 1 - warmup) % self.config.sync_every:
+        if step == warmup - 1:
+            for fragment in self.fragments:
+                fragment.restart()
+        return step < warmup
+
+    def after_optimizer(self, step: int) -> None:
+        if self.in_warmup(step) or (step + 1 - self.config.ddp_warmup_steps) % self.config.sync_every:
             return
         for index, fragment in enumerate(self.fragments):
             if self.error_feedback:

@@ -118,6 +118,7 @@ class StreamingDiLoCoSync(DiLoCoSync):
                              f"{cfg.sync_every}//{len(self.fragments)} (one fragment in flight at a time)")
         largest = max(fragment.numel for fragment in self.fragments)
         self._inflight_delta = torch.zeros(largest, dtype=self.fragments[0].global_params.dtype)
+        self.warmup.wrap_model(model)
         return model
 
     @property
@@ -126,6 +127,9 @@ class StreamingDiLoCoSync(DiLoCoSync):
         return None if index < 0 else index
 
     def after_optimizer(self, step: int) -> None:
+        if self.in_warmup(step):
+            return
+        step -= self.config.ddp_warmup_steps  # the fragment schedule starts after the warm-up
         self._relaunch_restored_sync()
         to_send = self.schedule.fragment_to_send(step)
         if to_send is not None:

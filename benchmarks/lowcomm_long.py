@@ -93,7 +93,8 @@ def sweeps(steps: int) -> dict[str, list[tuple[str, Run, float]]]:
 # SparseLoCo's best of the first four (0.5..1.3) was the largest, so its sweep was extended past that edge.
 SPARSELOCO_OUTER_LRS = (0.5, 0.7, 1.0, 1.3, 1.6, 2.0)
 
-GOALS = {"diloco_h50": 1.05, "streaming_h50": 1.07, "noloco_h50": 1.10, "onebit_adam": 1.02, "sparseloco_h50": 1.10}
+GOALS = {"diloco_h50": 1.05, "streaming_h50": 1.07, "noloco_h50": 1.10, "onebit_adam": 1.02, "sparseloco_h50": 1.10,
+         "diloco_h50_warmup": 1.05, "streaming_h50_warmup": 1.07, "sparseloco_h50_warmup": 1.10}
 
 
 class LongLlamaTask(LlamaTask):

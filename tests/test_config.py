@@ -29,6 +29,7 @@ def test_recipes_compose_with_overrides():
                               "of 2: 1, 2)"),
     (["parallel.dp_shard=maybe"], "parallel.dp_shard: Value 'maybe' of type 'str' is incompatible with true, "
                                   "false or an integer"),
+    (["sync.diloco.ddp_warmup_steps=-1"], "sync.diloco.ddp_warmup_steps=-1: must be >= 0"),
     (["parallel.dp_shard=2", "sync.name=onebit_adam"], "parallel.dp_shard=2: needs sync.name in ddp, diloco, "
                                                        "streaming_diloco, noloco (got onebit_adam)"),
 ])

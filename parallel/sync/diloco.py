@@ -64,6 +64,8 @@ class DiLoCoConfig:
             raise ValueError(f"sync_every={self.sync_every}: must be >= 1")
         if self.quantization not in QUANTIZATIONS:
             raise ValueError(f"quantization={self.quantization}: valid: {', '.join(QUANTIZATIONS)}")
+        if self.ddp_warmup_steps < 0:
+            raise ValueError(f"ddp_warmup_steps={self.ddp_warmup_steps}: must be >= 0")
         self._check_compression()
 
     def _check_compression(self) -> None:
@@ -77,8 +79,6 @@ class DiLoCoConfig:
             raise ValueError(f"sparse_bits={self.sparse_bits}: valid: {', '.join(map(str, SPARSE_BITS))}")
         if not 0.0 <= self.error_decay <= 1.0:
             raise ValueError(f"error_decay={self.error_decay}: valid: [0, 1]")
-        if self.ddp_warmup_steps < 0:
-            raise ValueError(f"ddp_warmup_steps={self.ddp_warmup_steps}: must be >= 0")
         if self.compression == "none":
             return
         if type(self) is not DiLoCoConfig:  # subclasses (Streaming DiLoCo) run their own sync loop
@@ -353,8 +353,9 @@ class DiLoCoSync(SyncStrategy):
         if step < self.config.ddp_warmup_steps:
             self.warmup.before_optimizer(step)
 
-    def in_warmup(self, step: int) -> bool:
-        """True during the DDP warm-up; after its last step phi restarts from the replicas' common parameters."""
+    def warmup_step(self, step: int) -> bool:
+        """Whether ``step`` belongs to the DDP warm-up; after its last step phi restarts from the replicas' common
+        parameters."""
         warmup = self.config.ddp_warmup_steps
         if step == warmup - 1:
             for fragment in self.fragments:
@@ -362,7 +363,7 @@ class DiLoCoSync(SyncStrategy):
         return step < warmup
 
     def after_optimizer(self, step: int) -> None:
-        if self.in_warmup(step) or (step + 1 - self.config.ddp_warmup_steps) % self.config.sync_every:
+        if self.warmup_step(step) or (step + 1 - self.config.ddp_warmup_steps) % self.config.sync_every:
             return
         for index, fragment in enumerate(self.fragments):
             if self.error_feedback:

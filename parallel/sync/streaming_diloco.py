@@ -127,7 +127,7 @@ class StreamingDiLoCoSync(DiLoCoSync):
         return None if index < 0 else index
 
     def after_optimizer(self, step: int) -> None:
-        if self.in_warmup(step):
+        if self.warmup_step(step):
             return
         step -= self.config.ddp_warmup_steps  # the fragment schedule starts after the warm-up
         self._relaunch_restored_sync()

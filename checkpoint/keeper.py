@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import functools
 import logging
+import os
 import threading
 from dataclasses import dataclass, field
 from typing import Any, Optional, Sequence
@@ -29,14 +30,15 @@ import psutil
 import ray
 from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
 
+from checkpoint.direct_write import write_packed
 from checkpoint.keeper_group import GroupMember, NotHeldError
 from checkpoint.shm_arena import (COMMITTED, FREE, HELD, READY, SEALED, TRAINER_STATE_META, WRITING, Arena,
                                   ArenaLayout, ShmSpaceError, free_bytes, human_bytes)
-from checkpoint.snapshot_codec import SnapshotIndex, unpack
-from checkpoint.universal import (CheckpointError, TrainerState, commit_version, version_dir, wait_for_ranks,
-                                  write_fragments)
+from checkpoint.snapshot_codec import SnapshotIndex
+from checkpoint.universal import CheckpointError, TrainerState, commit_version, version_dir, wait_for_ranks
 
 log = logging.getLogger(__name__)
+KEEPER_NICE = 19  # the keepers' CPU priority: background work, the lowest (Linux nice values run 0..19)
 
 Snapshot = tuple[dict, np.ndarray]  # (index JSON, packed payload)
 
@@ -81,8 +83,12 @@ def split_by_directory(directory: dict, data: np.ndarray) -> dict[int, Snapshot]
 class SnapshotKeeper:
     """Owns the node's snapshot arenas; erasure-codes committed versions within its group; persists them."""
 
-    def __init__(self, shm_dir: str = "/dev/shm", slots: int = 4, call_timeout_s: float = 60.0):
+    def __init__(self, shm_dir: str = "/dev/shm", slots: int = 4, call_timeout_s: float = 60.0, nice: int = 0):
         self.shm_dir, self.slots, self.call_timeout_s = shm_dir, slots, call_timeout_s
+        if nice:
+            # its work (parity, disk writes) yields the CPU to training on the same node: when every core
+            # trains, a version is protected later instead of every step being slower
+            os.nice(nice)
         self._arenas: dict[int, Arena] = {}  # rank -> its arena
         self._records: dict[int, VersionRecord] = {}
         self._committed: Optional[int] = None
@@ -369,7 +375,7 @@ class SnapshotKeeper:
                 snapshots = self._snapshots(version)
             directory = version_dir(root, version)
             for rank, (index, payload) in sorted(snapshots.items()):
-                write_fragments(directory, rank, unpack(index, payload))
+                write_packed(directory, rank, index, payload)
             if world_ranks is not None:
                 wait_for_ranks(directory, world_ranks, timeout_s)
                 commit_version(root, version, _trainer_state(version, snapshots), world_ranks, keep)
@@ -406,7 +412,7 @@ def keeper_actor_options(node_id: str, max_concurrency: int = 8) -> dict[str, An
 
 
 def start_keeper(node_id: str, shm_dir: str = "/dev/shm", slots: int = 4, call_timeout_s: float = 60.0,
-                 **options):
-    """A SnapshotKeeper actor on node ``node_id``."""
+                 nice: int = KEEPER_NICE, **options):
+    """A SnapshotKeeper actor on node ``node_id``, at CPU priority ``nice`` (see ``KEEPER_NICE``)."""
     return _remote_keeper_class().options(**{**keeper_actor_options(node_id), **options}).remote(
-        shm_dir, slots, call_timeout_s)
+        shm_dir, slots, call_timeout_s, nice)

@@ -37,7 +37,7 @@ from typing import Callable, Optional, Sequence
 import numpy as np
 import torch
 
-from checkpoint.snapshot_codec import SnapshotIndex, align, pack_into, plan_index, tensor_views
+from checkpoint.snapshot_codec import SnapshotIndex, pack_into, plan_index, tensor_views
 from checkpoint.universal import CheckpointError, FragmentSpec, TrainerState
 
 FREE, WRITING, READY, SEALED, COMMITTED = range(5)
@@ -49,6 +49,10 @@ FIELDS = 3  # state, version, metadata length
 
 class ShmSpaceError(CheckpointError):
     """The shared-memory directory cannot hold the arenas the keepers need."""
+
+
+def page_align(nbytes: int) -> int:
+    return -(-nbytes // mmap.PAGESIZE) * mmap.PAGESIZE
 
 
 def human_bytes(nbytes: float) -> str:
@@ -76,7 +80,8 @@ class ArenaLayout:
 
     @property
     def slot_bytes(self) -> int:
-        return align(self.meta_capacity) + align(self.payload_capacity)
+        # page-aligned areas: a keeper writes a payload to disk with O_DIRECT straight from its pages
+        return page_align(self.meta_capacity) + page_align(self.payload_capacity)
 
     @property
     def nbytes(self) -> int:
@@ -86,7 +91,7 @@ class ArenaLayout:
         return HEADER_BYTES + slot * self.slot_bytes
 
     def payload_offset(self, slot: int) -> int:
-        return self.meta_offset(slot) + align(self.meta_capacity)
+        return self.meta_offset(slot) + page_align(self.meta_capacity)
 
 
 @dataclass(frozen=True)
@@ -216,20 +221,28 @@ class Arena:
         READY; False when every slot is claimed by the keeper (committed, being committed or written to disk):
         skipped. A READY version that is a multiple of ``keep_every`` (one the keepers will write to disk) is
         not overwritten."""
-        if nbytes > self.layout.payload_capacity or len(meta) > self.layout.meta_capacity:
-            raise CheckpointError(f"snapshot of version {version} ({nbytes} bytes, index {len(meta)}) does not fit "
-                                  f"the arena's slots ({self.layout.payload_capacity}, {self.layout.meta_capacity})")
-        slot = self._take_slot(version, keep_every)
+        self.check_fits(version, nbytes, meta)
+        slot = self.take_slot(version, keep_every)
         if slot is None:
             return False
         fill(slot)
+        self.publish_slot(slot, meta)
+        return True
+
+    def check_fits(self, version: int, nbytes: int, meta: bytes) -> None:
+        if nbytes > self.layout.payload_capacity or len(meta) > self.layout.meta_capacity:
+            raise CheckpointError(f"snapshot of version {version} ({nbytes} bytes, index {len(meta)}) does not fit "
+                                  f"the arena's slots ({self.layout.payload_capacity}, {self.layout.meta_capacity})")
+
+    def publish_slot(self, slot: int, meta: bytes) -> None:
+        """Write ``meta`` into a slot taken with ``take_slot`` whose payload is written, and publish it READY."""
         start = self.layout.meta_offset(slot)
         self._map[start:start + len(meta)] = meta
         self.header[slot, 2] = len(meta)
         self.set_state(slot, READY)
-        return True
 
-    def _take_slot(self, version: int, keep_every: int) -> Optional[int]:
+    def take_slot(self, version: int, keep_every: int) -> Optional[int]:
+        """A slot for ``version``, now WRITING (see ``publish``); None when every slot is claimed."""
         free = [s for s in range(self.layout.slots) if self.state(s) == FREE]
         if free:  # only this trainer moves a slot out of FREE
             slot = free[0]
@@ -260,30 +273,59 @@ class ArenaWriter:
         self.reallocate, self.keep_every = reallocate, keep_every
         self.handed_version: Optional[int] = None
         self.skipped = 0
+        self.copied_bytes = 0  # bytes the last version's copy moved (what the step did not write in place)
         self._lock = threading.Lock()  # the copy thread writes while the control thread may switch arenas
         self._layout: Optional[_CachedLayout] = None
         self._fragments: list[FragmentSpec] = []  # those the layout was checked against
         self._views: dict[int, list[torch.Tensor]] = {}  # slot -> tensor views of its payload
+        self._begun: Optional[tuple[int, int, _CachedLayout]] = None  # (version, slot, layout) taken by ``begin``
 
     def replace(self, handle: ArenaHandle) -> None:
         """Write into another arena from the next version on (this node's keeper was replaced)."""
         with self._lock:
             self.arena.close()
-            self.arena, self._views = Arena.attach(handle), {}
+            self.arena, self._views, self._begun = Arena.attach(handle), {}, None
+
+    def begin(self, version: int, fragments: list[FragmentSpec]) -> Optional[dict[str, torch.Tensor]]:
+        """Take the slot ``version`` will be published in before its state exists, laid out for ``fragments`` (the
+        state as it is now: the same tensors the step is about to update): fragment key -> tensor view of that
+        slot. A step that writes its results into these views makes them the snapshot (``copy_version`` then
+        copies only the other tensors). None when a slot is not free or the layout does not fit the arena."""
+        layout = self._layout_of(fragments)
+        with self._lock:
+            if layout.index.nbytes > self.arena.layout.payload_capacity:
+                return None
+            slot = self.arena.take_slot(version, self.keep_every)
+            if slot is None:
+                return None
+            self._begun = (version, slot, layout)
+            return dict(zip(layout.keys, self._slot_views(slot, layout.index)))
 
     def copy_version(self, version: int, fragments: list[FragmentSpec], trainer_state: TrainerState) -> bool:
-        """Pack ``version`` into a slot; False when it is skipped (every slot claimed by the keeper)."""
+        """Pack ``version`` into a slot (the one ``begin`` took for it, if any); False when it is skipped (every
+        slot claimed by the keeper). Fragments that already are the slot's views are not copied."""
         layout = self._layout_of(fragments)
         meta = layout.meta_json({TRAINER_STATE_META: {f.name: getattr(trainer_state, f.name)
                                                       for f in fields(trainer_state)}})
         with self._lock:
-            if layout.index.nbytes > self.arena.layout.payload_capacity and self.reallocate is not None:
+            begun, self._begun = self._begun, None
+            slot = None
+            if begun is not None and begun[0] == version:
+                if begun[2] is not layout:
+                    # the step wrote into the views of a layout this version no longer has
+                    raise CheckpointError(f"version {version}: the snapshot's tensors changed after the step began")
+                slot = begun[1]
+            elif layout.index.nbytes > self.arena.layout.payload_capacity and self.reallocate is not None:
                 handle = self.reallocate(layout.index.nbytes, self.arena.layout.meta_capacity)
                 self.arena.close()
                 self.arena, self._views = Arena.attach(handle), {}
-            written = self.arena.publish(version, layout.index.nbytes, meta,
-                                         lambda slot: self._fill(slot, layout.index, fragments), self.keep_every)
-        if not written:
+            self.arena.check_fits(version, layout.index.nbytes, meta)
+            if slot is None:
+                slot = self.arena.take_slot(version, self.keep_every)
+            if slot is not None:
+                self._fill(slot, layout.index, fragments)
+                self.arena.publish_slot(slot, meta)
+        if slot is None:
             self.skipped += 1
             return False
         self.handed_version = version
@@ -302,16 +344,24 @@ class ArenaWriter:
             self._layout, self._views = _CachedLayout(signature, plan_index(fragments)), {}
         return self._layout
 
-    def _fill(self, slot: int, index: SnapshotIndex, fragments: list[FragmentSpec]) -> None:
-        """Copy the tensors into the slot through views made once per slot (alignment gaps zeroed then)."""
+    def _slot_views(self, slot: int, index: SnapshotIndex) -> list[torch.Tensor]:
+        """Tensor views of a slot's payload, made once per slot and layout (alignment gaps zeroed then)."""
         views = self._views.get(slot)
         if views is None:
             payload = self.arena.payload(slot, index.nbytes)
             payload[:] = 0
             views = self._views[slot] = tensor_views(index, payload)
+        return views
+
+    def _fill(self, slot: int, index: SnapshotIndex, fragments: list[FragmentSpec]) -> None:
+        """Copy the tensors into the slot, except those that already are its views (a step wrote them there)."""
+        copied = 0
         with torch.no_grad():
-            for view, fragment in zip(views, fragments):
-                view.copy_(fragment.tensor.detach())
+            for view, fragment in zip(self._slot_views(slot, index), fragments):
+                if view.data_ptr() != fragment.tensor.data_ptr():
+                    view.copy_(fragment.tensor.detach())
+                    copied += view.nbytes
+        self.copied_bytes = copied
 
     def held_versions(self) -> list[int]:
         """Versions this rank's arena holds complete."""
@@ -334,6 +384,7 @@ class _CachedLayout:
 
     def __init__(self, signature: tuple, index: SnapshotIndex):
         self.signature, self.index = signature, index
+        self.keys = [entry.key for entry in index.tensors]
         document = index.to_json()
         head = {key: document[key] for key in ("format", "format_version", "nbytes")}
         self._head = json.dumps(head)[:-1]

@@ -16,8 +16,9 @@ logical name, for the block the new layout needs and reads only the overlapping 
 any other.
 
 Commit protocol (no process group needed, only a shared directory):
-  1. every rank calls ``write_fragments(version_dir, rank, fragments)``: it writes its data file to a temp name,
-     fsyncs, renames, then writes its index the same way. An existing index means "this rank's part is durable".
+  1. every rank calls ``write_fragments(version_dir, rank, fragments)`` (or a keeper, from a packed snapshot,
+     checkpoint/direct_write.py's ``write_packed``): it writes its data file to a temp name, fsyncs, renames,
+     then writes its index the same way. An existing index means "this rank's part is durable".
   2. one coordinator (rank 0, or the controller) calls ``commit_version`` once every rank's index exists
      (``wait_for_ranks`` polls for them). It checks that the fragments tile every tensor exactly, writes
      manifest.json (temp + fsync + rename), then atomically replaces ``latest`` and prunes old versions.
@@ -244,38 +245,62 @@ def _check_format(path: Path, data: Mapping[str, Any]) -> None:
 # ---------------------------------------------------------------------------------------------- writing
 
 
+def writes_block(replica_id: int, block: SliceSpec) -> bool:
+    """Whether a rank writes this block: only replica 0 of identical copies, and no empty block of a non-empty
+    tensor (uneven sharding leaves some ranks one)."""
+    empty_block = block.numel == 0 and prod(block.global_shape) > 0
+    return replica_id == 0 and not empty_block
+
+
+class RankIndex:
+    """One rank's part of a version being written: the records of the fragments in its data file, by logical
+    tensor, and the protocol that makes the data file and then this index durable. Shared by every writer of the
+    data file (``write_fragments``; checkpoint/direct_write.py's ``write_packed``)."""
+
+    def __init__(self, directory: str | os.PathLike, rank: int):
+        self.directory, self.rank = Path(directory), rank
+        self.directory.mkdir(parents=True, exist_ok=True)
+        self.data_name = f"{_rank_stem(rank)}.safetensors"
+        self.tensors: dict[str, dict[str, Any]] = {}
+        self._keys: set[str] = set()
+
+    def add(self, name: str, key: str, block: SliceSpec, dtype: str, digest: str) -> None:
+        """Record fragment ``key`` (block ``block`` of tensor ``name``, whose bytes have checksum ``digest``)."""
+        if key in self._keys:
+            raise CheckpointError(f"rank {self.rank}: fragment {key!r} given twice")
+        self._keys.add(key)
+        entry = self.tensors.setdefault(name, {"dtype": dtype, "global_shape": list(block.global_shape),
+                                               "fragments": []})
+        if entry["dtype"] != dtype or tuple(entry["global_shape"]) != block.global_shape:
+            raise CheckpointError(f"rank {self.rank}: fragments of tensor {name!r} disagree on dtype/shape")
+        entry["fragments"].append(asdict(FragmentRecord(self.data_name, key, block.offsets, block.shape, digest)))
+
+    def commit(self, write_data: Callable[[Path], Any]) -> Path:
+        """``write_data(path)`` writes the data file under a temp name; it is made durable and renamed, then this
+        index is written the same way. Returns the index path."""
+        data_path = self.directory / self.data_name
+        tmp = data_path.with_name(self.data_name + ".tmp")
+        write_data(tmp)
+        _fsync(tmp)
+        os.replace(tmp, data_path)
+        index = {"format": FORMAT_NAME, "format_version": FORMAT_VERSION, "checksum": CHECKSUM_ALGORITHM,
+                 "rank": self.rank, "files": {self.data_name: data_path.stat().st_size}, "tensors": self.tensors}
+        index_path = _rank_index_path(self.directory, self.rank)
+        _atomic_write_text(index_path, json.dumps(index))
+        return index_path
+
+
 def write_fragments(directory: str | os.PathLike, rank: int, fragments: Iterable[FragmentSpec]) -> Path:
     """Write this rank's replica-0 fragments and then its index, both durable. Returns the index path."""
-    directory = Path(directory)
-    directory.mkdir(parents=True, exist_ok=True)
-    data_name = f"{_rank_stem(rank)}.safetensors"
+    index = RankIndex(directory, rank)
     tensors: dict[str, torch.Tensor] = {}
-    records: dict[str, dict[str, Any]] = {}
     for fragment in fragments:
-        empty_block = fragment.slice.numel == 0 and prod(fragment.global_shape) > 0  # uneven sharding
-        if fragment.replica_id != 0 or empty_block:
+        if not writes_block(fragment.replica_id, fragment.slice):
             continue
-        key = fragment.key
-        if key in tensors:
-            raise CheckpointError(f"rank {rank}: fragment {key!r} given twice")
         local = fragment.tensor.detach().contiguous()
-        tensors[key] = local
-        entry = records.setdefault(fragment.name, {"dtype": dtype_name(local.dtype),
-                                                   "global_shape": list(fragment.global_shape), "fragments": []})
-        if entry["dtype"] != dtype_name(local.dtype) or tuple(entry["global_shape"]) != fragment.global_shape:
-            raise CheckpointError(f"rank {rank}: fragments of tensor {fragment.name!r} disagree on dtype/shape")
-        entry["fragments"].append(asdict(FragmentRecord(data_name, key, fragment.offsets,
-                                                        tuple(local.shape), checksum(local))))
-    data_path = directory / data_name
-    tmp = data_path.with_name(data_name + ".tmp")
-    save_file(tensors, str(tmp))
-    _fsync(tmp)
-    os.replace(tmp, data_path)
-    index = {"format": FORMAT_NAME, "format_version": FORMAT_VERSION, "checksum": CHECKSUM_ALGORITHM,
-             "rank": rank, "files": {data_name: data_path.stat().st_size}, "tensors": records}
-    index_path = _rank_index_path(directory, rank)
-    _atomic_write_text(index_path, json.dumps(index))
-    return index_path
+        index.add(fragment.name, fragment.key, fragment.slice, dtype_name(local.dtype), checksum(local))
+        tensors[fragment.key] = local
+    return index.commit(lambda tmp: save_file(tensors, str(tmp)))
 
 
 def missing_ranks(directory: str | os.PathLike, world_ranks: Sequence[int]) -> list[int]:

@@ -24,6 +24,7 @@ from typing import Optional
 import torch
 from torch.distributed.tensor import DTensor
 
+from checkpoint import adamw_into
 from checkpoint.engine import CheckpointEngine, UniversalPersister
 from checkpoint.arena import HostArena
 from checkpoint.shm_arena import TRAINER_STATE_META, ArenaHandle, ArenaWriter, estimate_meta_capacity
@@ -57,11 +58,14 @@ class TrainerCheckpointer:
         self.trainer_state_fn = trainer_state_fn
         self.engine: Optional[CheckpointEngine] = None
         c = cfg.checkpoint
-        self.rank, self.every, self.keeper = rank, c.every, keeper
+        self.rank, self.every, self.keeper, self.slots = rank, c.every, keeper, c.shm_versions
         self.persist_cadence = c.every * c.persist_every  # steps between versions written to disk
         self.writer: Optional[ArenaWriter] = None  # keepers on: L0 is this rank's arena in the keeper's memory
         self._fragments: list[FragmentSpec] = []
-        self._fragments_signature: Optional[tuple] = None
+        self._fragments_by_signature: dict[tuple, list[FragmentSpec]] = {}
+        self.zero_copy = False  # the optimizer writes each version straight into its slot (``use_arena``)
+        self._in_arena = False  # parameters and moments live in a slot of the arena (a published version)
+        self._slot_keys: Optional[list] = None  # (parameter, its fragment keys) for the zero-copy step
         if c.every > 0 and keeper is None:
             persister = (UniversalPersister(c.dir, rank, tuple(range(dims.world_size)), c.keep)
                          if c.persist_every > 0 else None)
@@ -77,10 +81,17 @@ class TrainerCheckpointer:
         signature = (tuple(id(p) for p in self.runner.parameters()),
                      tuple(id(v) for state in self.optimizer.state.values() for v in state.values()),
                      tuple((name, id(tensor)) for name, tensor in sync_state.items()))
-        if signature != self._fragments_signature:
-            self._fragments = self.training_fragments(self.replica) + self.sync_fragments(sync_state, self.replica)
-            self._fragments_signature = signature
-        return list(self._fragments)
+        if self.zero_copy:  # the same tensors move between slots: one list per place they live in
+            signature += (tuple(p.data_ptr() for p in self.runner.parameters()),
+                          tuple(v.data_ptr() for state in self.optimizer.state.values() for v in state.values()))
+        fragments = self._fragments_by_signature.get(signature)
+        if fragments is None:
+            if len(self._fragments_by_signature) > 2 * self.slots:
+                self._fragments_by_signature.clear()
+            fragments = self.training_fragments(self.replica) + self.sync_fragments(sync_state, self.replica)
+            self._fragments_by_signature[signature] = fragments
+        self._fragments = fragments
+        return list(fragments)
 
     def training_fragments(self, replica: int) -> list[FragmentSpec]:
         """Parameters and optimizer state. Replica 0's are the model's (stable names, what export and any
@@ -131,8 +142,21 @@ class TrainerCheckpointer:
         if self.writer is None:
             self.writer = ArenaWriter(arena, self._reallocate, self.persist_cadence)
             self.engine = CheckpointEngine(self.writer, self.every)
+            self.zero_copy = self._zero_copy_reason() is None
         else:
             self.writer.replace(arena)
+
+    def _zero_copy_reason(self) -> Optional[str]:
+        """Why the optimizer cannot write each version straight into its slot, or None when it can: every
+        version must be snapshotted (a step between snapshots would update a held version in place), nothing
+        else may write the state between steps, and the step must be AdamW's on plain CPU tensors."""
+        if self.every != 1:
+            return f"checkpoint.every={self.every}"
+        if self.sync.writes_state_between_steps:
+            return f"sync {self.sync.name}"
+        if any(isinstance(p, DTensor) for p in self.runner.parameters()):
+            return "sharded parameters"
+        return adamw_into.unsupported_reason(self.optimizer)
 
     def _reallocate(self, payload_nbytes: int, meta_nbytes: int) -> ArenaHandle:
         import ray
@@ -143,6 +167,60 @@ class TrainerCheckpointer:
         if self.engine is not None:
             self.engine.wait_until_copied()
 
+    def optimizer_step(self, step: int) -> None:
+        """``optimizer.step()``; with ``zero_copy`` the new parameters and moments are written straight into
+        the arena slot of version ``step`` (bit-identical results), so its snapshot copies nothing big."""
+        targets = self._slot_targets(step) if self.zero_copy and self.engine.is_due(step) else None
+        if targets is None:
+            self._leave_arena()  # an in-place step must not change a version the arena holds
+            self.optimizer.step()
+            return
+        updated = set(adamw_into.step_into(self.optimizer, targets))
+        with torch.no_grad():
+            for param, (param_out, exp_avg_out, exp_avg_sq_out) in targets.items():
+                state = self.optimizer.state[param]
+                if param not in updated:  # no gradient this step: unchanged, but the slot must hold it
+                    param_out.copy_(param)
+                    exp_avg_out.copy_(state["exp_avg"])
+                    exp_avg_sq_out.copy_(state["exp_avg_sq"])
+                # ``.data =`` keeps the objects (module, optimizer, DDP hold them); torch DDP gets the gradients
+                # wrong after a ``set_`` on its parameters
+                param.data = param_out
+                state["exp_avg"].data = exp_avg_out
+                state["exp_avg_sq"].data = exp_avg_sq_out
+        self._in_arena = True
+
+    def _slot_targets(self, step: int) -> Optional[dict]:
+        """param -> its (param, exp_avg, exp_avg_sq) views in the slot taken for version ``step``; None when
+        no slot is free or the state is not laid out yet (the first step creates the moments)."""
+        if not self.optimizer.state:
+            return None
+        views = self.writer.begin(step, self.fragments())
+        if views is None:
+            return None
+        if self._slot_keys is None:
+            prefix = f"{REPLICAS_PREFIX}r{self.replica}." if self.per_replica and self.replica > 0 else ""
+            self._slot_keys = [(param, [FragmentSpec.whole(f"{prefix}{name}", param).key] + [
+                FragmentSpec.whole(f"{prefix}{OPTIM_PREFIX}{moment}.{name}", param).key
+                for moment in ("exp_avg", "exp_avg_sq")]) for name, param in self.runner.named_parameters()
+                if param.requires_grad]
+        targets = {}
+        for param, keys in self._slot_keys:
+            if any(key not in views for key in keys):
+                return None
+            targets[param] = tuple(views[key] for key in keys)
+        return targets
+
+    def _leave_arena(self) -> None:
+        """Give parameters and moments that live in a held version's slot their own memory again."""
+        if not self._in_arena:
+            return
+        with torch.no_grad():
+            for param, state in self.optimizer.state.items():
+                for tensor in (param, state["exp_avg"], state["exp_avg_sq"]):
+                    tensor.data = tensor.data.clone()
+        self._in_arena = False
+
     def snapshot(self, step: int) -> None:
         if self.engine is not None:
             self.engine.snapshot(step, self.fragments, self.trainer_state_fn(step))
@@ -152,7 +230,8 @@ class TrainerCheckpointer:
         if self.engine is None:
             return {"ckpt_l0": None, "ckpt_l2": None}
         if self.writer is not None:
-            return {"ckpt_l0": self.engine.copied_version, "ckpt_handed": self.writer.handed_version}
+            return {"ckpt_l0": self.engine.copied_version, "ckpt_handed": self.writer.handed_version,
+                    "ckpt_copied_bytes": self.writer.copied_bytes}
         persister = self.engine.persister
         return {"ckpt_l0": self.engine.copied_version,
                 "ckpt_l2": persister.committed_version if persister is not None else None}
@@ -211,6 +290,7 @@ class TrainerCheckpointer:
 
     def restore_snapshot(self, index: dict, payload) -> TrainerState:
         """Same-layout restore from a level-1 snapshot (this rank's packed arena, from a keeper)."""
+        self._leave_arena()
         parsed = SnapshotIndex.from_json(index)
         # A fresh optimizer has no state yet: allocate what the snapshot holds, then copy into it.
         own_prefix = f"{REPLICAS_PREFIX}r{self.replica}."
@@ -225,6 +305,7 @@ class TrainerCheckpointer:
 
     def restore(self, directory: str | Path) -> TrainerState:
         """Load parameters, optimizer and sync state (resharding to this layout); return the trainer state."""
+        self._leave_arena()
         version = resolve_version_dir(directory)
         manifest = read_manifest(version)
         load_model(version, self.runner, manifest)

@@ -60,6 +60,9 @@ def aggregate_step(reports: list[dict], run_start: float, tokens_per_step: int) 
         "ckpt_l0": reports[0].get("ckpt_l0"),
         "ckpt_l2": reports[0].get("ckpt_l2"),
         **({"eval_loss": sum(eval_losses) / len(eval_losses)} if eval_losses else {}),
+        # keepers on: bytes the ranks' snapshot copies moved (the optimizer writes the rest in place)
+        **({"ckpt_copied_bytes": sum(r["ckpt_copied_bytes"] for r in reports)}
+           if all("ckpt_copied_bytes" in r for r in reports) else {}),
         **loss_rank_timing(reports),
     }
 

@@ -24,6 +24,8 @@ class Snapshotter(Protocol):
 
     def snapshot(self, step: int) -> None: ...
 
+    def optimizer_step(self, step: int) -> None: ...
+
 
 @dataclass
 class StepMetrics:
@@ -99,7 +101,10 @@ class Trainer:
         if self.grad_clip > 0:
             clip_grad_norm_(self.runner.parameters(), self.grad_clip, self.runner.pp_group)
         lr = self.optimizer.param_groups[0]["lr"]
-        self.optimizer.step()
+        if self.snapshotter is not None:  # it may write the update straight into the step's snapshot
+            self.snapshotter.optimizer_step(self.step)
+        else:
+            self.optimizer.step()
         self.optimizer.zero_grad(set_to_none=True)
         self.scheduler.step()
         self.sync.after_optimizer(self.step - 1)

@@ -6,6 +6,7 @@ one producer actor that hands over the snapshots of two ranks and then dies.
 """
 import json
 import time
+from dataclasses import replace
 import warnings
 
 import numpy as np
@@ -435,3 +436,31 @@ def test_keeper_killed_during_encoding_leaves_the_committed_version_intact(sim, 
     # committing 3 frees the older committed version's slots
     assert ray.get([k.versions.remote() for k in handles]) == [[3]] * 4
     assert_snapshots_equal(group.rebuild(3, 0), 3, node_ranks(0))
+
+
+def test_a_step_that_writes_into_the_begun_slot_is_the_snapshot_and_nothing_is_copied_again(keeper_and_arenas):
+    keeper, arenas = keeper_and_arenas
+    live = rank_fragments(6, 0)
+    writer = ArenaWriter(arenas[0].handle())
+    writer.copy_version(6, live, TrainerState(step=6))
+    assert writer.copied_bytes == sum(f.tensor.nbytes for f in live)
+    views = writer.begin(7, live)  # version 7's slot, laid out as version 6 was
+    assert set(views) == {f.key for f in live}
+    moved = []
+    with torch.no_grad():
+        for fragment in live[:-1]:  # "the optimizer" writes all but the last tensor straight into the slot
+            views[fragment.key].copy_(fragment.tensor + 1)
+            moved.append(replace(fragment, tensor=views[fragment.key]))
+    moved.append(live[-1])
+    assert writer.copy_version(7, moved, TrainerState(step=7))
+    assert writer.copied_bytes == live[-1].tensor.nbytes  # only what was not written in place
+    held = {f.key: f.tensor for f in unpack(*keeper.get(7, 0))}
+    assert all(torch.equal(held[f.key], f.tensor) for f in moved)
+    before = unpack(*keeper.get(6, 0))  # the version before is intact
+    assert all(torch.equal(held.tensor, fragment.tensor) for held, fragment in zip(before, live))
+    keeper.seal(6)
+    keeper.seal(7)
+    assert writer.copy_version(8, live, TrainerState(step=8))  # the last free slot
+    keeper.seal(8)
+    assert writer.begin(9, live) is None  # every slot claimed: nothing to begin, the step updates in place
+    assert not writer.copy_version(9, live, TrainerState(step=9)) and writer.skipped == 1

@@ -42,6 +42,10 @@ def test_killed_rank_is_healed_from_its_replica_and_the_survivor_keeps_its_proce
     [memory] = [r["nodes"] for r in records if r.get("event") == "keeper_memory"]
     [node] = memory.values()  # one node: no parity; the arenas hold shm_versions of each rank's state
     assert node["parity_bytes"] == 0 and node["arena_bytes"] >= node["slots"] * node["state_bytes"]
+    # AdamW wrote each version's parameters and moments straight into its slot (the curve is the copying run's,
+    # above): a snapshot copied only small tensors, except the first of each process (no layout yet)
+    copied = [r["ckpt_copied_bytes"] for r in records if r.get("step", 0) >= 3 and "ckpt_copied_bytes" in r]
+    assert len(copied) >= 10 and sum(c > node["state_bytes"] / 100 for c in copied) <= 2, copied
 
 
 @pytest.mark.slow

@@ -27,6 +27,9 @@ class SyncStrategy:
     # True when every replica holds exactly the same parameters, optimizer and sync state after each step, so a
     # lost replica can take a survivor's state (DDP; not FSDP shards, not per-rank error feedback)
     replicas_identical = False
+    # False when the strategy writes no parameter, optimizer or sync state between one step's optimizer update
+    # and the next one's (DDP: it only averages gradients), so a snapshot may share that state's memory
+    writes_state_between_steps = True
 
     def __init__(self, replica_group, counter: Optional[CommCounter] = None):
         self.replica_group = replica_group

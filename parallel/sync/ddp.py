@@ -35,6 +35,7 @@ def _counting_allreduce_hook(strategy, bucket):
 class DDPSync(SyncStrategy):
     name = "ddp"
     replicas_identical = True
+    writes_state_between_steps = False
 
     def __init__(self, replica_group, counter: Optional[comm.CommCounter] = None, use_torch_ddp: bool = True):
         super().__init__(replica_group, counter)

@@ -1,0 +1,74 @@
+"""The AdamW step that writes into the next snapshot's slot: bit-identical to ``optimizer.step()``."""
+import numpy as np
+import pytest
+import torch
+
+from checkpoint.adamw_into import step_into, unsupported_reason
+
+
+def _model() -> torch.nn.Module:
+    torch.manual_seed(0)
+    return torch.nn.Sequential(torch.nn.Linear(16, 33), torch.nn.LayerNorm(33), torch.nn.Linear(33, 4))
+
+
+def _adamw(model: torch.nn.Module, **options) -> torch.optim.AdamW:
+    decay = [p for p in model.parameters() if p.dim() >= 2]
+    no_decay = [p for p in model.parameters() if p.dim() < 2]
+    return torch.optim.AdamW([{"params": decay, "weight_decay": 0.1}, {"params": no_decay, "weight_decay": 0.0}],
+                             lr=1e-2, foreach=False, **options)
+
+
+def _slot_views(params, slot: np.ndarray) -> dict:
+    """(param, exp_avg, exp_avg_sq) views of one uint8 buffer per parameter, 64-byte aligned, as an arena lays
+    them out."""
+    flat, offset, views = torch.from_numpy(slot), 0, {}
+    for param in params:
+        triple = []
+        for _ in range(3):
+            nbytes = param.numel() * 4
+            triple.append(flat[offset:offset + nbytes].view(torch.float32).reshape(param.shape))
+            offset += -(-nbytes // 64) * 64
+        views[param] = tuple(triple)
+    return views
+
+
+def test_step_into_slots_matches_torch_adamw_bit_for_bit():
+    reference, moved = _model(), _model()
+    reference_opt, moved_opt = _adamw(reference), _adamw(moved)
+    slots = [_slot_views(list(moved.parameters()), np.zeros(1 << 16, dtype=np.uint8)) for _ in range(3)]
+    inputs = torch.randn(8, 16)
+    frozen_at = {3, 4}  # steps where the last layer has no gradient: torch skips it, so must step_into
+    for step in range(8):
+        for model, optimizer in ((reference, reference_opt), (moved, moved_opt)):
+            optimizer.zero_grad(set_to_none=True)
+            model(inputs).pow(2).mean().backward()
+            if step in frozen_at:
+                model[2].weight.grad = model[2].bias.grad = None
+        reference_opt.step()
+        # slot 0 twice in a row at the start: a target that is the tensor it replaces (the in-place case)
+        targets = slots[max(0, step - 1) % 3]
+        before = {p: p.detach().clone() for p in moved.parameters()}
+        updated = step_into(moved_opt, targets)
+        assert len(updated) == (4 if step in frozen_at else 6)
+        with torch.no_grad():
+            for param in updated:
+                state = moved_opt.state[param]
+                if targets[param][0].data_ptr() != param.data_ptr():
+                    assert torch.equal(param, before[param])  # the old tensors are left as they were
+                param.data, state["exp_avg"].data, state["exp_avg_sq"].data = targets[param]
+    for mine, theirs in zip(moved.parameters(), reference.parameters()):
+        assert torch.equal(mine, theirs)
+        for key in ("step", "exp_avg", "exp_avg_sq"):
+            assert torch.equal(moved_opt.state[mine][key], reference_opt.state[theirs][key])
+    assert moved[0].weight.data_ptr() == slots[6 % 3][moved[0].weight][0].data_ptr()
+
+
+@pytest.mark.parametrize("build, reason", [
+    (lambda m: torch.optim.AdamW(m.parameters(), foreach=True), "foreach=True"),
+    (lambda m: torch.optim.AdamW(m.parameters(), amsgrad=True, foreach=False), "amsgrad=True"),
+    (lambda m: torch.optim.SGD(m.parameters(), lr=0.1), "not AdamW"),
+    (lambda m: torch.optim.Adam(m.parameters(), weight_decay=0.1, foreach=False), "coupled weight decay"),
+])
+def test_optimizers_it_cannot_stand_in_for_are_named(build, reason):
+    assert reason in unsupported_reason(build(_model()))
+    assert unsupported_reason(_adamw(_model())) is None

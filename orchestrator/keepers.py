@@ -10,7 +10,7 @@ import logging
 import statistics
 import time
 from collections import deque
-from concurrent.futures import Future, ThreadPoolExecutor
+from concurrent.futures import Future, ThreadPoolExecutor, wait
 from dataclasses import dataclass
 from typing import Any, Optional
 
@@ -225,6 +225,11 @@ class KeeperService:
         return self.persisted
 
     def _commit(self, version: int, persist: bool = False) -> bool:
+        cadence = self.cfg.every * self.cfg.persist_every
+        if cadence and version % cadence == 0 and self._persist is not None:
+            # a version due on disk waits (on this background thread; its trainers keep it in a slot) for the
+            # previous level-2 write rather than being committed without one: disk holds exactly those steps
+            wait([self._persist])
         groups, start = list(self.groups), time.perf_counter()
         persist = persist or self._persist_due(version)
         try:

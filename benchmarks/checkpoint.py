@@ -2,8 +2,8 @@
 
 The model is a Llama whose training state (parameters + AdamW moments, fp32) is >= 1 GiB by default.
 
-Both harnesses train the same model, optimizer, LR schedule, grad clip and data, composed from the same overrides
-as ``orchestrate launch``, torch using every core. orchestrate: ``python -m orchestrator launch parallel.dp=1``
+Both harnesses train the same model, optimizer (AdamW with torch's fused kernel, the default and the fastest here),
+LR schedule, grad clip and data, composed from the same overrides as ``orchestrate launch``, torch using every core. orchestrate: ``python -m orchestrator launch parallel.dp=1``
 (one worker), ``step_time`` per step from ``metrics.jsonl``. Plain PyTorch: one process, no Ray, wall time per
 iteration (data, forward, backward, clip, optimizer step, checkpoint call).
 
@@ -55,6 +55,12 @@ ORCHESTRATE_METHODS = {
         ["checkpoint.every=1", "checkpoint.keepers=false", "checkpoint.persist_every=10"],
     "orchestrate, snapshot every 10 steps + keepers, disk every 10":
         ["checkpoint.every=10", "checkpoint.keepers=true", "checkpoint.persist_every=1"],
+    # the single-tensor AdamW loop (optim.fused=false), slower than the fused kernel but the one that writes each
+    # snapshot straight into the keeper's slot: is copying behind the fused step still the better default?
+    "orchestrate, no checkpointing, optim.fused=false":
+        ["checkpoint.every=0", "checkpoint.persist_every=0", "checkpoint.keepers=false", "optim.fused=false"],
+    "orchestrate, snapshot every step + keepers, disk every 10, optim.fused=false (the step writes the snapshot)":
+        ["checkpoint.every=1", "checkpoint.keepers=true", "checkpoint.persist_every=10", "optim.fused=false"],
 }
 PLAIN_METHODS = {  # label -> (saver, save every N steps)
     "plain PyTorch, no checkpointing": ("none", 0),

@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import dataclasses
 from dataclasses import replace
+import logging
 import warnings
 from pathlib import Path
 from types import SimpleNamespace
@@ -34,6 +35,8 @@ from checkpoint.fragments import (OPTIM_PREFIX, init_optimizer_state, load_model
 from checkpoint.reshard import load_into
 from checkpoint.universal import CheckpointError, FragmentSpec, Manifest, TrainerState, read_manifest, resolve_version_dir
 from orchestrator.config import Config
+
+log = logging.getLogger(__name__)
 
 SYNC_PREFIX = "sync."
 REPLICAS_PREFIX = "replicas."
@@ -65,7 +68,6 @@ class TrainerCheckpointer:
         self._fragments_by_signature: dict[tuple, list[FragmentSpec]] = {}
         self.zero_copy = False  # the optimizer writes each version straight into its slot (``use_arena``)
         self._in_arena = False  # parameters and moments live in a slot of the arena (a published version)
-        self._slot_keys: Optional[list] = None  # (parameter, its fragment keys) for the zero-copy step
         if c.every > 0 and keeper is None:
             persister = (UniversalPersister(c.dir, rank, tuple(range(dims.world_size)), c.keep)
                          if c.persist_every > 0 else None)
@@ -142,7 +144,10 @@ class TrainerCheckpointer:
         if self.writer is None:
             self.writer = ArenaWriter(arena, self._reallocate, self.persist_cadence)
             self.engine = CheckpointEngine(self.writer, self.every)
-            self.zero_copy = self._zero_copy_reason() is None
+            reason = self._zero_copy_reason()
+            self.zero_copy = reason is None
+            if reason is not None:
+                log.debug("rank %d: snapshots are copied in the background (%s)", self.rank, reason)
         else:
             self.writer.replace(arena)
 
@@ -195,20 +200,19 @@ class TrainerCheckpointer:
         no slot is free or the state is not laid out yet (the first step creates the moments)."""
         if not self.optimizer.state:
             return None
-        views = self.writer.begin(step, self.fragments())
+        fragments = self.fragments()
+        views = self.writer.begin(step, fragments)
         if views is None:
             return None
-        if self._slot_keys is None:
-            prefix = f"{REPLICAS_PREFIX}r{self.replica}." if self.per_replica and self.replica > 0 else ""
-            self._slot_keys = [(param, [FragmentSpec.whole(f"{prefix}{name}", param).key] + [
-                FragmentSpec.whole(f"{prefix}{OPTIM_PREFIX}{moment}.{name}", param).key
-                for moment in ("exp_avg", "exp_avg_sq")]) for name, param in self.runner.named_parameters()
-                if param.requires_grad]
+        # each tensor's place in the slot is that of the fragment that refers to its memory
+        view_of = {f.tensor.data_ptr(): views.get(f.key) for f in fragments if f.tensor.numel()}
         targets = {}
-        for param, keys in self._slot_keys:
-            if any(key not in views for key in keys):
+        for param, state in self.optimizer.state.items():
+            tensors = (param, state["exp_avg"], state["exp_avg_sq"])
+            slot_views = tuple(view_of.get(tensor.data_ptr()) for tensor in tensors)
+            if any(view is None or view.shape != tensor.shape for view, tensor in zip(slot_views, tensors)):
                 return None
-            targets[param] = tuple(views[key] for key in keys)
+            targets[param] = slot_views
         return targets
 
     def _leave_arena(self) -> None:

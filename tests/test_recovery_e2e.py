@@ -42,10 +42,15 @@ def test_killed_rank_is_healed_from_its_replica_and_the_survivor_keeps_its_proce
     [memory] = [r["nodes"] for r in records if r.get("event") == "keeper_memory"]
     [node] = memory.values()  # one node: no parity; the arenas hold shm_versions of each rank's state
     assert node["parity_bytes"] == 0 and node["arena_bytes"] >= node["slots"] * node["state_bytes"]
-    # AdamW wrote each version's parameters and moments straight into its slot (the curve is the copying run's,
-    # above): a snapshot copied only small tensors, except the first of each process (no layout yet)
+
+
+def assert_optimizer_wrote_the_snapshots(records):
+    """The single-tensor AdamW wrote each version's parameters and moments straight into its slot: a snapshot
+    copied only small tensors, except the first of each process (no layout yet)."""
+    [memory] = [r["nodes"] for r in records if r.get("event") == "keeper_memory"][:1]
+    state_bytes = max(node["state_bytes"] for node in memory.values())
     copied = [r["ckpt_copied_bytes"] for r in records if r.get("step", 0) >= 3 and "ckpt_copied_bytes" in r]
-    assert len(copied) >= 10 and sum(c > node["state_bytes"] / 100 for c in copied) <= 2, copied
+    assert len(copied) >= 10 and sum(c > state_bytes / 100 for c in copied) <= 4, copied
 
 
 @pytest.mark.slow
@@ -63,11 +68,13 @@ def test_without_restarts_left_the_run_fails_clearly_and_frees_its_shared_memory
 def test_keeper_loss_and_a_fault_during_recovery_are_survived(tmp_path):
     # 100 steps: a replacement keeper takes a few seconds to start (it imports torch) while training goes on, and
     # the ranks snapshot into the lost keeper's orphaned arenas until then (unprotected)
-    overrides = ["checkpoint.persist_every=0", "train.steps=100"]
+    # the single-tensor AdamW: keepers take each snapshot from the optimizer step itself, no copy
+    overrides = ["checkpoint.persist_every=0", "train.steps=100", "optim.fused=false"]
     expected = run(tmp_path / "clean", *overrides)
     schedule = "fault.schedule=[{rank:0,at_step:3,kind:keeper},{rank:1,at_step:96},{rank:0,during_recovery:true}]"
     assert run(tmp_path / "faulty", *overrides, "checkpoint.keepers=true", schedule) == expected
-    records = [json.loads(line) for line in (tmp_path / "faulty" / "metrics.jsonl").read_text().splitlines()]
+    records = records_of(tmp_path / "faulty")
+    assert_optimizer_wrote_the_snapshots(records)
     [replaced] = [r for r in records if r.get("event") == "keeper_replaced"]
     assert replaced["ranks"] == [0, 1]
     interrupted, recovered = [r["recovery"] for r in records if "recovery" in r]

@@ -18,8 +18,8 @@ Tasks, every run on the same model init, data stream, steps and W workers (defau
 Reported per run: final eval cross-entropy (averaged over replicas: NoLoCo's differ; Streaming DiLoCo is evaluated
 on its outer parameters; 0/1 Adam's replicas may be between syncs), its ratio to DDP, the bytes rank 0 sent in
 total and in its largest single sync relative to DDP (1-bit Adam: also per step of its compressed phase), and the
-spec's section 5 gates (loss gates for H <= 50). 0/1 Adam (no gate in the spec) freezes v after 20% of the steps
-and doubles its local-step interval every 10% of the steps (1, 2, 4, 8, 16).
+gates of docs/lowcomm.md section 5 (loss gates for H <= 50). 0/1 Adam (no gate there) freezes v after 20% of the
+steps and doubles its local-step interval every 10% of the steps (1, 2, 4, 8, 16).
 
     .venv/bin/python -m benchmarks.lowcomm [--task toy|toy-lr3e-3|toy-ddp-lr|llama|llama-long|all] [--steps N]
 """
@@ -74,8 +74,8 @@ def runs(steps: int, layers_per_fragment: int) -> list[Run]:
 
 class ToyTask:
     INPUTS, HIDDEN, CLASSES, BATCH = 32, 128, 10, 64
-    LR = {"toy": 1e-3, "toy-lr3e-3": 3e-3}  # the second is the spec's, and DDP's best (toy-ddp-lr)
-    TEACHER_HIDDEN, INPUT_SCALE = 128, 3.0  # DDP and single worker land near the spec's reference losses
+    LR = {"toy": 1e-3, "toy-lr3e-3": 3e-3}  # the second is the protocol's (docs/lowcomm.md section 5), DDP's best
+    TEACHER_HIDDEN, INPUT_SCALE = 128, 3.0  # DDP and single worker land near docs/lowcomm.md section 5's losses
     layers_per_fragment = 1  # 2 blocks -> 2 fragments
 
     def __init__(self, rank: int, world: int, lr: float):

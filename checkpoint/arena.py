@@ -1,8 +1,10 @@
 """Host buffers that a state dict is copied into, allocated once and reused for every snapshot.
 
 Why: in this VM a fresh allocation faults every page, so ``clone()`` of 1 GiB takes ~3 s while ``copy_`` into
-buffers that were already touched takes ~0.2 s (specs/checkpointing.md section 5). One buffer per tensor, not
-one flat arena: per-tensor ``copy_`` measured faster, and safetensors refuses tensors that share storage.
+buffers that were already touched takes ~0.2 s (measured here, 1 GiB of fp32 in 159 tensors, best of 3:
+``clone()`` 2.96 s, ``copy_`` into reused buffers 0.17-0.23 s). One buffer per tensor, not one flat arena:
+per-tensor ``copy_`` measured faster (into one flat arena: 0.29-0.36 s), and safetensors refuses tensors that
+share storage.
 
 With ``slots`` > 1 the arena keeps that many versions, written in turn: a recovery can roll every rank back to
 a version older than the newest (the one whose metrics the controller logged), as the keepers' arenas allow.

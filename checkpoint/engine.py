@@ -1,4 +1,4 @@
-"""The lazy asynchronous multi-level checkpoint engine (DESIGN.md sections 2-3).
+"""The lazy asynchronous multi-level checkpoint engine (docs/checkpointing.md).
 
 Trainer integration (the training-step contract)::
 

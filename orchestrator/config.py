@@ -109,7 +109,8 @@ class ParallelConfig:
 
 @dataclass
 class SyncConfig:
-    """``name`` picks the strategy; its section holds that strategy's hyper-parameters (spec defaults)."""
+    """``name`` picks the strategy; its section holds that strategy's hyper-parameters (defaults: docs/lowcomm.md
+    section 0.4)."""
 
     name: str = "ddp"
     diloco: DiLoCoConfig = field(default_factory=DiLoCoConfig)

@@ -1,5 +1,5 @@
-"""Where every rank of a recovering gang gets the state it rolls back to, fastest source first (DESIGN.md,
-Recovery): a surviving data-parallel replica -> the lost rank's own keeper -> parity decoded in its group ->
+"""Where every rank of a recovering gang gets the state it rolls back to, fastest source first (docs/recovery.md
+section 3): a surviving data-parallel replica -> the lost rank's own keeper -> parity decoded in its group ->
 disk. Surviving ranks keep their processes and roll back to their own snapshot in memory; only lost ranks are
 started anew. Plain decisions over what the controller gathered, so they are tested without a cluster.
 """

@@ -1,4 +1,5 @@
-"""The training step: the contract every part plugs into (DESIGN.md section 2)."""
+"""The training step: the contract every part plugs into (sync hooks: docs/lowcomm.md section 0.3; snapshots:
+checkpoint/engine.py)."""
 from __future__ import annotations
 
 import math

@@ -71,7 +71,7 @@ class CommCounter:
 
 
 def all_reduce(tensor: torch.Tensor, group, counter: CommCounter, op=dist.ReduceOp.SUM, async_op: bool = False):
-    """Gloo corrupts non-contiguous buffers silently (research section 0.3), so callers pass contiguous ones."""
+    """Gloo corrupts non-contiguous buffers silently, so callers pass contiguous ones."""
     if not tensor.is_contiguous():
         raise ValueError("all_reduce needs a contiguous tensor (gloo corrupts non-contiguous buffers)")
     counter.add(all_reduce_bytes(tensor_nbytes(tensor), group_size(group)))

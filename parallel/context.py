@@ -1,7 +1,7 @@
 """Context parallelism: each rank of the ``cp`` mesh dimension holds part of every sequence.
 
-torch's built-in ``context_parallel`` has no CPU attention handler (research/torch-native-parallel.md section 5),
-so both attention cores are written here against plain process groups:
+torch's built-in ``context_parallel`` has no CPU attention handler (its ring handlers are registered for the CUDA
+attention kernels only), so both attention cores are written here against plain process groups:
 
 - ``ring``: every rank keeps its queries; K/V blocks travel around the ring (batch_isend_irecv) and the partial
   results are merged with a running log-sum-exp. The backward is an explicit loop in the same autograd Function
@@ -13,8 +13,8 @@ Sequence layout: the sequence is cut into 2*cp equal chunks. With ``load_balance
 2*cp-1-r (an early and a late chunk, so under causal masking every rank does the same work); otherwise chunks
 2r and 2r+1. ``shard_sequence`` and ``apply_cp`` must use the same layout.
 
-Gloo silently corrupts non-contiguous buffers (research section 0.3): every buffer handed to a collective here is
-made contiguous first, and receive buffers are fresh contiguous tensors.
+Gloo silently corrupts non-contiguous buffers (SDPA's permuted gradients gave wrong K/V gradients, no error): every
+buffer handed to a collective here is made contiguous first, and receive buffers are fresh contiguous tensors.
 """
 from __future__ import annotations
 

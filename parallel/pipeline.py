@@ -5,7 +5,7 @@ Built on ``torch.distributed.pipelining`` (PipelineStage + schedules). What this
 - cost-balanced cut points that count the embedding and the output head (a large vocabulary makes the first and
   last stage heavy), or explicit cuts from ``parallel.pp_split``;
 - stage modules that keep global parameter names (``layers.5.attention.wq.weight`` on every layout);
-- static input/output shapes for every stage, so no object collective (numpy, research section 0.1) is needed;
+- static input/output shapes for every stage, so no object collective (they need numpy) is needed;
 - config validation with one-line errors naming the key and the valid values;
 - a per-step compute/wait time split and the peak number of microbatches whose activations a stage holds.
 

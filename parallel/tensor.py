@@ -6,7 +6,7 @@ rows) and the output head is column-wise, so its logits stay sharded on the voca
 with ``loss_parallel`` without ever gathering the full [B, T, vocab] logits.
 
 With ``sequence_parallel`` the norms and the residual stream are sharded along the sequence (dim 1) between the
-tensor-parallel regions (research/torch-native-parallel.md section 3); the activations held per rank shrink by tp.
+tensor-parallel regions; the activations held per rank shrink by tp.
 
 Only the ``tp`` mesh dimension is used: pass ``mesh["tp"]``. Every rank must build the model from the same seed
 (``build_llama``) before ``apply_tp`` shards it.

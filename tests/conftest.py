@@ -23,7 +23,7 @@ def local_ray():
 def reference(tmp_path_factory):
     """(run dir, step -> loss) of quickstart on dp=2 for 20 steps with checkpoints every 10 and evaluation: the
     curve every layout, resume and recovery test compares against (checkpoint settings do not change losses)."""
-    from tests.test_layouts_e2e import run
+    from tests.support.runs import run
 
     run_dir = tmp_path_factory.mktemp("reference")
     return run_dir, run(run_dir, "parallel.dp=2", "train.eval_batches=2")
@@ -60,9 +60,3 @@ def tmpfs(tmp_path):
     yield mount
     for path in mounts:
         subprocess.run(["umount", str(path)], check=True)
-
-
-def tmpfs_used_bytes(path) -> int:
-    """Bytes allocated in a tmpfs, including files without a name that a process still holds."""
-    stats = os.statvfs(path)
-    return (stats.f_blocks - stats.f_bfree) * stats.f_frsize

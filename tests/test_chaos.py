@@ -7,7 +7,7 @@ import random
 import pytest
 
 from checkpoint.universal import version_dir
-from tests.test_cli import orchestrate
+from tests.support.runs import orchestrate, records_of
 
 STEPS = 40
 # a larger batch than the quickstart's: steps of ~0.4 s, so that the keepers' commits keep up with the faults as
@@ -45,7 +45,7 @@ def test_random_faults_end_with_the_parameters_of_a_run_without_them(sim, tmp_pa
     chaos = orchestrate("launch", *COMMON, *on_sim, schedule, "fault.max_restarts=10",
                         f"run.dir={tmp_path / 'chaos'}", timeout=900)
     assert chaos.returncode == 0, chaos.stderr[-3000:]
-    records = [json.loads(line) for line in (tmp_path / "chaos" / "metrics.jsonl").read_text().splitlines()]
+    records = records_of(tmp_path / "chaos")
     assert [r["step"] for r in records if "step_time" in r] == list(range(1, STEPS + 1))
     assert len([r for r in records if r.get("event") == "fault"]) >= 6
     recoveries = [r["recovery"] for r in records if "recovery" in r]

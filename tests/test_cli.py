@@ -1,38 +1,15 @@
 """End-to-end: the real ``orchestrate`` command in a subprocess, with an embedded Ray of its own."""
 import ipaddress
-import json
-import os
 import re
 import subprocess
 import sys
-import tempfile
 import time
 from pathlib import Path
 
 import psutil
 import pytest
 
-from tests.conftest import tmpfs_used_bytes
-
-# Embedded clusters of the commands run here keep their session files under this folder, so a test can tell
-# their processes from those of anything else running on the machine.
-RAY_ROOT = tempfile.mkdtemp(prefix="orch-t", dir="/tmp")
-ENV = {**os.environ, "WANDB_MODE": "disabled", "ORCHESTRATE_RAY_TMPDIR": RAY_ROOT}
-
-
-def orchestrate(*args: str, timeout: float = 300) -> subprocess.CompletedProcess:
-    return subprocess.run([sys.executable, "-m", "orchestrator", *args], capture_output=True, text=True,
-                          timeout=timeout, env=ENV)
-
-
-def ray_processes_of_ours() -> set[int]:
-    return {p.pid for p in psutil.process_iter(["cmdline"])
-            if any(RAY_ROOT in part for part in (p.info["cmdline"] or []))}
-
-
-def losses(run_dir: Path) -> list[float]:
-    records = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
-    return [r["loss"] for r in records if "loss" in r]
+from tests.support.runs import ENV, losses, orchestrate, ray_processes_of_ours, records_of, tmpfs_used_bytes
 
 
 def listeners_while_running(args: list[str], timeout: float = 300) -> tuple[subprocess.CompletedProcess, dict]:
@@ -69,7 +46,7 @@ def is_loopback(ip: str) -> bool:
 
 
 def worker_pids(run_dir: Path) -> set[int]:
-    records = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
+    records = records_of(run_dir)
     return {pid for r in records if r.get("event") == "workers" for pid in r["pids"]}
 
 
@@ -93,7 +70,7 @@ def test_launch_trains_with_falling_loss_and_is_deterministic(reference, tmp_pat
     assert sum(first[-5:]) / 5 < 0.8 * sum(first[:5]) / 5  # clearly falling
     _, expected = reference
     assert first == [expected[step] for step in range(1, 21)]  # same recipe and seed: bit-identical losses
-    records = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
+    records = records_of(run_dir)
     record = [r for r in records if "step_time" in r][-1]
     for key in ("step", "loss", "lr", "tokens", "tokens_per_s", "comm_bytes", "wall_time"):
         assert key in record

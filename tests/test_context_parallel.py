@@ -3,7 +3,7 @@
 Model level: loss and every gradient equal the single-process full-batch run (1e-5), loss curves over 5 AdamW
 steps within 1e-4, for cp=2 and tp=2 x cp=2. Core level: the attention cores fed non-contiguous, rank-dependent
 q/k/v and output gradients (the layouts SDPA and the model produce) equal full causal attention, forward and
-backward (gloo corrupts non-contiguous buffers silently, research section 0.3).
+backward (gloo corrupts non-contiguous buffers silently).
 """
 from __future__ import annotations
 
@@ -12,7 +12,7 @@ import torch
 import torch.nn.functional as F
 
 from parallel.local_ranks import run_ranks
-from tests.test_tensor_parallel import assert_matches_reference, parallel_run, reference_run
+from tests.support.tensor_parallel import assert_matches_reference, parallel_run, reference_run
 
 CORE_SHAPE = dict(batch=2, heads=4, seq=32, head_dim=8)
 

@@ -11,8 +11,7 @@ import pytest
 
 from cluster import emulated
 from cluster.network import collective_interface_environment, interface_of
-from tests.test_cli import ENV, orchestrate
-from tests.test_multinode_recovery import curve_of, records_of, recoveries_of, wait_for_records
+from tests.support.runs import ENV, curve_of, orchestrate, records_of, recoveries_of, wait_for_records
 
 IS_ROOT = os.geteuid() == 0
 needs_root = pytest.mark.skipif(not IS_ROOT or shutil.which("ip") is None or shutil.which("tc") is None,

@@ -1,7 +1,6 @@
 """Ctrl-C and SIGTERM through the CLI: the first saves the newest snapshot as a universal checkpoint and says how
 to resume (exit 130 / 143); the resumed run computes the steps after it exactly as the interrupted run did; a
 second Ctrl-C stops at once."""
-import json
 import re
 import signal
 import subprocess
@@ -10,14 +9,14 @@ import time
 
 import pytest
 
-from tests.test_cli import ENV, orchestrate, ray_processes_of_ours
+from tests.support.runs import ENV, orchestrate, ray_processes_of_ours, records_of
 
 # a constant learning rate: train.steps does not change the losses, so a resume may stop earlier
 RUN = ["recipe=quickstart", "optim.schedule=constant", "logging.progress=false", "checkpoint.persist_every=0"]
 
 
 def step_losses(run_dir):
-    records = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines() if line]
+    records = records_of(run_dir)
     return {r["step"]: r["loss"] for r in records if "step_time" in r}
 
 

@@ -28,7 +28,7 @@ from checkpoint.snapshot_codec import ALIGNMENT, SnapshotIndex, copy_into, pack,
 from checkpoint.universal import (CheckpointError, FragmentSpec, SliceSpec, TrainerState, latest_version_dir,
                                   read_manifest)
 
-from tests.conftest import tmpfs_used_bytes
+from tests.support.runs import tmpfs_used_bytes
 
 NODES, RANKS_PER_NODE, COLUMNS = 4, 2, 512
 WORLD = list(range(NODES * RANKS_PER_NODE))

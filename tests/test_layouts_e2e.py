@@ -7,30 +7,11 @@ from pathlib import Path
 import pytest
 
 from checkpoint.hf_import import read_hf_llama
-from tests.test_cli import orchestrate
-
-STEPS = 20
-COMMON = ["recipe=quickstart", f"train.steps={STEPS}", "checkpoint.persist_every=10", "checkpoint.keep=3",
-          "logging.progress=false"]
-
-
-def run(run_dir: Path, *overrides: str, command: str = "launch") -> dict[int, float]:
-    args = [*COMMON, *overrides] if command == "launch" else list(overrides)
-    result = orchestrate(command, *args, f"run.dir={run_dir}")
-    assert result.returncode == 0, result.stderr[-3000:]
-    records = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
-    return {r["step"]: r["loss"] for r in records if r.get("loss") is not None}
-
-
-def assert_close_curves(actual: dict[int, float], expected: dict[int, float], tolerance: float) -> None:
-    assert actual.keys() <= expected.keys() and actual
-    worst = max(abs(actual[s] - expected[s]) for s in actual)
-    assert worst <= tolerance, (worst, actual, expected)
+from tests.support.runs import STEPS, assert_close_curves, orchestrate, records_of, run
 
 
 def eval_loss(run_dir: Path) -> float:
-    records = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
-    return next(r["eval_loss"] for r in records if "eval_loss" in r)
+    return next(r["eval_loss"] for r in records_of(run_dir) if "eval_loss" in r)
 
 
 # Through the CLI here: one layout per mechanism (the pp x tp and FSDP2 tests below add theirs). The numerics of
@@ -119,7 +100,7 @@ def test_fsdp2_trains_recovers_resumes_and_exports(reference, tmp_path):
     curve = run(run_dir, *fsdp, "fault.kill_rank=1", "fault.at_step=14")
     assert sorted(curve) == list(range(1, STEPS + 1))
     assert_close_curves(curve, expected, 1e-4)
-    events = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
+    events = records_of(run_dir)
     [recovery] = [e["recovery"] for e in events if "recovery" in e]
     assert recovery["restarted_ranks"] == [1] and recovery["source"] == "keeper"
     at_10 = f"ckpt={run_dir / 'checkpoints' / 'step-000000000010'}"

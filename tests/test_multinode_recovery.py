@@ -5,7 +5,6 @@ others are spares for the replacements. ``fault.kind=node`` SIGKILLs a rank's ra
 cluster with its trainers and its SnapshotKeeper. Level 2 is off (``persist_every=0``) unless a test wants the
 disk: a run that finishes with the clean curve then restored from memory only.
 """
-import json
 import os
 import signal
 import subprocess
@@ -15,8 +14,8 @@ import time
 import pytest
 import ray
 
-from tests.test_cli import ENV, orchestrate
-from tests.test_layouts_e2e import STEPS, assert_close_curves
+from tests.support.runs import (ENV, STEPS, assert_close_curves, curve_of, orchestrate, records_of, recoveries_of,
+                                 wait_for_records)
 
 ON_CLUSTER = ["cluster.cpus_per_worker=1", "checkpoint.keepers=true", "cluster.start_timeout_s=60"]
 
@@ -37,18 +36,6 @@ def controller_lines(result):
     """The controller's own output: the actors' log lines (prefixed with their pid) bury it otherwise."""
     lines = [line for line in (result.stdout + result.stderr).splitlines() if "pid=" not in line]
     return "\n".join(lines[-30:])
-
-
-def records_of(run_dir):
-    return [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
-
-
-def curve_of(run_dir):
-    return {r["step"]: r["loss"] for r in records_of(run_dir) if r.get("loss") is not None}
-
-
-def recoveries_of(run_dir):
-    return [r["recovery"] for r in records_of(run_dir) if "recovery" in r]
 
 
 @pytest.mark.slow
@@ -122,17 +109,6 @@ def test_parity_many_nodes_lost_at_once_are_decoded(sim, clean_curve, tmp_path):
     [recovery] = recoveries_of(tmp_path)
     assert recovery["source"] == "parity" and recovery["decoded_ranks"] == [0, 1]
     assert sorted(recovery["lost_nodes"]) == sorted(node.node_id for node in training)
-
-
-def wait_for_records(run_dir, ready, process, timeout_s=120):
-    """Until ``ready(records)`` holds for the run's metrics so far."""
-    deadline = time.monotonic() + timeout_s
-    while time.monotonic() < deadline and process.poll() is None:
-        lines = (run_dir / "metrics.jsonl").read_text().splitlines() if (run_dir / "metrics.jsonl").exists() else []
-        if ready([json.loads(line) for line in lines[:-1]]):  # the last line may be partial
-            return
-        time.sleep(0.1)
-    raise AssertionError(f"the run did not get ready before its nodes were to be lost: {process.poll()}")
 
 
 @pytest.mark.slow

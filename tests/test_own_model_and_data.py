@@ -15,7 +15,7 @@ import torch
 
 from orchestrator.data import ResumableSampler, WindowedTokens, load_tokens
 from orchestrator.models.llama import cross_entropy_loss
-from tests.test_cli import ENV, losses, orchestrate, ray_processes_of_ours
+from tests.support.runs import ENV, losses, orchestrate, ray_processes_of_ours
 
 transformers = pytest.importorskip("transformers")
 VOCAB = 400

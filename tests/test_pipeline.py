@@ -2,15 +2,12 @@
 
 One spawn per world size: all schedule checks of a world size run inside one run_ranks call.
 """
-from functools import lru_cache
-
 import pytest
 import torch
 
 from parallel.local_ranks import run_ranks
+from tests.support.pipeline import BATCH, MODEL, SEQ, Params, batch, full_batch_reference, model_config, train
 
-MODEL = dict(dim=32, n_layers=8, n_heads=4, n_kv_heads=2, max_seq_len=16, vocab_size=64)
-BATCH, SEQ = 8, 16
 CURVE_STEPS = 20
 
 # (schedule, microbatches, virtual_stages, explicit split)
@@ -27,71 +24,6 @@ CURVES_PP4 = [(("interleaved_1f1b", 4, 2, None), "sgd")]
 DP_PP_CASE = ("interleaved_1f1b", 2, 2, None)  # per replica: 4 sequences in 2 microbatches, 2 stages per rank
 
 
-def _model_cfg():
-    from orchestrator.models import LlamaConfig
-
-    return LlamaConfig(**MODEL)
-
-
-def _batch(step: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """Arithmetic sequences with random start and stride: learnable, so the loss curves actually move."""
-    generator = torch.Generator().manual_seed(step)
-    start, stride = (torch.randint(0, MODEL["vocab_size"], (2, BATCH, 1), generator=generator))
-    tokens = (start + stride * torch.arange(SEQ + 1)) % MODEL["vocab_size"]
-    return tokens[:, :-1], tokens[:, 1:]
-
-
-def _build_optimizer(name: str, params):
-    # Moderate rates: at AdamW lr=1e-2 fp32 summation-order noise (1e-7) grows to 5e-3 within 20 steps on
-    # either side, so the curves would differ for reasons that are not the pipeline's.
-    if name == "sgd":
-        return torch.optim.SGD(params, lr=0.05, momentum=0.9)
-    return torch.optim.AdamW(params, lr=1e-3, weight_decay=0.1)
-
-
-def _train(forward_backward, params, n_steps: int, optimizer_name: str, sync=None):
-    """Losses per step and the (synced) gradients of step 0; forward_backward(step) returns the loss or None."""
-    optimizer = _build_optimizer(optimizer_name, list(params))
-    losses, first_grads = [], None
-    for step in range(n_steps):
-        optimizer.zero_grad()
-        loss = forward_backward(step)
-        if sync is not None:
-            sync.before_optimizer(step)
-        if step == 0:
-            first_grads = {name: p.grad.clone() for name, p in params.named() if p.grad is not None}
-        optimizer.step()
-        losses.append(None if loss is None else loss.item())
-    return losses, first_grads
-
-
-class _Params(list):
-    """Parameters in optimizer order plus their global names."""
-
-    def __init__(self, named):
-        named = list(named)
-        super().__init__(p for _, p in named)
-        self._named = named
-
-    def named(self):
-        return self._named
-
-
-@lru_cache(maxsize=None)
-def _reference(n_steps: int, optimizer_name: str):
-    from orchestrator.models import build_llama, cross_entropy_loss
-
-    model = build_llama(_model_cfg(), seed=0)
-
-    def forward_backward(step):
-        tokens, targets = _batch(step)
-        loss = cross_entropy_loss(model(tokens), targets)
-        loss.backward()
-        return loss
-
-    return _train(forward_backward, _Params(model.named_parameters()), n_steps, optimizer_name)
-
-
 def _run_pipeline(group, case, n_steps, optimizer_name, rows=slice(None), sync_group=None):
     from orchestrator.models import build_llama, cross_entropy_loss
     from parallel.pipeline import build_pipeline
@@ -99,7 +31,7 @@ def _run_pipeline(group, case, n_steps, optimizer_name, rows=slice(None), sync_g
 
     schedule, microbatches, virtual_stages, split = case
     batch_rows = len(range(BATCH)[rows])
-    pipe = build_pipeline(build_llama(_model_cfg(), seed=0), group, schedule, microbatches,
+    pipe = build_pipeline(build_llama(model_config(), seed=0), group, schedule, microbatches,
                           (batch_rows // microbatches, SEQ), cross_entropy_loss, virtual_stages=virtual_stages,
                           split=split)
     sync = None
@@ -108,10 +40,10 @@ def _run_pipeline(group, case, n_steps, optimizer_name, rows=slice(None), sync_g
         sync.wrap_model(torch.nn.ModuleList(pipe.stage_modules))
 
     def forward_backward(step):
-        tokens, targets = _batch(step)
+        tokens, targets = batch(step)
         return pipe.step(tokens[rows], targets[rows])
 
-    losses, grads = _train(forward_backward, _Params(pipe.named_parameters()), n_steps, optimizer_name, sync)
+    losses, grads = train(forward_backward, Params(pipe.named_parameters()), n_steps, optimizer_name, sync)
     return {"losses": losses, "grads": grads, "timing": pipe.last_step_timing}
 
 
@@ -143,7 +75,7 @@ def _assert_grads_equal(rank_grads: list[dict], reference: dict, label) -> None:
 
 
 def _assert_matches_reference(results: list[dict], key, n_steps: int, optimizer_name: str) -> None:
-    ref_losses, ref_grads = _reference(n_steps, optimizer_name)
+    ref_losses, ref_grads = full_batch_reference(n_steps, optimizer_name)
     loss_ranks = [r[key]["losses"] for r in results if r[key]["losses"][0] is not None]
     assert len(loss_ranks) == 1, f"{key}: exactly one rank holds the last stage"
     tol = 1e-5 if n_steps == 1 else 1e-4
@@ -184,7 +116,7 @@ def test_explicit_split_places_layers(pp2_results):
 
 
 def test_dp2_pp2_with_ddp_sync_matches_full_batch(pp4_results):
-    ref_losses, ref_grads = _reference(5, "adamw")
+    ref_losses, ref_grads = full_batch_reference(5, "adamw")
     for replica in (0, 1):
         ranks = [r["dp_pp"] for r in pp4_results if r["dp_pp"]["replica"] == replica]
         _assert_grads_equal([r["grads"] for r in ranks], ref_grads, f"replica {replica}")
@@ -234,7 +166,7 @@ def test_stage_modules_keep_global_names():
     from orchestrator.models import LlamaConfig, build_llama
     from parallel.pipeline import build_stage_modules
 
-    model = build_llama(_model_cfg(), seed=0)
+    model = build_llama(model_config(), seed=0)
     stages = build_stage_modules(model, [0, 1, 2], [3, 5])
     assert [list(stage.layers.keys()) for stage in stages] == [["0", "1", "2"], ["3", "4"], ["5", "6", "7"]]
     assert stages[0].tok_embeddings is not None and stages[0].output is None and stages[1].norm is None

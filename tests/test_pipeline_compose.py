@@ -1,5 +1,5 @@
 """Pipeline parallelism composed with tensor and context parallelism, through the trainer's runner
-(``orchestrator.parallelize.build_runner``), against the single-process full-batch oracle of test_pipeline.
+(``orchestrator.parallelize.build_runner``), against the single-process full-batch oracle of tests/support/pipeline.py.
 
 Layouts: pp2 x tp2 and pp2 x cp2 on 4 real gloo ranks; dp2 x pp2 x tp2 and pp2 x tp2 x cp2 on 8; one spawn per
 world size. Checked: the loss and every parameter's gradient of the first step equal the oracle within 1e-5, as
@@ -10,7 +10,7 @@ import pytest
 import torch
 
 from parallel.local_ranks import run_ranks
-from tests.test_pipeline import BATCH, MODEL, SEQ, _batch, _reference
+from tests.support.pipeline import BATCH, MODEL, SEQ, batch, build_optimizer, full_batch_reference
 
 CURVE_STEPS = 5
 # (label, parallel overrides, steps, optimizer)
@@ -53,14 +53,12 @@ def _run_layout(overrides: dict, n_steps: int, optimizer_name: str) -> dict:
     from orchestrator.trainer import clip_grad_norm_
     from parallel.mesh import build_mesh, replica_group
     from parallel.sync.ddp import DDPSync
-    from tests.test_pipeline import _build_optimizer
-
     cfg = _config(overrides)
     mesh = build_mesh(cfg.dims, "cpu")
     coords = cfg.dims.coordinates(dist.get_rank())
     sync = DDPSync(replica_group(mesh))
     runner = build_runner(cfg, mesh, coords, build_llama(LlamaConfig(**MODEL), seed=0), sync, cross_entropy_loss)
-    optimizer = _build_optimizer(optimizer_name, list(runner.parameters()))
+    optimizer = build_optimizer(optimizer_name, list(runner.parameters()))
     losses, first_grads = [], None
     for step in range(n_steps):
         optimizer.zero_grad()
@@ -80,7 +78,7 @@ def _run_layout(overrides: dict, n_steps: int, optimizer_name: str) -> dict:
 
 def _replica_batch(step: int, replica: int, replicas: int):
     rows = slice(replica * BATCH // replicas, (replica + 1) * BATCH // replicas)
-    return tuple(part[rows] for part in _batch(step))
+    return tuple(part[rows] for part in batch(step))
 
 
 def _ranks(rank, world, cases):
@@ -90,23 +88,21 @@ def _ranks(rank, world, cases):
 def _eval_reference(n_steps: int, optimizer_name: str) -> float:
     """The oracle's loss on the evaluation batch after ``n_steps`` optimizer steps."""
     from orchestrator.models import LlamaConfig, build_llama, cross_entropy_loss
-    from tests.test_pipeline import _build_optimizer
-
     model = build_llama(LlamaConfig(**MODEL), seed=0)
-    optimizer = _build_optimizer(optimizer_name, list(model.parameters()))
+    optimizer = build_optimizer(optimizer_name, list(model.parameters()))
     for step in range(n_steps):
         optimizer.zero_grad()
-        tokens, targets = _batch(step)
+        tokens, targets = batch(step)
         cross_entropy_loss(model(tokens), targets).backward()
         optimizer.step()
     with torch.no_grad():
-        tokens, targets = _batch(1000)
+        tokens, targets = batch(1000)
         return cross_entropy_loss(model(tokens), targets).item()
 
 
 def _assert_matches_oracle(results: list[dict], cases) -> None:
     for label, overrides, n_steps, optimizer_name in cases:
-        ref_losses, ref_grads = _reference(n_steps, optimizer_name)
+        ref_losses, ref_grads = full_batch_reference(n_steps, optimizer_name)
         per_rank = [r[label] for r in results]
         reporting = [r for r in per_rank if r["losses"][0] is not None]
         # tp rank 0 of the last stage reports, once per dp x cp rank (its tokens); the controller averages them

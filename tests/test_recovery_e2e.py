@@ -1,16 +1,9 @@
 """Automatic recovery: a rank killed mid-run is replaced, the newest committed version is restored, and the run
 finishes with the loss curve of a run without the fault."""
-import json
 
 import pytest
 
-from tests.conftest import tmpfs_used_bytes
-from tests.test_cli import orchestrate, ray_processes_of_ours
-from tests.test_layouts_e2e import run
-
-
-def records_of(run_dir):
-    return [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
+from tests.support.runs import orchestrate, ray_processes_of_ours, records_of, run, tmpfs_used_bytes
 
 
 @pytest.mark.slow

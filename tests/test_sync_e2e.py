@@ -1,10 +1,9 @@
 """Every low-communication strategy trains through the CLI and resumes bit-identically on the same layout; with
 context parallelism a strategy syncs across dp only and follows the cp=1 curve."""
-import json
 
 import pytest
 
-from tests.test_layouts_e2e import assert_close_curves, run
+from tests.support.runs import assert_close_curves, records_of, run
 
 STRATEGIES = {
     "diloco": ["sync.diloco.sync_every=4"],
@@ -40,7 +39,7 @@ def test_strategy_trains_and_resumes_bit_identically(tmp_path, full_runs, name):
 
 
 def _comm_bytes(run_dir) -> list[int]:
-    records = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
+    records = records_of(run_dir)
     return [r["comm_bytes"] for r in records if "comm_bytes" in r]
 
 
@@ -73,7 +72,7 @@ def test_diloco_over_sharded_replicas_resumes_across_shard_degrees(tmp_path, ful
                   command="resume")
     assert_close_curves(sharded, expected, 1e-5)
     assert sorted(sharded) == list(range(11, 21))
-    events = [json.loads(line) for line in (sharded_dir / "metrics.jsonl").read_text().splitlines()]
+    events = records_of(sharded_dir)
     [recovery] = [e["recovery"] for e in events if "recovery" in e]
     assert recovery["restarted_ranks"] == [1] and recovery["source"] == "keeper"
     # rank 0's counter starts at the resume; it holds shard 0 of replica 0, half of every (even) dimension

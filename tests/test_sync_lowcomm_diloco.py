@@ -1,4 +1,5 @@
-"""DiLoCo and Streaming DiLoCo on real gloo ranks: spec oracles 1.3 and 2.3 plus byte accounting.
+"""DiLoCo and Streaming DiLoCo on real gloo ranks: the checks of docs/lowcomm.md sections 1.3 and 2.3 plus byte
+accounting.
 
 Each spawn runs many checks (spawning is the slow part); the parent compares against references.
 """
@@ -7,8 +8,8 @@ import copy
 import torch
 
 from parallel.local_ranks import run_ranks
-from tests.lowcomm_utils import (TinyNet, adamw, batch, fingerprint, flat_params, full_batch, loss_fn, sgd,
-                                 singleton_group, train_step)
+from tests.support.lowcomm import (TinyNet, adamw, batch, fingerprint, flat_params, full_batch, loss_fn, sgd,
+                                   singleton_group, train_step)
 
 
 def _diloco(group, config, make_optimizer, seed=0):

@@ -1,10 +1,10 @@
-"""NoLoCo on real gloo ranks: spec oracles 3.3 plus byte accounting and checkpoint resume."""
+"""NoLoCo on real gloo ranks: the checks of docs/lowcomm.md section 3.3 plus byte accounting and checkpoint resume."""
 import copy
 
 import torch
 
 from parallel.local_ranks import run_ranks
-from tests.lowcomm_utils import TinyNet, adamw, batch, fingerprint, flat_params, loss_fn, sgd, train_step
+from tests.support.lowcomm import TinyNet, adamw, batch, fingerprint, flat_params, loss_fn, sgd, train_step
 
 
 def _noloco(group, config, make_optimizer=adamw, seed=0):

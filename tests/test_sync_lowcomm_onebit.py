@@ -1,11 +1,12 @@
-"""1-bit Adam on real gloo ranks: spec oracles 4.3 plus byte accounting and checkpoint resume."""
+"""1-bit Adam on real gloo ranks: the checks of docs/lowcomm.md section 4.3 plus byte accounting and checkpoint
+resume."""
 import copy
 
 import torch
 
 from parallel.local_ranks import run_ranks
-from tests.lowcomm_utils import (TinyNet, batch, fingerprint, flat_params, full_batch, loss_fn, singleton_group,
-                                 train_step)
+from tests.support.lowcomm import (TinyNet, batch, fingerprint, flat_params, loss_fn, reference_adam,
+                                   singleton_group, train_step)
 
 LR, WEIGHT_DECAY = 0.01, 0.1
 
@@ -129,28 +130,6 @@ def _world4(rank, world):
     return {"collective": _collective(rank, group, world), "training": _compressed_training(rank, group, world)}
 
 
-def _reference_adam(world, steps, bias_correction):
-    """Adam on the full batch (= DDP-averaged gradients): torch AdamW, or DeepSpeed's form without correction."""
-    model = TinyNet()
-    if bias_correction:
-        optimizer = torch.optim.AdamW(model.parameters(), lr=LR, weight_decay=WEIGHT_DECAY, foreach=False)
-        for step in range(steps):
-            optimizer.zero_grad()
-            loss_fn(model, *full_batch(world, step)).backward()
-            optimizer.step()
-        return flat_params(model)
-    moments = {p: (torch.zeros_like(p), torch.zeros_like(p)) for p in model.parameters()}
-    for step in range(steps):
-        model.zero_grad()
-        loss_fn(model, *full_batch(world, step)).backward()
-        with torch.no_grad():
-            for p, (m, v) in moments.items():
-                m.mul_(0.9).add_(p.grad, alpha=0.1)
-                v.mul_(0.999).addcmul_(p.grad, p.grad, value=0.001)
-                p.mul_(1 - LR * WEIGHT_DECAY).sub_(LR * m / (v.sqrt() + 1e-8))
-    return flat_params(model)
-
-
 def _check_collective(results, world):
     from parallel import comm
 
@@ -185,7 +164,7 @@ def test_onebit_adam_world2():
     world = 2
     results = run_ranks(world, _world2, timeout_s=120)
     for bias_correction in (False, True):
-        reference = _reference_adam(world, 5, bias_correction)
+        reference = reference_adam(world, 5, bias_correction, LR, WEIGHT_DECAY)
         for result in results:
             torch.testing.assert_close(result["warmup"][bias_correction], reference, rtol=0, atol=1e-12)
     for result in results:

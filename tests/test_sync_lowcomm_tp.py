@@ -5,7 +5,7 @@ Each strategy must act on the replica group only and on this rank's local shard 
 import torch
 
 from parallel.local_ranks import run_ranks
-from tests.lowcomm_utils import TinyNet
+from tests.support.lowcomm import TinyNet
 
 
 def _sharded_model(tp_mesh):

@@ -1,5 +1,6 @@
-"""Single-process parts of the low-communication strategies: wire formats (spec 2.3.4), the 1-bit compressor
-(4.3.3), NoLoCo's update and grouping (3.3.3, 3.3.5), Streaming DiLoCo's fragments and schedule (2.3.2)."""
+"""Single-process parts of the low-communication strategies, by docs/lowcomm.md section: wire formats (2.3.4), the
+1-bit compressor (4.3.3), NoLoCo's update and grouping (3.3.3, 3.3.5), Streaming DiLoCo's fragments and schedule
+(2.3.2)."""
 import math
 
 import pytest
@@ -11,7 +12,7 @@ from parallel.sync.noloco import (NoLoCoConfig, check_stability, noloco_groups, 
                                   update_velocity_same_rates)
 from parallel.sync.streaming_diloco import (FragmentSchedule, StreamingDiLoCoConfig, StreamingDiLoCoSync,
                                             assign_fragments)
-from tests.lowcomm_utils import TinyNet
+from tests.support.lowcomm import TinyNet
 
 
 def test_e3m0_representable_values_are_exact_and_signs_kept():

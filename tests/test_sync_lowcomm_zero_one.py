@@ -1,13 +1,15 @@
-"""0/1 Adam (spec 4.5): its schedules against DeepSpeed's counters, and on real gloo ranks the full-precision
-variance steps (= reference Adam), the frozen variance, identical replicas after every sync, local steps in between,
-the W=1 update rule, bytes per step and a bitwise resume in the middle of a local-step interval."""
+"""0/1 Adam (docs/lowcomm.md section 4.5): its schedules against DeepSpeed's counters, and on real gloo ranks the
+full-precision variance steps (= reference Adam), the frozen variance, identical replicas after every sync, local
+steps in between, the W=1 update rule, bytes per step and a bitwise resume in the middle of a local-step interval."""
 import copy
 
 import torch
 
 from parallel.local_ranks import run_ranks
-from tests.lowcomm_utils import TinyNet, batch, fingerprint, flat_params, singleton_group, train_step
-from tests.test_sync_lowcomm_onebit import LR, _reference_adam
+from tests.support.lowcomm import (TinyNet, batch, fingerprint, flat_params, reference_adam, singleton_group,
+                                   train_step)
+
+LR, WEIGHT_DECAY = 0.01, 0.1
 
 # Variance steps 1, 2, 4, 6, 8, 12; local steps from 13 with intervals 1, 1, 2, 2, 4, 4, ... (syncs 13 14 16 20 24).
 STAGED = dict(var_freeze_step=12, var_update_scaler=2, local_step_scaler=2, local_step_clipper=4)
@@ -48,7 +50,7 @@ def test_schedules_match_deepspeed_counters():
     assert _deepspeed_schedules(ZeroOneAdamConfig(**STAGED), STEPS) == ([1, 2, 4, 6, 8, 12], [13, 14, 16, 20, 24])
 
 
-def _zero_one(group, weight_decay=0.1, **config):
+def _zero_one(group, weight_decay=WEIGHT_DECAY, **config):
     from parallel.sync.zero_one_adam import ZeroOneAdamConfig, ZeroOneAdamSync
 
     model = TinyNet()
@@ -125,7 +127,7 @@ def test_zero_one_adam_world2():
 
     world = 2
     results = run_ranks(world, _world2, timeout_s=120)
-    reference = _reference_adam(world, 5, bias_correction=False)
+    reference = reference_adam(world, 5, False, LR, WEIGHT_DECAY)
     for result in results:
         torch.testing.assert_close(result["adam"], reference, rtol=0, atol=1e-12)
         assert result["single"]["sent"] == 0 and result["single"]["worst"] < 1e-12

@@ -8,8 +8,8 @@ import pytest
 import torch
 
 from parallel.local_ranks import run_ranks
-from tests.lowcomm_utils import (TinyNet, adamw, batch, fingerprint, flat_params, loss_fn, singleton_group,
-                                 train_step)
+from tests.support.lowcomm import (TinyNet, adamw, batch, fingerprint, flat_params, loss_fn, singleton_group,
+                                   train_step)
 
 
 def _codec(numel, density, chunk=4096, bits=2, dtype=torch.float32):

@@ -1,4 +1,4 @@
-"""The one small interface every synchronisation strategy implements (DESIGN.md section 5).
+"""The one small interface every synchronisation strategy implements (docs/lowcomm.md section 0.3).
 
 A strategy acts across the replica dimension (``replica_group``). For DDP that is the data-parallel ranks
 flattened with the context-parallel ranks (which hold the same parameters but see other tokens); the other
@@ -6,7 +6,7 @@ strategies get one rank of each replica and, when a replica is several ranks (cp
 are wrapped in ``WithinReplicaSync`` (within_replica.py), which runs the replica's own sync first. A strategy
 composes with tp/pp/FSDP2 inside a replica because it only touches the local tensors of this rank's parameters.
 
-Training-step contract (DESIGN.md section 2):
+Training-step contract (orchestrator/trainer.py):
     loss.backward(); sync.before_optimizer(step); optimizer.step(); sync.after_optimizer(step)
 """
 from __future__ import annotations

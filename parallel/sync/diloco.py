@@ -139,7 +139,7 @@ class FlatParams:
 
 
 class Fragment:
-    """A group of parameters with its own global copy phi and outer optimizer (spec 1.1, 2.1)."""
+    """A group of parameters with its own global copy phi and outer optimizer (docs/lowcomm.md sections 1.1, 2.1)."""
 
     def __init__(self, named: list[tuple[str, nn.Parameter]], outer_lr: float, momentum: float, nesterov: bool):
         self.flat = FlatParams(named)
@@ -225,12 +225,12 @@ def load_fragments_state(prefix: str, fragments: list[Fragment], state: dict[str
 class ReplicaMean:
     """Mean of a flat tensor over the replica group, started at construction and finished by ``result()``.
 
-    Full precision: one asynchronous all-reduce. Quantised (torchft's scheme, spec 2.2): each replica quantises
-    its own Delta; an all-to-all hands chunk k of every replica to rank k, which dequantises and sums them in fp32
-    in rank order, re-quantises the mean chunk, and an all-gather returns all chunks to everyone. Every rank then
-    decodes the same bytes, so results are bitwise identical across ranks. ``advance()`` runs the middle part and
-    launches the all-gather, so a caller with spare steps can overlap both phases. The input is consumed.
-    A group of one rank sends nothing and quantises nothing.
+    Full precision: one asynchronous all-reduce. Quantised (torchft's scheme, docs/lowcomm.md section 2.2): each
+    replica quantises its own Delta; an all-to-all hands chunk k of every replica to rank k, which dequantises and
+    sums them in fp32 in rank order, re-quantises the mean chunk, and an all-gather returns all chunks to everyone.
+    Every rank then decodes the same bytes, so results are bitwise identical across ranks. ``advance()`` runs the
+    middle part and launches the all-gather, so a caller with spare steps can overlap both phases. The input is
+    consumed. A group of one rank sends nothing and quantises nothing.
     """
 
     def __init__(self, local: torch.Tensor, group, counter: comm.CommCounter,

@@ -13,7 +13,8 @@ not change during the inner phase, so its exchange for the next outer step is po
 overlaps the H inner steps.
 
 alpha = ``momentum``, beta = ``outer_lr``, gamma = ``consensus_lr``; the config must lie in the stability window
-(spec 3.1): beta > alpha and sqrt(c)*alpha < gamma < sqrt(c*(2 + alpha^2)) with c = n / (2(n - 1)).
+(docs/lowcomm.md section 3.1): beta > alpha and sqrt(c)*alpha < gamma < sqrt(c*(2 + alpha^2)) with
+c = n / (2(n - 1)).
 Replicas never reach exact consensus: checkpoints are per worker; ``average_replicas()`` averages them for export.
 Trainer contract as DiLoCo (diloco.py): no gradient averaging, default inner optimizer, step counts from 0.
 """
@@ -49,7 +50,8 @@ class NoLoCoConfig:
 
 
 def check_stability(group_size: int, alpha: float, beta: float, gamma: float) -> None:
-    """Raise unless (alpha, beta, gamma) lies in the paper's stability window (spec 3.1, App. A)."""
+    """Raise unless (alpha, beta, gamma) lies in the paper's stability window (its appendix A; docs/lowcomm.md
+    section 3.1)."""
     if not beta > alpha:
         raise ValueError(f"outer_lr={beta} must exceed momentum={alpha} (the expected weights diverge otherwise)")
     c = group_size / (2 * (group_size - 1))

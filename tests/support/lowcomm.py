@@ -79,3 +79,26 @@ def sgd(model, lr=0.1, momentum=0.0, weight_decay=0.0, nesterov=False):
 
 def adamw(model, lr=0.01):
     return torch.optim.AdamW(model.parameters(), lr=lr, weight_decay=0.1, foreach=False)
+
+
+def reference_adam(world: int, steps: int, bias_correction: bool, lr: float, weight_decay: float) -> torch.Tensor:
+    """Adam on the full batch of ``world`` ranks (= DDP-averaged gradients): torch AdamW, or DeepSpeed's form without
+    bias correction (1-bit and 0/1 Adam follow it)."""
+    model = TinyNet()
+    if bias_correction:
+        optimizer = torch.optim.AdamW(model.parameters(), lr=lr, weight_decay=weight_decay, foreach=False)
+        for step in range(steps):
+            optimizer.zero_grad()
+            loss_fn(model, *full_batch(world, step)).backward()
+            optimizer.step()
+        return flat_params(model)
+    moments = {p: (torch.zeros_like(p), torch.zeros_like(p)) for p in model.parameters()}
+    for step in range(steps):
+        model.zero_grad()
+        loss_fn(model, *full_batch(world, step)).backward()
+        with torch.no_grad():
+            for p, (m, v) in moments.items():
+                m.mul_(0.9).add_(p.grad, alpha=0.1)
+                v.mul_(0.999).addcmul_(p.grad, p.grad, value=0.001)
+                p.mul_(1 - lr * weight_decay).sub_(lr * m / (v.sqrt() + 1e-8))
+    return flat_params(model)

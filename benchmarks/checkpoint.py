@@ -3,9 +3,10 @@
 The model is a Llama whose training state (parameters + AdamW moments, fp32) is >= 1 GiB by default.
 
 Both harnesses train the same model, optimizer (AdamW with torch's fused kernel, the default and the fastest here),
-LR schedule, grad clip and data, composed from the same overrides as ``orchestrate launch``, torch using every core. orchestrate: ``python -m orchestrator launch parallel.dp=1``
-(one worker), ``step_time`` per step from ``metrics.jsonl``. Plain PyTorch: one process, no Ray, wall time per
-iteration (data, forward, backward, clip, optimizer step, checkpoint call).
+LR schedule, grad clip and data, composed from the same overrides as ``orchestrate launch``, torch using every
+core. orchestrate: ``python -m orchestrator launch parallel.dp=1`` (one worker), ``step_time`` per step from
+``metrics.jsonl``. Plain PyTorch: one process, no Ray, wall time per iteration (data, forward, backward, clip,
+optimizer step, checkpoint call).
 
 A run's iteration time is the MEAN over steps 3..N (steps 1-2 are warm-up): a save every 10 steps is amortized as
 a user pays it, where a median would hide it; the default N=12 puts exactly one every-10 save (step 10) in the

@@ -10,6 +10,9 @@ element-wise op on identical memory is the in-place op).
 
 The caller then points the parameters and moments at the targets (``tensor.data = target``), which keeps every
 Python object (the module's parameters, the optimizer's state, DDP's references) the same.
+
+With ``fused=True`` the step is torch's fused kernel's, reproduced bit for bit by checkpoint/fused_adamw_into.py
+(float32 parameters; where that kernel is not available here the caller falls back to a copy).
 """
 from __future__ import annotations
 
@@ -17,8 +20,10 @@ from typing import Optional
 
 import torch
 
-# the settings under which torch's AdamW/Adam takes the single-tensor path mirrored here
-_REQUIRED = {"amsgrad": False, "maximize": False, "foreach": False, "capturable": False, "differentiable": False}
+from checkpoint import fused_adamw_into
+
+# the settings under which torch's AdamW/Adam takes the single-tensor or fused path mirrored here
+_REQUIRED = {"amsgrad": False, "maximize": False, "capturable": False, "differentiable": False}
 
 
 def unsupported_reason(optimizer: torch.optim.Optimizer) -> Optional[str]:
@@ -30,7 +35,12 @@ def unsupported_reason(optimizer: torch.optim.Optimizer) -> Optional[str]:
             if group.get(key) is not wanted:
                 return f"{key}={group.get(key)!r}"
         if group.get("fused"):
-            return "fused=True"
+            if any(p.dtype != torch.float32 or not p.is_contiguous() for p in group["params"]):
+                return "fused=True with a parameter that is not contiguous float32"
+            if fused_adamw_into.kernel() is None:
+                return "fused=True and the fused kernel into snapshot slots is not available here (see the log)"
+        elif group.get("foreach") is not False:
+            return f"foreach={group.get('foreach')!r}"
         if not isinstance(group["lr"], float) or any(isinstance(b, torch.Tensor) for b in group["betas"]):
             return "a tensor lr or beta"
         if group["weight_decay"] and not group.get("decoupled_weight_decay", isinstance(optimizer, torch.optim.AdamW)):
@@ -62,6 +72,9 @@ def step_into(optimizer: torch.optim.Optimizer,
     ensure_state(optimizer)
     updated = []
     for group in optimizer.param_groups:
+        if group.get("fused"):
+            updated += _fused_group_into(optimizer, group, targets)
+            continue
         lr, (beta1, beta2), eps, weight_decay = group["lr"], group["betas"], group["eps"], group["weight_decay"]
         for param in group["params"]:
             if param.grad is None:
@@ -87,3 +100,21 @@ def step_into(optimizer: torch.optim.Optimizer,
             updated.append(param)
     optimizer._opt_called = True  # what the step torch's LR schedulers patch in records (else they warn)
     return updated
+
+
+def _fused_group_into(optimizer: torch.optim.Optimizer, group: dict,
+                      targets: dict[torch.Tensor, tuple[torch.Tensor, torch.Tensor, torch.Tensor]]) -> list[torch.Tensor]:
+    """One group's step with torch's fused arithmetic (its step counts incremented first, as torch does)."""
+    params = [p for p in group["params"] if p.grad is not None]
+    states = [optimizer.state[p] for p in params]
+    for state in states:
+        state["step"] += 1
+    (beta1, beta2), weight_decay = group["betas"], group["weight_decay"]
+    if not group.get("decoupled_weight_decay", isinstance(optimizer, torch.optim.AdamW)):
+        weight_decay = 0.0  # plain Adam reaches here only without weight decay (``unsupported_reason``)
+    fused_adamw_into.kernel().step(
+        [(p.detach(), s["exp_avg"], s["exp_avg_sq"]) for p, s in zip(params, states)],
+        [p.grad.contiguous() for p in params], [targets[p] for p in params],
+        [s["step"].item() for s in states], lr=group["lr"], beta1=beta1, beta2=beta2, eps=group["eps"],
+        weight_decay=weight_decay)
+    return params

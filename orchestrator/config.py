@@ -84,7 +84,7 @@ class OptimConfig:
     schedule: str = "cosine"  # cosine | constant
     min_lr_ratio: float = 0.1
     # torch's fused AdamW kernel: one pass over each tensor, about 4x faster than the single-tensor loop on CPU;
-    # false: that loop, the one in which keepers write each snapshot straight from the optimizer step (no copy)
+    # false: that loop. With keepers, either step writes each version straight into its snapshot slot (no copy)
     fused: bool = True
 
 

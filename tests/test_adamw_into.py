@@ -15,7 +15,7 @@ def _adamw(model: torch.nn.Module, **options) -> torch.optim.AdamW:
     decay = [p for p in model.parameters() if p.dim() >= 2]
     no_decay = [p for p in model.parameters() if p.dim() < 2]
     return torch.optim.AdamW([{"params": decay, "weight_decay": 0.1}, {"params": no_decay, "weight_decay": 0.0}],
-                             lr=1e-2, foreach=False, **options)
+                             lr=1e-2, **(options or {"foreach": False}))
 
 
 def _slot_views(params, slot: np.ndarray) -> dict:
@@ -32,9 +32,10 @@ def _slot_views(params, slot: np.ndarray) -> dict:
     return views
 
 
-def test_step_into_slots_matches_torch_adamw_bit_for_bit():
+@pytest.mark.parametrize("kernel", [{"foreach": False}, {"fused": True}], ids=["single-tensor", "fused"])
+def test_step_into_slots_matches_torch_adamw_bit_for_bit(kernel):
     reference, moved = _model(), _model()
-    reference_opt, moved_opt = _adamw(reference), _adamw(moved)
+    reference_opt, moved_opt = _adamw(reference, **kernel), _adamw(moved, **kernel)
     slots = [_slot_views(list(moved.parameters()), np.zeros(1 << 16, dtype=np.uint8)) for _ in range(3)]
     inputs = torch.randn(8, 16)
     frozen_at = {3, 4}  # steps where the last layer has no gradient: torch skips it, so must step_into
@@ -72,3 +73,4 @@ def test_step_into_slots_matches_torch_adamw_bit_for_bit():
 def test_optimizers_it_cannot_stand_in_for_are_named(build, reason):
     assert reason in unsupported_reason(build(_model()))
     assert unsupported_reason(_adamw(_model())) is None
+    assert unsupported_reason(_adamw(_model(), fused=True)) is None

@@ -38,8 +38,8 @@ def test_killed_rank_is_healed_from_its_replica_and_the_survivor_keeps_its_proce
 
 
 def assert_optimizer_wrote_the_snapshots(records):
-    """The single-tensor AdamW wrote each version's parameters and moments straight into its slot: a snapshot
-    copied only small tensors, except the first of each process (no layout yet)."""
+    """The optimizer step wrote each version's parameters and moments straight into its slot: a snapshot copied
+    only small tensors, except the first of each process (no layout yet)."""
     [memory] = [r["nodes"] for r in records if r.get("event") == "keeper_memory"][:1]
     state_bytes = max(node["state_bytes"] for node in memory.values())
     copied = [r["ckpt_copied_bytes"] for r in records if r.get("step", 0) >= 3 and "ckpt_copied_bytes" in r]
@@ -61,8 +61,8 @@ def test_without_restarts_left_the_run_fails_clearly_and_frees_its_shared_memory
 def test_keeper_loss_and_a_fault_during_recovery_are_survived(tmp_path):
     # 100 steps: a replacement keeper takes a few seconds to start (it imports torch) while training goes on, and
     # the ranks snapshot into the lost keeper's orphaned arenas until then (unprotected)
-    # the single-tensor AdamW: keepers take each snapshot from the optimizer step itself, no copy
-    overrides = ["checkpoint.persist_every=0", "train.steps=100", "optim.fused=false"]
+    # keepers take each snapshot from the (fused) optimizer step itself, no copy
+    overrides = ["checkpoint.persist_every=0", "train.steps=100"]
     expected = run(tmp_path / "clean", *overrides)
     schedule = "fault.schedule=[{rank:0,at_step:3,kind:keeper},{rank:1,at_step:96},{rank:0,during_recovery:true}]"
     assert run(tmp_path / "faulty", *overrides, "checkpoint.keepers=true", schedule) == expected

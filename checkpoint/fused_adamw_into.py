@@ -1,0 +1,109 @@
+"""torch's fused AdamW step with its results written into other tensors: the kernel in adamw_into_kernel.cpp,
+built once per machine with torch's extension builder and called through ctypes.
+
+It is used only where it reproduces ``torch.optim.AdamW(fused=True)`` bit for bit, which ``kernel()`` checks
+against torch itself on this machine before returning it: losses must not depend on whether snapshots are on.
+"""
+from __future__ import annotations
+
+import ctypes
+import functools
+import logging
+import os
+import shutil
+from pathlib import Path
+from typing import Optional, Sequence
+
+import torch
+
+log = logging.getLogger(__name__)
+
+SOURCE = Path(__file__).with_name("adamw_into_kernel.cpp")
+_POINTERS = ctypes.POINTER(ctypes.c_void_p)
+
+
+class FusedAdamWInto:
+    """The loaded kernel: one call steps a parameter group's float32 tensors."""
+
+    def __init__(self, library: ctypes.CDLL, avx512: bool):
+        self._step = library.orchestrate_adamw_into
+        self._step.restype = None
+        self._step.argtypes = ([ctypes.c_int64] + [_POINTERS] * 7 + [ctypes.POINTER(ctypes.c_int64),
+                               ctypes.POINTER(ctypes.c_double)] + [ctypes.c_double] * 5 + [ctypes.c_int] * 2)
+        self.avx512 = avx512
+
+    def step(self, sources: Sequence[tuple[torch.Tensor, torch.Tensor, torch.Tensor]], grads: Sequence[torch.Tensor],
+             targets: Sequence[tuple[torch.Tensor, torch.Tensor, torch.Tensor]], steps: Sequence[float], *,
+             lr: float, beta1: float, beta2: float, eps: float, weight_decay: float) -> None:
+        """Tensor n's (param, exp_avg, exp_avg_sq) ``sources[n]`` and gradient ``grads[n]`` give its new
+        values in ``targets[n]``; ``steps[n]`` is its step count after this step's increment."""
+        count = len(grads)
+        if not count:
+            return
+        columns = [[triple[k] for triple in sources] for k in range(3)] + [list(grads)] + [
+            [triple[k] for triple in targets] for k in range(3)]
+        pointers = [(ctypes.c_void_p * count)(*(t.data_ptr() for t in column)) for column in columns]
+        self._step(count, *(ctypes.cast(p, _POINTERS) for p in pointers),
+                   (ctypes.c_int64 * count)(*(g.numel() for g in grads)), (ctypes.c_double * count)(*steps),
+                   lr, beta1, beta2, eps, weight_decay, torch.get_num_threads(), int(self.avx512))
+
+
+@functools.cache
+def kernel() -> Optional[FusedAdamWInto]:
+    """The kernel, or None (the reason logged) when it cannot be built here or its results differ from torch's
+    fused AdamW on this machine (another CPU's code path in torch, another compiler)."""
+    try:
+        from torch.utils import cpp_extension
+
+        _put_ninja_on_path()
+        path = cpp_extension.load(name="orchestrate_adamw_into", sources=[str(SOURCE)], is_python_module=False,
+                                  extra_cflags=["-O3", "-ffp-contract=off", "-fno-math-errno"])
+        candidate = FusedAdamWInto(ctypes.CDLL(path), torch.backends.cpu.get_cpu_capability() == "AVX512")
+    except Exception as err:  # noqa: BLE001 - no compiler or no ninja: snapshots fall back to a copy
+        log.info("fused AdamW into snapshot slots unavailable (%s: %s); snapshots copy the state",
+                 type(err).__name__, err)
+        return None
+    mismatch = mismatch_with_torch(candidate)
+    if mismatch is not None:
+        log.info("fused AdamW into snapshot slots differs from torch's fused AdamW here (%s); snapshots copy the "
+                 "state", mismatch)
+        return None
+    return candidate
+
+
+def _put_ninja_on_path() -> None:
+    """torch's builder runs ``ninja`` from PATH; the ``ninja`` package (a dependency) installs it beside the
+    interpreter, which is not on PATH when the environment is not activated."""
+    if shutil.which("ninja") is None:
+        import ninja
+
+        os.environ["PATH"] = ninja.BIN_DIR + os.pathsep + os.environ.get("PATH", "")
+
+
+def mismatch_with_torch(candidate: FusedAdamWInto) -> Optional[str]:
+    """Step tensors of every length from 1 to 40 and a few longer ones (all the ways a length splits into
+    vector blocks and remainder) three times with torch and with ``candidate``; the first difference, or None."""
+    sizes = list(range(1, 41)) + [1000, 4099, 65543]
+    generator = torch.Generator().manual_seed(0)
+    for beta1, weight_decay in ((0.9, 0.1), (0.9, 0.0), (0.3, 0.1)):
+        hyper = dict(lr=1e-2, beta1=beta1, beta2=0.999, eps=1e-8, weight_decay=weight_decay)
+        reference = [torch.nn.Parameter(torch.randn(n, generator=generator)) for n in sizes]
+        optimizer = torch.optim.AdamW(reference, lr=hyper["lr"], betas=(beta1, hyper["beta2"]), eps=hyper["eps"],
+                                      weight_decay=weight_decay, fused=True)
+        mine = [(p.detach().clone(), torch.zeros(n), torch.zeros(n)) for p, n in zip(reference, sizes)]
+        for step in range(1, 4):
+            grads = [torch.randn(n, generator=generator) * 10.0 ** (step - 2) for n in sizes]
+            for param, grad in zip(reference, grads):
+                param.grad = grad.clone()
+            optimizer.step()
+            targets = [tuple(torch.empty(n) for _ in range(3)) for n in sizes]
+            candidate.step(mine, grads, targets, [float(step)] * len(sizes), **hyper)
+            mine = targets
+            for param, (p, m, v) in zip(reference, mine):
+                state = optimizer.state[param]
+                for name, theirs, ours in (("param", param, p), ("exp_avg", state["exp_avg"], m),
+                                           ("exp_avg_sq", state["exp_avg_sq"], v)):
+                    if not torch.equal(theirs.detach(), ours):
+                        return (f"{name} of a {param.numel()}-element tensor at step {step} (beta1={beta1}, "
+                                f"weight_decay={weight_decay})")
+    return None

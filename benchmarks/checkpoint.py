@@ -56,12 +56,6 @@ ORCHESTRATE_METHODS = {
         ["checkpoint.every=1", "checkpoint.keepers=false", "checkpoint.persist_every=10"],
     "orchestrate, snapshot every 10 steps + keepers, disk every 10":
         ["checkpoint.every=10", "checkpoint.keepers=true", "checkpoint.persist_every=1"],
-    # the single-tensor AdamW loop (optim.fused=false), slower than the fused kernel but the one that writes each
-    # snapshot straight into the keeper's slot: is copying behind the fused step still the better default?
-    "orchestrate, no checkpointing, optim.fused=false":
-        ["checkpoint.every=0", "checkpoint.persist_every=0", "checkpoint.keepers=false", "optim.fused=false"],
-    "orchestrate, snapshot every step + keepers, disk every 10, optim.fused=false (the step writes the snapshot)":
-        ["checkpoint.every=1", "checkpoint.keepers=true", "checkpoint.persist_every=10", "optim.fused=false"],
 }
 PLAIN_METHODS = {  # label -> (saver, save every N steps)
     "plain PyTorch, no checkpointing": ("none", 0),

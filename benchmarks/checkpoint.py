@@ -4,7 +4,7 @@ The model is a Llama whose training state (parameters + AdamW moments, fp32) is 
 
 Both harnesses train the same model, optimizer (AdamW with torch's fused kernel, the default and the fastest here),
 LR schedule, grad clip and data, composed from the same overrides as ``orchestrate launch``, torch using every
-core. orchestrate: ``python -m orchestrator launch parallel.dp=1`` (one worker), ``step_time`` per step from
+core. orchestrate: ``python -m orchestrate launch parallel.dp=1`` (one worker), ``step_time`` per step from
 ``metrics.jsonl``. Plain PyTorch: one process, no Ray, wall time per iteration (data, forward, backward, clip,
 optimizer step, checkpoint call).
 
@@ -39,11 +39,11 @@ import torch.distributed.checkpoint as dcp
 from torch.distributed.checkpoint.staging import DefaultStager, StagingOptions
 from torch.distributed.checkpoint.state_dict import get_state_dict
 
-from orchestrator.cli import compose_config
-from orchestrator.data import ResumableSampler
-from orchestrator.models import Llama, build_llama, cross_entropy_loss
-from orchestrator.trainer import build_lr_scheduler, build_optimizer, clip_grad_norm_
-from orchestrator.worker import build_data, llama_config
+from orchestrate.cli import compose_config
+from orchestrate.data import ResumableSampler
+from orchestrate.models import Llama, build_llama, cross_entropy_loss
+from orchestrate.trainer import build_lr_scheduler, build_optimizer, clip_grad_norm_
+from orchestrate.worker import build_data, llama_config
 
 REPO = Path(__file__).resolve().parents[1]
 CORES = len(os.sched_getaffinity(0))
@@ -115,7 +115,7 @@ def last_line(text: str) -> str:
 def run_orchestrate(overrides: list[str], timeout_s: float) -> tuple[Optional[list[float]], str]:
     """Step times of one ``orchestrate launch``, or None and the last line of its stderr."""
     with tempfile.TemporaryDirectory(prefix="ckpt-bench-") as tmp:
-        done = run_subprocess([sys.executable, "-m", "orchestrator", "launch", *overrides, "logging.progress=false",
+        done = run_subprocess([sys.executable, "-m", "orchestrate", "launch", *overrides, "logging.progress=false",
                                f"run.dir={tmp}/run"], timeout_s)
         metrics = Path(tmp) / "run" / "metrics.jsonl"
         records = [json.loads(line) for line in metrics.read_text().splitlines()] if metrics.exists() else []

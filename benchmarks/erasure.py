@@ -14,7 +14,7 @@ import time
 
 import numpy as np
 
-from checkpoint.erasure import NumpyKernel, ReedSolomon, split_into_shards
+from orchestrate.checkpoint.erasure import NumpyKernel, ReedSolomon, split_into_shards
 
 MIB = 1 << 20
 

@@ -32,7 +32,7 @@ from typing import Callable, Optional
 import torch
 from torch import nn
 
-from parallel.local_ranks import run_ranks
+from orchestrate.parallel.local_ranks import run_ranks
 
 DDP, SINGLE, TWIN = "DDP AdamW", "single worker", "uncompressed twin (no-bias-correction Adam)"
 
@@ -125,9 +125,9 @@ class LlamaTask:
     layers_per_fragment = 2  # 4 blocks -> 2 block fragments + the non-block fragment
 
     def __init__(self, rank: int, world: int, steps: int):
-        from orchestrator.config import OptimConfig
-        from orchestrator.data import WindowedTokens, load_tokens
-        from orchestrator.models import LlamaConfig
+        from orchestrate.config import OptimConfig
+        from orchestrate.data import WindowedTokens, load_tokens
+        from orchestrate.models import LlamaConfig
 
         self.rank, self.world, self.steps = rank, world, steps
         self.model_config = LlamaConfig(dim=64, n_layers=4, n_heads=4, n_kv_heads=2, max_seq_len=self.SEQ)
@@ -137,24 +137,24 @@ class LlamaTask:
         self.eval_set = self.data.batch(ids)
 
     def model(self) -> nn.Module:
-        from orchestrator.models import build_llama
+        from orchestrate.models import build_llama
 
         return build_llama(self.model_config, seed=0)
 
     def optimizer(self, model: nn.Module):
-        from orchestrator.trainer import build_lr_scheduler, build_optimizer
+        from orchestrate.trainer import build_lr_scheduler, build_optimizer
 
         return (lambda _params: build_optimizer(self.optim, model),
                 lambda optimizer: build_lr_scheduler(self.optim, self.steps, optimizer))
 
     def batches(self) -> Callable[[], tuple]:
-        from orchestrator.data import ResumableSampler
+        from orchestrate.data import ResumableSampler
 
         sampler = ResumableSampler(self.data.n_train, self.BATCH * self.world, self.rank, self.world, seed=0)
         return lambda: self.data.batch(sampler.next_window_ids())
 
     def loss(self, output, target):
-        from orchestrator.models import cross_entropy_loss
+        from orchestrate.models import cross_entropy_loss
 
         return cross_entropy_loss(output, target)
 
@@ -168,7 +168,7 @@ GRAD_CLIP = {"toy": 0.0, "toy-lr3e-3": 0.0, "llama": 1.0, "llama-long": 1.0}
 
 def evaluate_run(run: Run, sync, model: nn.Module, task) -> float:
     """Held-out loss of this replica: Streaming DiLoCo on its outer parameters, the others on the live ones."""
-    params = sync.outer_parameters() if run.sync == "streaming_diloco" else dict(model.named_parameters())
+    params = sync.evaluation_parameters(model)
     with torch.no_grad():
         return task.evaluate(model, params)
 
@@ -177,13 +177,14 @@ def _train(run: Run, task, task_name: str, steps: int, rank: int, eval_every: in
     """Train one run; ``eval_every`` > 0 also records the held-out loss after every that many steps."""
     import torch.distributed as dist
 
-    from orchestrator.trainer import clip_grad_norm_
-    from parallel.sync import build_sync
+    from orchestrate.trainer import clip_grad_norm_
+    from orchestrate.parallel.sync import build_strategy
+    from orchestrate.parallel.sync.base import sync_step
 
     singletons = [dist.new_group([r]) for r in range(dist.get_world_size())] if run.single_worker else None
     group = singletons[rank] if run.single_worker else dist.group.WORLD
     model = task.model()
-    sync = build_sync(run.sync, group, options=run.options)
+    sync = build_strategy(run.sync, group, options=run.options)
     wrapped = sync.wrap_model(model)
     build_default, build_scheduler = task.optimizer(model)
     optimizer = sync.build_optimizer(model.parameters(), build_default)
@@ -194,19 +195,12 @@ def _train(run: Run, task, task_name: str, steps: int, rank: int, eval_every: in
         if step == run.phase_start:
             phase_bytes = sync.counter.total
         x, y = next_batch()
-        optimizer.zero_grad()
-        task.loss(wrapped(x), y).backward()
-        sync.before_optimizer(step)
-        if GRAD_CLIP[task_name]:
-            clip_grad_norm_(model.parameters(), GRAD_CLIP[task_name])
-        optimizer.step()
-        if scheduler is not None:
-            scheduler.step()
-        sync.after_optimizer(step)
+        clip = GRAD_CLIP[task_name]
+        sync_step(sync, optimizer, step, lambda: task.loss(wrapped(x), y).backward(),
+                  (lambda: clip_grad_norm_(model.parameters(), clip)) if clip else None, scheduler)
         if eval_every and (step + 1) % eval_every == 0 and step + 1 < steps:
             curve[step + 1] = evaluate_run(run, sync, model, task)
-    if hasattr(sync, "wait_for_exchanges"):
-        sync.wait_for_exchanges()
+    sync.wait_for_exchanges()
     loss = evaluate_run(run, sync, model, task)
     phase_steps = steps - (run.phase_start or 0)
     return {"loss": loss, "total": sync.counter.total, "peak": sync.counter.peak,

@@ -26,7 +26,7 @@ from typing import Optional
 import torch
 
 from benchmarks.lowcomm import LlamaTask, Run, _train
-from parallel.local_ranks import run_ranks
+from orchestrate.parallel.local_ranks import run_ranks
 
 RESULTS = Path(__file__).resolve().parent / "results" / "lowcomm_llama_long.jsonl"
 TASK_NAME = "llama-long"
@@ -101,9 +101,9 @@ class LongLlamaTask(LlamaTask):
     """The lowcomm Llama task with the model, batch, schedule and evaluation of ``Regime``."""
 
     def __init__(self, rank: int, world: int, regime: Regime, lr_scale: float):
-        from orchestrator.config import OptimConfig
-        from orchestrator.data import WindowedTokens, load_tokens
-        from orchestrator.models import LlamaConfig
+        from orchestrate.config import OptimConfig
+        from orchestrate.data import WindowedTokens, load_tokens
+        from orchestrate.models import LlamaConfig
 
         self.rank, self.world, self.steps = rank, world, regime.steps
         self.BATCH = regime.batch_per_replica

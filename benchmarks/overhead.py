@@ -24,11 +24,11 @@ import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
 
-from orchestrator.cli import compose_config
-from orchestrator.data import ResumableSampler
-from orchestrator.models import build_llama, cross_entropy_loss
-from orchestrator.trainer import build_lr_scheduler, build_optimizer
-from orchestrator.worker import build_data, llama_config
+from orchestrate.cli import compose_config
+from orchestrate.data import ResumableSampler
+from orchestrate.models import build_llama, cross_entropy_loss
+from orchestrate.trainer import build_lr_scheduler, build_optimizer
+from orchestrate.worker import build_data, llama_config
 
 RECIPE = ["recipe=quickstart"]  # --recipe replaces it
 
@@ -41,7 +41,7 @@ def per_step_seconds(end_times: list[float], warmup: int) -> float:
 def run_orchestrate(steps: int, warmup: int, *overrides: str) -> tuple[float, float]:
     with tempfile.TemporaryDirectory() as tmp:
         started = time.time()
-        subprocess.run([sys.executable, "-m", "orchestrator", "launch", *RECIPE, f"train.steps={steps}",
+        subprocess.run([sys.executable, "-m", "orchestrate", "launch", *RECIPE, f"train.steps={steps}",
                         f"run.dir={tmp}/run", "logging.progress=false", *overrides], check=True,
                        capture_output=True)
         records = [json.loads(line) for line in (Path(tmp) / "run" / "metrics.jsonl").read_text().splitlines()]
@@ -75,7 +75,7 @@ def _plain_rank(rank: int, world: int, port: int, steps: int, recipe: list[str],
 
 
 def run_plain(steps: int, warmup: int, world: int = 2) -> float:
-    from parallel.local_ranks import free_port
+    from orchestrate.parallel.local_ranks import free_port
 
     ctx = mp.get_context("spawn")
     with ctx.Manager() as manager:

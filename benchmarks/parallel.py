@@ -26,8 +26,8 @@ import torch
 import torch.distributed as dist
 from torch.utils._python_dispatch import TorchDispatchMode
 
-from parallel import comm
-from parallel.local_ranks import run_ranks
+from orchestrate.parallel import comm
+from orchestrate.parallel.local_ranks import run_ranks
 
 # A 2048-token vocabulary makes the per-token memory large (logits) while attention stays cheap at the lengths
 # that fill the budget, so the sweep finishes in minutes.
@@ -123,11 +123,11 @@ def _reset_peak_rss() -> None:
 
 def _build(layout: dict, seq: int):
     """Model, optimizer and sync for ``layout`` on this rank, with the rank's mesh coordinates."""
-    from orchestrator.models import LlamaConfig, build_llama
-    from parallel.context import apply_cp
-    from parallel.mesh import ParallelDims, build_mesh, replica_group
-    from parallel.sync.ddp import DDPSync
-    from parallel.tensor import apply_tp
+    from orchestrate.models import LlamaConfig, build_llama
+    from orchestrate.parallel.context import apply_cp
+    from orchestrate.parallel.mesh import ParallelDims, build_mesh, replica_group
+    from orchestrate.parallel.sync.ddp import DDPSync
+    from orchestrate.parallel.tensor import apply_tp
 
     dims = ParallelDims(dp=layout.get("dp", 1), tp=layout.get("tp", 1), cp=layout.get("cp", 1))
     mesh = build_mesh(dims, "cpu")
@@ -143,19 +143,21 @@ def _build(layout: dict, seq: int):
 
 
 def _train_step(dims, coords, wrapped, sync, optimizer, batch: int, seq: int, step: int) -> None:
-    from parallel.context import shard_sequence
-    from parallel.tensor import loss_context, tp_loss
+    from orchestrate.parallel.context import shard_sequence
+    from orchestrate.parallel.sync.base import sync_step
+    from orchestrate.parallel.tensor import loss_context, tp_loss
 
     gen = torch.Generator().manual_seed(step)
     tokens = torch.randint(0, MODEL["vocab_size"], (batch, seq + 1), generator=gen)
     rows = slice(coords["dp"] * batch // dims.dp, (coords["dp"] + 1) * batch // dims.dp)
     tokens, targets, positions = shard_sequence(tokens[rows, :-1], tokens[rows, 1:], coords["cp"], dims.cp)
-    logits = wrapped(tokens, positions if dims.cp > 1 else None)
-    with loss_context(logits):
-        tp_loss(logits, targets).backward()
-    sync.before_optimizer(step)
-    optimizer.step()
-    optimizer.zero_grad(set_to_none=True)
+
+    def backward() -> None:
+        logits = wrapped(tokens, positions if dims.cp > 1 else None)
+        with loss_context(logits):
+            tp_loss(logits, targets).backward()
+
+    sync_step(sync, optimizer, step, backward)
 
 
 def _warm_up(setup, batch: int, seq: int) -> None:

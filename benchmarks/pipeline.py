@@ -41,7 +41,7 @@ import time
 import torch
 from torch.utils._python_dispatch import is_traceable_wrapper_subclass
 
-from parallel.local_ranks import run_ranks
+from orchestrate.parallel.local_ranks import run_ranks
 
 MODEL = dict(dim=128, n_layers=8, n_heads=4, n_kv_heads=2, vocab_size=256, max_seq_len=128)
 MICROBATCH_ROWS, SEQ = 2, 128
@@ -156,10 +156,10 @@ class P2PWaitClock:
 def _measure_rank(rank, world, model, tp, schedules, microbatches, steps):
     import torch.distributed as dist
 
-    from orchestrator.models import LlamaConfig, build_llama, cross_entropy_loss
-    from parallel.mesh import ParallelDims, build_mesh
-    from parallel.pipeline import build_pipeline
-    from parallel.tensor import apply_tp
+    from orchestrate.models import LlamaConfig, build_llama, cross_entropy_loss
+    from orchestrate.parallel.mesh import ParallelDims, build_mesh
+    from orchestrate.parallel.pipeline import build_pipeline
+    from orchestrate.parallel.tensor import apply_tp
 
     mesh = build_mesh(ParallelDims(pp=world // tp, tp=tp), "cpu")
     pp_group = mesh["pp"].get_group()

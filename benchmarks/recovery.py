@@ -36,7 +36,7 @@ import tempfile
 import time
 from pathlib import Path
 
-from cluster.simulated import SimulatedCluster
+from orchestrate.cluster.simulated import SimulatedCluster
 
 
 def launch(steps: int, persist_every: int, *overrides: str, recipe: str = "quickstart") -> list[dict]:
@@ -44,7 +44,7 @@ def launch(steps: int, persist_every: int, *overrides: str, recipe: str = "quick
     with tempfile.TemporaryDirectory() as tmp:
         args = [f"recipe={recipe}", f"train.steps={steps}", f"checkpoint.persist_every={persist_every}",
                 f"run.dir={tmp}/run", "logging.progress=false", *overrides]
-        subprocess.run([sys.executable, "-m", "orchestrator", "launch", *args], check=True, capture_output=True)
+        subprocess.run([sys.executable, "-m", "orchestrate", "launch", *args], check=True, capture_output=True)
         return [json.loads(line) for line in (Path(tmp) / "run" / "metrics.jsonl").read_text().splitlines()]
 
 
@@ -92,7 +92,7 @@ def kill_run(kind: str, kills: int, seed: int, *overrides: str, sim: SimulatedCl
     rng = random.Random(seed)
     with tempfile.TemporaryDirectory() as tmp:
         run_dir = Path(tmp) / "run"
-        process = subprocess.Popen([sys.executable, "-m", "orchestrator", "launch", *LONG_RUN,
+        process = subprocess.Popen([sys.executable, "-m", "orchestrate", "launch", *LONG_RUN,
                                     f"fault.max_restarts={kills}", f"run.dir={run_dir}", *overrides],
                                    stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
         try:
@@ -144,7 +144,7 @@ def stop(process: subprocess.Popen) -> None:
 def fault_free_rate(*overrides: str, sim: SimulatedCluster | None = None, steps: int = 60) -> float:
     with tempfile.TemporaryDirectory() as tmp:
         run_dir = Path(tmp) / "run"
-        process = subprocess.Popen([sys.executable, "-m", "orchestrator", "launch", *LONG_RUN,
+        process = subprocess.Popen([sys.executable, "-m", "orchestrate", "launch", *LONG_RUN,
                                     f"run.dir={run_dir}", *overrides],
                                    stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
         try:

@@ -51,7 +51,7 @@ def cpu_seconds(process: psutil.Process) -> Optional[float]:
 
 
 def measure(address: str, nodes: int, steps: int, fault_step: int, run_dir: Path) -> dict:
-    command = [sys.executable, "-m", "orchestrator", "launch", "recipe=quickstart", f"parallel.dp={nodes}",
+    command = [sys.executable, "-m", "orchestrate", "launch", "recipe=quickstart", f"parallel.dp={nodes}",
                f"train.global_batch_size={2 * nodes}", f"train.steps={steps}", f"cluster.address={address}",
                "cluster.cpus_per_worker=1", "checkpoint.keepers=false", "checkpoint.persist_every=0",
                "fault.kind=node", "fault.kill_rank=1", f"fault.at_step={fault_step}", "logging.progress=false",
@@ -98,7 +98,7 @@ def main(argv: Optional[list[str]] = None) -> int:
     parser.add_argument("--steps", type=int, default=30)
     parser.add_argument("--out", help="also write the table and the raw rows (JSON) here")
     args = parser.parse_args(argv)
-    from cluster.simulated import SimulatedCluster
+    from orchestrate.cluster.simulated import SimulatedCluster
 
     sim = SimulatedCluster()
     work = Path(tempfile.mkdtemp(prefix="scale-"))

@@ -63,7 +63,7 @@ class Outcome:
 
 def launch(address: str, method: str, steps: int, run_dir: Path, target: Optional[float]) -> list[dict]:
     """One run; returns its metrics records. Stopped early once an eval reaches ``target``."""
-    command = [sys.executable, "-m", "orchestrator", "launch", "recipe=diloco_small", f"train.steps={steps}",
+    command = [sys.executable, "-m", "orchestrate", "launch", "recipe=diloco_small", f"train.steps={steps}",
                f"cluster.address={address}", "cluster.cpus_per_worker=1", "checkpoint.keepers=false",
                "checkpoint.every=0", "checkpoint.persist_every=0", "train.eval_batches=2",
                f"train.eval_every={EVAL_EVERY}", "logging.progress=false", "logging.log_every=1000",
@@ -148,7 +148,7 @@ def tabulate(work: Path, links: list[str], methods: list[str]) -> str:
 
 def run_all(work: Path, links: list[str], methods: list[str], nodes: int, target_steps: int,
             budget_steps: int) -> None:
-    from cluster import emulated
+    from orchestrate.cluster import emulated
 
     state_dir = tempfile.mkdtemp(prefix="orch-sl", dir="/tmp")
     os.rmdir(state_dir)

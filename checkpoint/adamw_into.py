@@ -20,7 +20,7 @@ from typing import Optional
 
 import torch
 
-from checkpoint import fused_adamw_into
+from orchestrate.checkpoint import fused_adamw_into
 
 # the settings under which torch's AdamW/Adam takes the single-tensor or fused path mirrored here
 _REQUIRED = {"amsgrad": False, "maximize": False, "capturable": False, "differentiable": False}

@@ -43,8 +43,8 @@ from typing import Any, Iterable, Mapping, Sequence
 
 import numpy as np
 
-from checkpoint.snapshot_codec import PackedTensor, SnapshotIndex, tensor_views
-from checkpoint.universal import CheckpointError, RankIndex, SliceSpec, checksum, writes_block
+from orchestrate.checkpoint.snapshot_codec import PackedTensor, SnapshotIndex, tensor_views
+from orchestrate.checkpoint.universal import CheckpointError, RankIndex, SliceSpec, checksum, writes_block
 
 log = logging.getLogger(__name__)
 

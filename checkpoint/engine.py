@@ -32,33 +32,18 @@ from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 from typing import Callable, Iterable, Optional, Protocol, Sequence
 
-from checkpoint.arena import HostArena
-from checkpoint.universal import (CheckpointError, FragmentSpec, TrainerState, commit_version, version_dir,
+from orchestrate.checkpoint.arena import HostArena
+from orchestrate.checkpoint.universal import (CheckpointError, FragmentSpec, TrainerState, commit_version, version_dir,
                                   wait_for_ranks, write_fragments)
 
 StateFn = Callable[[], Iterable[FragmentSpec]]
 
 
-@dataclass
-class CheckpointConfig:
-    """What the framework exposes under ``checkpoint.*``."""
-
-    dir: str = "checkpoints"
-    every: int = 1  # snapshot (L0) every N optimizer steps
-    persist_every: int = 0  # write every K-th snapshot to ``dir`` (L2); 0 disables persistence
-    keep: int = 2  # committed versions kept on disk
-
-    def validate(self) -> None:
-        for key, minimum in (("every", 1), ("persist_every", 0), ("keep", 1)):
-            value = getattr(self, key)
-            if not isinstance(value, int) or value < minimum:
-                raise CheckpointError(f"checkpoint.{key}={value!r}: must be an integer >= {minimum}")
-
-    def build(self, rank: int = 0, world_ranks: Sequence[int] = (0,)) -> "CheckpointEngine":
-        """An engine with a fresh arena, persisting to ``dir`` in the universal format when enabled."""
-        self.validate()
-        persister = UniversalPersister(self.dir, rank, world_ranks, self.keep) if self.persist_every else None
-        return CheckpointEngine(HostArena(), self.every, self.persist_every, persister)
+def check_cadence(every: int, persist_every: int) -> None:
+    """The engine's cadence, named by the keys of the ``checkpoint`` config section that set it."""
+    for key, value, minimum in (("every", every, 1), ("persist_every", persist_every, 0)):
+        if not isinstance(value, int) or value < minimum:
+            raise CheckpointError(f"checkpoint.{key}={value!r}: must be an integer >= {minimum}")
 
 
 class SnapshotTarget(Protocol):
@@ -93,7 +78,7 @@ def _frozen(trainer_state: TrainerState) -> TrainerState:
 class CheckpointEngine:
     def __init__(self, arena: SnapshotTarget, every: int = 1, persist_every: int = 0,
                  persister: Optional[Persister] = None, history: int = 1024):
-        CheckpointConfig(every=every, persist_every=persist_every).validate()
+        check_cadence(every, persist_every)
         if persist_every and persister is None:
             raise CheckpointError("checkpoint.persist_every > 0 needs a persister")
         if persist_every and not isinstance(arena, HostArena):

@@ -21,8 +21,8 @@ from typing import Any, Optional
 import torch
 from safetensors.torch import save_file
 
-from checkpoint.reshard import load_slices
-from checkpoint.universal import CheckpointError, Manifest, SliceSpec, read_manifest, resolve_version_dir
+from orchestrate.checkpoint.reshard import load_slices
+from orchestrate.checkpoint.universal import CheckpointError, Manifest, SliceSpec, read_manifest, resolve_version_dir
 
 CONFIG_FILE = "config.json"
 WEIGHTS_FILE = "model.safetensors"

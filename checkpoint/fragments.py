@@ -24,8 +24,8 @@ import torch
 from torch import nn
 from torch.distributed.tensor import DTensor, Shard
 
-from checkpoint.reshard import load_into
-from checkpoint.universal import CheckpointError, FragmentSpec, Manifest, dtype_from_name, read_manifest
+from orchestrate.checkpoint.reshard import load_into
+from orchestrate.checkpoint.universal import CheckpointError, FragmentSpec, Manifest, dtype_from_name, read_manifest
 
 try:
     from torch.distributed.tensor._utils import compute_local_shape_and_global_offset

@@ -16,8 +16,8 @@ from typing import Any
 import torch
 from safetensors import safe_open
 
-from checkpoint.export import CONFIG_FILE, WEIGHTS_FILE, LlamaHyperParameters, expected_shape, weight_names
-from checkpoint.universal import CheckpointError
+from orchestrate.checkpoint.export import CONFIG_FILE, WEIGHTS_FILE, LlamaHyperParameters, expected_shape, weight_names
+from orchestrate.checkpoint.universal import CheckpointError
 
 INDEX_FILE = "model.safetensors.index.json"
 LLAMA_ARCHITECTURE = "LlamaForCausalLM"

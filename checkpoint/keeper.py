@@ -30,12 +30,12 @@ import psutil
 import ray
 from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
 
-from checkpoint.direct_write import write_packed
-from checkpoint.keeper_group import GroupMember, NotHeldError
-from checkpoint.shm_arena import (COMMITTED, FREE, HELD, READY, SEALED, TRAINER_STATE_META, WRITING, Arena,
+from orchestrate.checkpoint.direct_write import write_packed
+from orchestrate.checkpoint.keeper_group import GroupMember, NotHeldError
+from orchestrate.checkpoint.shm_arena import (COMMITTED, FREE, HELD, READY, SEALED, TRAINER_STATE_META, WRITING, Arena,
                                   ArenaLayout, ShmSpaceError, free_bytes, human_bytes)
-from checkpoint.snapshot_codec import SnapshotIndex
-from checkpoint.universal import CheckpointError, TrainerState, commit_version, version_dir, wait_for_ranks
+from orchestrate.checkpoint.snapshot_codec import SnapshotIndex
+from orchestrate.checkpoint.universal import CheckpointError, TrainerState, commit_version, version_dir, wait_for_ranks
 
 log = logging.getLogger(__name__)
 KEEPER_NICE = 19  # the keepers' CPU priority: background work, the lowest (Linux nice values run 0..19)

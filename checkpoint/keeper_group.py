@@ -25,8 +25,8 @@ import numpy as np
 import ray
 from ray.exceptions import GetTimeoutError, ObjectLostError, RayActorError
 
-from checkpoint.erasure import ReedSolomon
-from checkpoint.snapshot_codec import align
+from orchestrate.checkpoint.erasure import ReedSolomon
+from orchestrate.checkpoint.snapshot_codec import align
 
 ShardFetch = Callable[[int], np.ndarray]  # stripe -> this member's shard of it
 # a member (or the node holding its reply) is gone or does not answer

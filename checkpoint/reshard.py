@@ -14,7 +14,7 @@ from typing import Iterable, Mapping, Optional
 import torch
 from safetensors import SafetensorError, safe_open
 
-from checkpoint.universal import (CheckpointError, FragmentRecord, FragmentSpec, Manifest, SliceSpec,
+from orchestrate.checkpoint.universal import (CheckpointError, FragmentRecord, FragmentSpec, Manifest, SliceSpec,
                                   block_overlap, checksum, dtype_from_name, read_manifest)
 
 

@@ -37,8 +37,8 @@ from typing import Callable, Optional, Sequence
 import numpy as np
 import torch
 
-from checkpoint.snapshot_codec import SnapshotIndex, pack_into, plan_index, tensor_views
-from checkpoint.universal import CheckpointError, FragmentSpec, TrainerState
+from orchestrate.checkpoint.snapshot_codec import SnapshotIndex, pack_into, plan_index, tensor_views
+from orchestrate.checkpoint.universal import CheckpointError, FragmentSpec, TrainerState
 
 FREE, WRITING, READY, SEALED, COMMITTED = range(5)
 HELD = (READY, SEALED, COMMITTED)  # states in which a slot holds a complete version

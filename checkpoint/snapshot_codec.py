@@ -20,7 +20,7 @@ from typing import Any, Iterable, Mapping, Optional, Sequence
 import numpy as np
 import torch
 
-from checkpoint.universal import CheckpointError, FragmentSpec, Shape, dtype_from_name, dtype_name
+from orchestrate.checkpoint.universal import CheckpointError, FragmentSpec, Shape, dtype_from_name, dtype_name
 
 FORMAT_NAME = "orchestrate.snapshot"
 FORMAT_VERSION = 1

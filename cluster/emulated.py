@@ -26,7 +26,7 @@ from typing import Optional
 
 import psutil
 
-from cluster.ray_cluster import stop_processes_using
+from orchestrate.cluster.ray_cluster import stop_processes_using
 
 DEFAULT_STATE_DIR = "/tmp/orch-emulated"  # short: Ray's socket paths must stay under ~107 characters
 STATE_FILE = "cluster.json"

@@ -24,7 +24,7 @@ class SimulatedCluster:
     def __init__(self, cpus_per_node: int = 1):
         from ray.cluster_utils import Cluster
 
-        from cluster.ray_cluster import configure_local_environment
+        from orchestrate.cluster.ray_cluster import configure_local_environment
 
         configure_local_environment()  # loopback only, no token auth, as for the embedded cluster
         self.temp_dir = tempfile.mkdtemp(prefix="orch-sim-", dir="/tmp")  # short: unix socket path limit

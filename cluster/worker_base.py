@@ -10,7 +10,7 @@ from typing import Optional
 import torch
 import torch.distributed as dist
 
-from cluster.network import collective_interface_environment, listening_socket
+from orchestrate.cluster.network import collective_interface_environment, listening_socket
 
 
 def pick_backend() -> tuple[str, str]:

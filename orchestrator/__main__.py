@@ -1,3 +1,3 @@
-from orchestrator.cli import entrypoint
+from orchestrate.cli import entrypoint
 
 entrypoint()

@@ -25,16 +25,16 @@ from typing import Optional
 import torch
 from torch.distributed.tensor import DTensor
 
-from checkpoint import adamw_into
-from checkpoint.engine import CheckpointEngine, UniversalPersister
-from checkpoint.arena import HostArena
-from checkpoint.shm_arena import TRAINER_STATE_META, ArenaHandle, ArenaWriter, estimate_meta_capacity
-from checkpoint.snapshot_codec import SnapshotIndex, copy_into, pack, plan_index
-from checkpoint.fragments import (OPTIM_PREFIX, init_optimizer_state, load_model, load_optimizer, model_fragments,
+from orchestrate.checkpoint import adamw_into
+from orchestrate.checkpoint.engine import CheckpointEngine, UniversalPersister
+from orchestrate.checkpoint.arena import HostArena
+from orchestrate.checkpoint.shm_arena import TRAINER_STATE_META, ArenaHandle, ArenaWriter, estimate_meta_capacity
+from orchestrate.checkpoint.snapshot_codec import SnapshotIndex, copy_into, pack, plan_index
+from orchestrate.checkpoint.fragments import (OPTIM_PREFIX, init_optimizer_state, load_model, load_optimizer, model_fragments,
                                   optimizer_fragments, tensor_fragment)
-from checkpoint.reshard import load_into
-from checkpoint.universal import CheckpointError, FragmentSpec, Manifest, TrainerState, read_manifest, resolve_version_dir
-from orchestrator.config import Config
+from orchestrate.checkpoint.reshard import load_into
+from orchestrate.checkpoint.universal import CheckpointError, FragmentSpec, Manifest, TrainerState, read_manifest, resolve_version_dir
+from orchestrate.config import Config
 
 log = logging.getLogger(__name__)
 

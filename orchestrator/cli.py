@@ -21,17 +21,17 @@ from hydra.errors import HydraException
 from omegaconf import OmegaConf
 from omegaconf.errors import OmegaConfBaseException
 
-from orchestrator import cluster_commands, job_commands, prepare_data
-from orchestrator.config import Config, ConfigError, SyncConfig, validate
-from orchestrator.inputs import apply_data, explicit_keys, resolve_inputs, tokenizer_file
-from orchestrator.interrupt import InterruptRequests
+from orchestrate import cluster_commands, job_commands, prepare_data
+from orchestrate.config import Config, ConfigError, SyncConfig, validate
+from orchestrate.inputs import apply_data, explicit_keys, resolve_inputs, tokenizer_file
+from orchestrate.interrupt import InterruptRequests
 
 EXIT_BAD_INPUT = 2
 RECIPE_GROUP = "recipe"
 
 
 def packaged_recipes() -> list[str]:
-    folder = resources.files("recipes") / RECIPE_GROUP
+    folder = resources.files("orchestrate.recipes") / RECIPE_GROUP
     return sorted(p.name[:-5] for p in folder.iterdir() if p.name.endswith(".yaml"))
 
 
@@ -63,7 +63,7 @@ def check_override_key(key: str) -> None:
 def _resolve_type(annotation):
     """Field types are strings under postponed annotations; map section names back to their dataclasses."""
     if isinstance(annotation, str):
-        import orchestrator.config as schema
+        import orchestrate.config as schema
 
         return getattr(schema, annotation, annotation)
     return annotation
@@ -97,7 +97,7 @@ def compose_config(overrides: Sequence[str], extra_dirs: Sequence[str] = (), rea
         if extra_dirs else []
     GlobalHydra.instance().clear()
     try:
-        with initialize_config_module(config_module="recipes", version_base="1.3"):
+        with initialize_config_module(config_module="orchestrate.recipes", version_base="1.3"):
             composed = compose(config_name="config", overrides=search + list(overrides))
         cfg = to_config(composed)
     except (HydraException, OmegaConfBaseException) as err:
@@ -143,10 +143,10 @@ def compose_resume_config(ckpt: str, overrides: Sequence[str]) -> Config:
     """The config saved in the checkpoint, with overrides (any layout the model allows), resuming from it."""
     import torch
 
-    from checkpoint.universal import CheckpointError, read_manifest, resolve_version_dir
-    from orchestrator.checkpointing import check_model_matches
-    from orchestrator.models import Llama
-    from orchestrator.worker import llama_config
+    from orchestrate.checkpoint.universal import CheckpointError, read_manifest, resolve_version_dir
+    from orchestrate.checkpointing import check_model_matches
+    from orchestrate.models import Llama
+    from orchestrate.worker import llama_config
 
     check_overrides(overrides, ())
     if any(o.startswith("recipe=") for o in overrides):
@@ -177,8 +177,8 @@ def compose_resume_config(ckpt: str, overrides: Sequence[str]) -> Config:
 
 
 def export_command(args: Sequence[str]) -> int:
-    from checkpoint.export import export_hf
-    from checkpoint.universal import CheckpointError, read_manifest, resolve_version_dir
+    from orchestrate.checkpoint.export import export_hf
+    from orchestrate.checkpoint.universal import CheckpointError, read_manifest, resolve_version_dir
 
     values = dict(a.split("=", 1) for a in args if "=" in a)
     unknown = sorted(set(values) - {"ckpt", "out"}) + [a for a in args if "=" not in a]
@@ -236,7 +236,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         if args.command == "config":
             print(OmegaConf.to_yaml(OmegaConf.structured(cfg)))
             return 0
-        from orchestrator.controller import Controller, RunState
+        from orchestrate.controller import Controller, RunState
 
         with InterruptRequests() as interrupts:
             try:

@@ -31,7 +31,7 @@ def add_commands(subparsers) -> None:
 
 
 def run_command(args: argparse.Namespace) -> int:
-    from cluster import emulated
+    from orchestrate.cluster import emulated
 
     state_dir = args.state_dir or emulated.DEFAULT_STATE_DIR
     try:
@@ -60,7 +60,7 @@ def run_command(args: argparse.Namespace) -> int:
 
 
 def print_up(state) -> None:
-    from cluster.emulated import DEFAULT_STATE_DIR
+    from orchestrate.cluster.emulated import DEFAULT_STATE_DIR
 
     link = state.link or "unlimited"
     print(f"emulated cluster up: head {state.head_address}, {len(state.nodes)} nodes "

@@ -10,13 +10,9 @@ import dataclasses
 from dataclasses import dataclass, field
 from typing import List, Optional, Union
 
-from orchestrator.models.llama import LlamaConfig
-from parallel.mesh import ParallelDims, ParallelConfigError
-from parallel.sync.diloco import DiLoCoConfig
-from parallel.sync.noloco import NoLoCoConfig
-from parallel.sync.onebit_adam import OneBitAdamConfig
-from parallel.sync.streaming_diloco import StreamingDiLoCoConfig
-from parallel.sync.zero_one_adam import ZeroOneAdamConfig
+from orchestrate.models.llama import LlamaConfig
+from orchestrate.parallel.mesh import ParallelDims, ParallelConfigError
+from orchestrate.parallel.sync import STRATEGIES
 
 
 class ConfigError(ValueError):
@@ -107,22 +103,19 @@ class ParallelConfig:
     pp_split: Optional[List[int]] = None  # first layer of each stage after the first; None: balanced by cost
 
 
-@dataclass
-class SyncConfig:
-    """``name`` picks the strategy; its section holds that strategy's hyper-parameters (defaults: docs/lowcomm.md
-    section 0.4)."""
+def _chosen_options(self) -> dict:
+    """The chosen strategy's hyper-parameters as plain values (empty for one without any, ddp)."""
+    section = getattr(self, self.name, None)
+    return dataclasses.asdict(section) if section is not None else {}
 
-    name: str = "ddp"
-    diloco: DiLoCoConfig = field(default_factory=DiLoCoConfig)
-    streaming_diloco: StreamingDiLoCoConfig = field(default_factory=StreamingDiLoCoConfig)
-    noloco: NoLoCoConfig = field(default_factory=NoLoCoConfig)
-    onebit_adam: OneBitAdamConfig = field(default_factory=OneBitAdamConfig)
-    zero_one_adam: ZeroOneAdamConfig = field(default_factory=ZeroOneAdamConfig)
 
-    def options(self) -> dict:
-        """The chosen strategy's hyper-parameters as plain values (empty for ddp)."""
-        section = getattr(self, self.name, None)
-        return dataclasses.asdict(section) if section is not None else {}
+# ``name`` picks the strategy; a section per strategy with hyper-parameters (defaults: docs/lowcomm.md section
+# 0.4), made from the strategy registry (parallel/sync/__init__.py): a new strategy needs no change here
+SyncConfig = dataclasses.make_dataclass(
+    "SyncConfig",
+    [("name", str, field(default="ddp"))] + [(name, entry.hyper, field(default_factory=entry.hyper))
+                                             for name, entry in STRATEGIES.items() if entry.hyper is not None],
+    namespace={"options": _chosen_options, "__module__": __name__})
 
 
 @dataclass
@@ -251,7 +244,7 @@ CHOICES = {
     "data.source": ("stdlib", "path"),
     "optim.name": ("adamw",),
     "optim.schedule": ("cosine", "constant"),
-    "sync.name": ("ddp", "diloco", "streaming_diloco", "noloco", "onebit_adam", "zero_one_adam"),
+    "sync.name": tuple(STRATEGIES),
 }
 
 
@@ -348,7 +341,7 @@ def validate_pipeline(cfg: Config) -> None:
     p = cfg.parallel
     if p.pp == 1:
         return
-    from parallel.pipeline import validate_pp
+    from orchestrate.parallel.pipeline import validate_pp
 
     _require(not cfg.model.tie_embeddings, "model.tie_embeddings=true: not available with parallel.pp > 1")
     _require(cfg.dims.dp_shard == 1, f"parallel.dp_shard={_shard_text(p)}: not available with parallel.pp > 1")
@@ -363,23 +356,25 @@ def validate_tensor_and_context(cfg: Config) -> None:
     p = cfg.parallel
     try:
         if p.tp > 1:
-            from parallel.tensor import validate_tp
+            from orchestrate.parallel.tensor import validate_tp
 
             _require(not cfg.model.tie_embeddings, "model.tie_embeddings=true: not available with parallel.tp > 1")
             validate_tp(llama_config(cfg), p.tp, cfg.train.seq_len // p.cp if p.sequence_parallel else None)
         if p.cp > 1 or p.cp_impl not in ("ring", "ulysses"):
-            from parallel.context import validate_cp
+            from orchestrate.parallel.context import validate_cp
 
             validate_cp(cfg.train.seq_len, cfg.model.n_heads, p.cp, p.cp_impl, p.tp)
     except ValueError as err:
         raise ConfigError(str(err)) from None
-    _require(cfg.sync.name == "ddp" or p.pp == 1 or p.tp == 1, "parallel.pp with parallel.tp: needs sync.name=ddp")
+    _require(STRATEGIES[cfg.sync.name].pipeline_with_tp or p.pp == 1 or p.tp == 1,
+             f"parallel.pp with parallel.tp: needs sync.name in "
+             f"{', '.join(n for n, s in STRATEGIES.items() if s.pipeline_with_tp)} (got {cfg.sync.name})")
     _require(cfg.dims.dp_shard == 1 or (p.tp == 1 and p.cp == 1),
              f"parallel.dp_shard={_shard_text(p)}: not available with parallel.tp > 1 or parallel.cp > 1 yet")
 
 
-# strategies that run over FSDP2-sharded replicas (1-bit and 0/1 Adam replace the optimizer FSDP2 shards)
-SHARDED_SYNCS = ("ddp", "diloco", "streaming_diloco", "noloco")
+# strategies that run over FSDP2-sharded replicas
+SHARDED_SYNCS = tuple(name for name, strategy in STRATEGIES.items() if strategy.sharded_replicas)
 
 
 def shard_degree(p: ParallelConfig) -> int:

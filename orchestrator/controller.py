@@ -17,18 +17,18 @@ from typing import Optional
 from omegaconf import OmegaConf
 from ray.exceptions import RayError
 
-from checkpoint.universal import CheckpointError, discard_uncommitted
-from cluster.health import await_lost_nodes, live_node_ids, worker_slots
-from cluster.ray_cluster import ClusterUnreachable, RayRuntime, check_cluster_answers, local_capacity
-from cluster.worker_group import PlacementError, StartTimeout, WorkerGroup, WorkerGroupError
-from orchestrator.config import Config, ConfigError, FaultConfig, FaultSpec, validate
-from orchestrator.keepers import KeeperService
-from orchestrator.metrics import MetricsLog, aggregate_step
-from orchestrator.progress import ProgressLine
-from orchestrator.fault_log import fired_faults, forget_faults
-from orchestrator.interrupt import InterruptRequests, RunInterrupted, save_held_versions
-from orchestrator.recovery import RecoveryPlan, plan_recovery, recovery_source
-from orchestrator.worker import TrainWorker
+from orchestrate.checkpoint.universal import CheckpointError, discard_uncommitted
+from orchestrate.cluster.health import await_lost_nodes, live_node_ids, worker_slots
+from orchestrate.cluster.ray_cluster import ClusterUnreachable, RayRuntime, check_cluster_answers, local_capacity
+from orchestrate.cluster.worker_group import PlacementError, StartTimeout, WorkerGroup, WorkerGroupError
+from orchestrate.config import Config, ConfigError, FaultConfig, FaultSpec, validate
+from orchestrate.keepers import KeeperService
+from orchestrate.metrics import MetricsLog, aggregate_step
+from orchestrate.progress import ProgressLine
+from orchestrate.fault_log import fired_faults, forget_faults
+from orchestrate.interrupt import InterruptRequests, RunInterrupted, save_held_versions
+from orchestrate.recovery import RecoveryPlan, plan_recovery, recovery_source
+from orchestrate.worker import TrainWorker
 
 POLL_INTERVAL_S = 0.05  # a lost rank takes its unpolled step reports with it: those steps are redone
 DEATH_REPORT_GRACE_S = 3.0

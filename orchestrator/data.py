@@ -26,9 +26,9 @@ from typing import TYPE_CHECKING, Optional, Union
 
 import numpy as np
 
-from orchestrator.token_shards import (ShardedTokens, is_prepared_folder, open_prepared, read_manifest,
+from orchestrate.token_shards import (ShardedTokens, is_prepared_folder, open_prepared, read_manifest,
                                        token_dtype_for)
-from orchestrator.tokenizer import (BYTES_SPEC, TOKENIZER_FILE, ByteTokenizer, DataError, Tokenizer,
+from orchestrate.tokenizer import (BYTES_SPEC, TOKENIZER_FILE, ByteTokenizer, DataError, Tokenizer,
                                     load_tokenizer)
 
 if TYPE_CHECKING:

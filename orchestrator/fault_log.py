@@ -6,7 +6,7 @@ from __future__ import annotations
 import dataclasses
 import json
 
-from orchestrator.config import FaultSpec
+from orchestrate.config import FaultSpec
 
 NAMESPACE = "orchestrate-faults"
 

@@ -10,10 +10,10 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Collection, Iterable
 
-from checkpoint.hf_import import read_hf_llama
-from checkpoint.universal import CheckpointError
-from orchestrator.config import Config, ConfigError
-from orchestrator.data import DataError, inspect_data
+from orchestrate.checkpoint.hf_import import read_hf_llama
+from orchestrate.checkpoint.universal import CheckpointError
+from orchestrate.config import Config, ConfigError
+from orchestrate.data import DataError, inspect_data
 
 # our model.* key -> the field of the folder's hyper-parameters it takes its value from
 MODEL_KEYS_FROM_HF = {"vocab_size": "vocab_size", "dim": "dim", "n_layers": "n_layers", "n_heads": "n_heads",

@@ -6,8 +6,8 @@ import signal
 import threading
 from typing import Optional
 
-from orchestrator.config import CheckpointConfig
-from orchestrator.recovery import versions_held_by_all
+from orchestrate.config import CheckpointConfig
+from orchestrate.recovery import versions_held_by_all
 
 SIGNALS = (signal.SIGINT, signal.SIGTERM)
 

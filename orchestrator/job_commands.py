@@ -1,7 +1,7 @@
 """Subcommands for runs on a Ray cluster (submit, status, logs, stop, list) and for results (report, bench).
 
 ``submit`` composes and validates the config here first (bad input: exit 2, nothing submitted), then submits
-``python -m orchestrator launch <same overrides> cluster.address=auto`` as a Ray job: inside the job the driver
+``python -m orchestrate launch <same overrides> cluster.address=auto`` as a Ray job: inside the job the driver
 joins the cluster it runs on through ``RAY_ADDRESS``. On the submitting side ``cluster.address`` is the
 dashboard URL (http://HOST:8265). The job carries the framework packages (``py_modules``, the code installed
 here) and, when given, a working directory. Every failure is one line on stderr and exit code 2.
@@ -15,15 +15,19 @@ import importlib.util
 import re
 import secrets
 import shlex
+import shutil
 import sys
+import tempfile
 import time
 from pathlib import Path
 from typing import Optional, Sequence
 
 EXIT_BAD_INPUT = 2
 EXIT_JOB_DID_NOT_SUCCEED = 1
-# Top-level packages that make up the framework; shipped to the job so it runs the code installed here.
-FRAMEWORK_PACKAGES = ("orchestrator", "cluster", "parallel", "checkpoint", "recipes")
+# The framework's one import name and the subpackages a source checkout keeps in folders of their own; shipped to
+# the job as one module so it runs the code installed here.
+FRAMEWORK = "orchestrate"
+FRAMEWORK_PARTS = ("parallel", "checkpoint", "cluster", "recipes")
 WORKING_DIR_EXCLUDES = [".git/", ".venv/", "venv/", "__pycache__/", "runs/", "outputs/", "wandb/"]
 JOB_RUNS_FOLDER = "runs"
 STOP_TIMEOUT_S = 60.0
@@ -53,7 +57,7 @@ def parse_args(parser: argparse.ArgumentParser, argv: Optional[Sequence[str]]) -
 
 def dashboard_address(args: argparse.Namespace) -> Optional[str]:
     """``cluster.address=URL`` (the grammar of launch and submit) or its alias ``--address URL``."""
-    from cluster.jobs import JobsError
+    from orchestrate.cluster.jobs import JobsError
 
     given = []
     for setting in args.settings:
@@ -97,21 +101,21 @@ def add_commands(subparsers) -> None:
 
 
 def fail(message: str) -> int:
-    """One line on stderr, exit code 2 (the format of ``orchestrator.cli.fail``, without importing the CLI)."""
+    """One line on stderr, exit code 2 (the format of ``orchestrate.cli.fail``, without importing the CLI)."""
     print(f"orchestrate: error: {message}", file=sys.stderr)
     return EXIT_BAD_INPUT
 
 
 def expected_errors(command: str) -> tuple[type[Exception], ...]:
     """Bad-input errors of one command; imported per command because the config schema imports torch."""
-    from cluster.jobs import JobsError
+    from orchestrate.cluster.jobs import JobsError
 
     if command == "submit":
-        from orchestrator.config import ConfigError
+        from orchestrate.config import ConfigError
 
         return JobsError, ConfigError
     if command == "report":
-        from orchestrator.report import ReportError
+        from orchestrate.report import ReportError
 
         return (ReportError,)
     return (JobsError,)
@@ -137,20 +141,33 @@ def job_id_for(run_name: str) -> str:
     return f"{slug}-{time.strftime('%Y%m%d-%H%M%S')}-{secrets.token_hex(2)}"
 
 
-def package_dirs(names: Sequence[str] = FRAMEWORK_PACKAGES) -> list[str]:
-    """Where the framework's packages are installed (found without importing them: some import torch)."""
-    dirs = []
-    for name in names:
-        spec = importlib.util.find_spec(name)
-        if spec is None or not spec.submodule_search_locations:
-            raise RuntimeError(f"package '{name}' is not installed")
-        dirs.append(str(Path(list(spec.submodule_search_locations)[0]).resolve()))
-    return dirs
+def package_dir(name: str) -> Path:
+    """Where an installed package lies (its parent is imported, not the package: some parts import torch)."""
+    spec = importlib.util.find_spec(name)
+    if spec is None or not spec.submodule_search_locations:
+        raise RuntimeError(f"package '{name}' is not installed")
+    return Path(list(spec.submodule_search_locations)[0]).resolve()
+
+
+def framework_module(staging: Path) -> str:
+    """The folder to ship as the ``orchestrate`` module: the installed package itself when its parts lie inside it
+    (a regular install), else (an editable install maps them from the checkout's folders) a copy assembled in
+    ``staging``."""
+    root = package_dir(FRAMEWORK)
+    parts = {name: package_dir(f"{FRAMEWORK}.{name}") for name in FRAMEWORK_PARTS}
+    if all(path == root / name for name, path in parts.items()):
+        return str(root)
+    ignore = shutil.ignore_patterns("__pycache__", "*.pyc")
+    assembled = staging / FRAMEWORK
+    shutil.copytree(root, assembled, ignore=ignore)
+    for name, path in parts.items():
+        shutil.copytree(path, assembled / name, ignore=ignore)
+    return str(assembled)
 
 
 def recipes_dirs_in_job(recipes_dirs: Sequence[str], working_dir: Optional[str]) -> list[str]:
     """The job sees extra recipe folders only through its working dir: paths relative to it."""
-    from orchestrator.config import ConfigError
+    from orchestrate.config import ConfigError
 
     base = Path(working_dir).resolve() if working_dir else None
     relative = []
@@ -165,7 +182,7 @@ def recipes_dirs_in_job(recipes_dirs: Sequence[str], working_dir: Optional[str])
 def job_entrypoint(overrides: Sequence[str], recipes_dirs: Sequence[str], default_run_dir: Optional[str]) -> str:
     """The shell command the job runs (Ray runs entrypoints with a shell)."""
     kept = [o for o in overrides if override_key(o) != "cluster.address"]
-    words = ["python", "-m", "orchestrator", "launch", *kept, "cluster.address=auto"]
+    words = ["python", "-m", "orchestrate", "launch", *kept, "cluster.address=auto"]
     words += [f"--recipes-dir={folder}" for folder in recipes_dirs]
     command = shlex.join(words)
     if default_run_dir is not None:
@@ -175,7 +192,7 @@ def job_entrypoint(overrides: Sequence[str], recipes_dirs: Sequence[str], defaul
 
 
 def parse_env(pairs: Sequence[str]) -> dict[str, str]:
-    from orchestrator.config import ConfigError
+    from orchestrate.config import ConfigError
 
     env = {}
     for pair in pairs:
@@ -186,12 +203,12 @@ def parse_env(pairs: Sequence[str]) -> dict[str, str]:
     return env
 
 
-def runtime_env(working_dir: Optional[str], env: dict[str, str]) -> dict:
-    result = {"py_modules": package_dirs(), "excludes": WORKING_DIR_EXCLUDES,
+def runtime_env(working_dir: Optional[str], env: dict[str, str], staging: Path) -> dict:
+    result = {"py_modules": [framework_module(staging)], "excludes": WORKING_DIR_EXCLUDES,
               "env_vars": {"PYTHONUNBUFFERED": "1", **env}}
     if working_dir:
         if not Path(working_dir).is_dir():
-            from orchestrator.config import ConfigError
+            from orchestrate.config import ConfigError
 
             raise ConfigError(f"--working-dir {working_dir}: not a directory")
         result["working_dir"] = str(Path(working_dir).resolve())
@@ -199,13 +216,12 @@ def runtime_env(working_dir: Optional[str], env: dict[str, str]) -> dict:
 
 
 def submit(args: argparse.Namespace) -> int:
-    from cluster.jobs import JobsClient
-    from orchestrator.cli import compose_config
+    from orchestrate.cluster.jobs import JobsClient
+    from orchestrate.cli import compose_config
 
     # ConfigError: nothing is submitted. Data and model paths are checked in the job, on the cluster's files.
     cfg = compose_config(args.overrides, args.recipes_dir, read_inputs=False)
     job_recipes_dirs = recipes_dirs_in_job(args.recipes_dir, args.working_dir)
-    env = runtime_env(args.working_dir, parse_env(args.env))
     client = JobsClient(cfg.cluster.address)
     job_id = job_id_for(cfg.run.name)
     default_run_dir = f"{JOB_RUNS_FOLDER}/{job_id}" if cfg.run.dir is None else None
@@ -214,7 +230,9 @@ def submit(args: argparse.Namespace) -> int:
     entrypoint = job_entrypoint(args.overrides, job_recipes_dirs, default_run_dir)
     metadata = {"orchestrate": "1", "run_name": cfg.run.name, "run_dir": where,
                 "overrides": " ".join(args.overrides)}
-    client.submit(entrypoint, env, submission_id=job_id, metadata=metadata)
+    with tempfile.TemporaryDirectory(prefix="orchestrate-submit-") as staging:  # uploaded by ``submit``
+        env = runtime_env(args.working_dir, parse_env(args.env), Path(staging))
+        client.submit(entrypoint, env, submission_id=job_id, metadata=metadata)
     address = shlex.quote(client.address)
     print(f"submitted job {job_id} to {client.address}")
     print(f"run dir: {where}" + (" (the job log prints the full path)" if default_run_dir else ""))
@@ -230,7 +248,7 @@ def _when(timestamp: Optional[float]) -> str:
 
 
 def status(args: argparse.Namespace) -> int:
-    from cluster.jobs import JobsClient
+    from orchestrate.cluster.jobs import JobsClient
 
     job = JobsClient(dashboard_address(args)).status(args.job_id)
     print(f"{job.job_id}: {job.status}")
@@ -243,7 +261,7 @@ def status(args: argparse.Namespace) -> int:
 
 
 def logs(args: argparse.Namespace) -> int:
-    from cluster.jobs import JobsClient
+    from orchestrate.cluster.jobs import JobsClient
 
     client = JobsClient(dashboard_address(args))
     if not args.follow:
@@ -255,7 +273,7 @@ def logs(args: argparse.Namespace) -> int:
 
 
 def stop(args: argparse.Namespace) -> int:
-    from cluster.jobs import JobsClient
+    from orchestrate.cluster.jobs import JobsClient
 
     client = JobsClient(dashboard_address(args))
     if not client.stop(args.job_id):
@@ -271,7 +289,7 @@ def stop(args: argparse.Namespace) -> int:
 
 
 def list_jobs(args: argparse.Namespace) -> int:
-    from cluster.jobs import JobsClient
+    from orchestrate.cluster.jobs import JobsClient
 
     client = JobsClient(dashboard_address(args))
     jobs = client.list()
@@ -289,7 +307,7 @@ def list_jobs(args: argparse.Namespace) -> int:
 # ---- report, bench ----------------------------------------------------------------------------------------
 
 def report(args: argparse.Namespace) -> int:
-    from orchestrator.report import write_report
+    from orchestrate.report import write_report
 
     result = write_report(args.run_dir)
     for path in [*result.plots, result.summary]:
@@ -321,7 +339,7 @@ def bench(args: argparse.Namespace) -> int:
 
 
 def main(argv: Optional[Sequence[str]] = None) -> int:
-    """``python -m orchestrator.job_commands COMMAND ...``: these commands without the rest of the CLI."""
+    """``python -m orchestrate.job_commands COMMAND ...``: these commands without the rest of the CLI."""
     parser = argparse.ArgumentParser(prog="orchestrate")
     add_commands(parser.add_subparsers(dest="command", required=True))
     return run_command(parse_args(parser, argv))

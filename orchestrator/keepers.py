@@ -16,10 +16,10 @@ from typing import Any, Optional
 
 import ray
 
-from checkpoint.keeper import start_keeper
-from cluster.health import live_node_ids, node_answers
-from checkpoint.keeper_group import GroupLostError, KeeperGroup, L1CommitError, commit_l1, persist_l2
-from orchestrator.config import CheckpointConfig
+from orchestrate.checkpoint.keeper import start_keeper
+from orchestrate.cluster.health import live_node_ids, node_answers
+from orchestrate.checkpoint.keeper_group import GroupLostError, KeeperGroup, L1CommitError, commit_l1, persist_l2
+from orchestrate.config import CheckpointConfig
 
 log = logging.getLogger(__name__)
 PING_TIMEOUT_S = 5.0

@@ -6,7 +6,7 @@ import os
 from pathlib import Path
 from typing import Optional
 
-from orchestrator.config import WandbConfig
+from orchestrate.config import WandbConfig
 
 
 class MetricsLog:

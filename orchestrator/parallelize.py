@@ -14,12 +14,11 @@ from torch import nn
 from torch.distributed.device_mesh import DeviceMesh
 from torch.distributed.tensor.parallel import loss_parallel
 
-from orchestrator.config import Config
-from parallel.context import apply_cp, bind_sequence_positions, shard_sequence
-from parallel.pipeline import Pipeline, build_pipeline
-from parallel.tensor import apply_tp, loss_context, tp_loss
-from parallel.sync import SyncStrategy
-from parallel.sync.ddp import DDPSync
+from orchestrate.config import Config
+from orchestrate.parallel.context import apply_cp, bind_sequence_positions, shard_sequence
+from orchestrate.parallel.pipeline import Pipeline, build_pipeline
+from orchestrate.parallel.tensor import apply_tp, loss_context, tp_loss
+from orchestrate.parallel.sync import SyncStrategy
 
 LossFn = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
 
@@ -77,8 +76,6 @@ class PipelineRunner:
     def __init__(self, pipeline: Pipeline, sync: SyncStrategy, pp_group, vocab_sharded: bool = False,
                  cp_rank: int = 0, cp: int = 1, reports_loss: bool = True):
         self.pipeline = pipeline
-        if isinstance(sync, DDPSync):
-            sync.use_torch_ddp = False  # torch DDP cannot wrap stages that a schedule drives
         sync.wrap_model(merge_stages(pipeline.stage_modules))
         self.reports_loss = pipeline.is_last_stage and reports_loss
         self.pp_group = pp_group

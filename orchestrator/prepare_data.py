@@ -11,7 +11,7 @@ of its tokens instead.
 
 The output folder holds ``tokenizer.json`` (a copy of the tokenizer used; none for ``bytes``), the shards
 ``train-00000.bin``, ... and ``val-00000.bin``, ... (flat little-endian uint16, or uint32 for vocabularies over
-65536 ids) and ``manifest.json`` (``orchestrator.token_shards.TokenManifest``). It is written next to its
+65536 ids) and ``manifest.json`` (``orchestrate.token_shards.TokenManifest``). It is written next to its
 destination and renamed into place at the end, so a half-written folder is never visible.
 """
 from __future__ import annotations
@@ -27,8 +27,8 @@ from typing import BinaryIO, Iterable, Iterator, Optional, Sequence
 
 import numpy as np
 
-from orchestrator.token_shards import MANIFEST_FILE, TokenManifest, Shard, file_dtype, token_dtype_for
-from orchestrator.tokenizer import (BYTES_SPEC, MIN_BPE_VOCAB_SIZE, TOKENIZER_FILE, DataError, JsonTokenizer,
+from orchestrate.token_shards import MANIFEST_FILE, TokenManifest, Shard, file_dtype, token_dtype_for
+from orchestrate.tokenizer import (BYTES_SPEC, MIN_BPE_VOCAB_SIZE, TOKENIZER_FILE, DataError, JsonTokenizer,
                                     Tokenizer, load_tokenizer, train_bpe_tokenizer)
 
 INPUT_SUFFIXES = (".txt", ".md", ".py", ".jsonl", ".parquet")

@@ -9,7 +9,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable, Iterable, Optional
 
-from checkpoint.universal import committed_versions, version_dir
+from orchestrate.checkpoint.universal import committed_versions, version_dir
 
 
 @dataclass

@@ -11,8 +11,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Optional
 
-from orchestrator.metrics import read_metrics
-from orchestrator.progress import human_bytes
+from orchestrate.metrics import read_metrics
+from orchestrate.progress import human_bytes
 
 
 @dataclass(frozen=True)

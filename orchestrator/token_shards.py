@@ -12,7 +12,7 @@ from typing import Any, Optional, Sequence
 
 import numpy as np
 
-from orchestrator.tokenizer import DataError
+from orchestrate.tokenizer import DataError
 
 MANIFEST_FILE = "manifest.json"
 MANIFEST_FORMAT = "orchestrate-tokens/1"

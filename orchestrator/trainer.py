@@ -13,9 +13,9 @@ import torch.distributed as dist
 from torch import nn
 from torch.distributed.tensor import DTensor
 
-from orchestrator.config import OptimConfig
-from orchestrator.data import ResumableSampler, WindowedTokens
-from parallel.sync import SyncStrategy
+from orchestrate.config import OptimConfig
+from orchestrate.data import ResumableSampler, WindowedTokens
+from orchestrate.parallel.sync import SyncStrategy
 
 
 class Snapshotter(Protocol):

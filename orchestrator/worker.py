@@ -10,21 +10,18 @@ from typing import Optional
 import torch
 from omegaconf import OmegaConf
 
-from checkpoint.hf_import import load_hf_into
-from checkpoint.universal import CheckpointError, TrainerState
-from cluster.worker_base import DistributedWorker
-from orchestrator.checkpointing import TrainerCheckpointer
-from orchestrator.config import Config, llama_config
-from orchestrator.fault_log import record_fired
-from orchestrator.data import ResumableSampler, WindowedTokens, eval_window_ids, load_tokens
-from orchestrator.models import build_llama, cross_entropy_loss
-from orchestrator.parallelize import build_runner
-from orchestrator.trainer import StepMetrics, Trainer, build_lr_scheduler, build_optimizer
-from parallel.comm import CommCounter
-from parallel.mesh import build_mesh, replica_mesh, split_data_parallel
-from parallel.sync import SyncStrategy, build_sync
-from parallel.sync.fsdp import FSDPSync
-from parallel.sync.within_replica import context_mean, sharded_replicas
+from orchestrate.checkpoint.hf_import import load_hf_into
+from orchestrate.checkpoint.universal import CheckpointError, TrainerState
+from orchestrate.cluster.worker_base import DistributedWorker
+from orchestrate.checkpointing import TrainerCheckpointer
+from orchestrate.config import Config, llama_config
+from orchestrate.fault_log import record_fired
+from orchestrate.data import ResumableSampler, WindowedTokens, eval_window_ids, load_tokens
+from orchestrate.models import build_llama, cross_entropy_loss
+from orchestrate.parallelize import build_runner
+from orchestrate.trainer import StepMetrics, Trainer, build_lr_scheduler, build_optimizer
+from orchestrate.parallel.mesh import build_mesh
+from orchestrate.parallel.sync import build_sync
 
 
 def config_from_dict(cfg_dict: dict) -> Config:
@@ -34,23 +31,6 @@ def config_from_dict(cfg_dict: dict) -> Config:
 def build_data(cfg: Config) -> WindowedTokens:
     tokens = load_tokens(cfg.data.source, cfg.data.path, cfg.data.max_bytes, cfg.data.tokenizer)
     return WindowedTokens(tokens, cfg.train.seq_len, cfg.data.val_fraction)
-
-
-def build_sync_strategy(cfg: Config, mesh) -> SyncStrategy:
-    """DDP and FSDP2 average gradients over dp x cp (HSDP when replicas are sharded over fewer ranks than dp);
-    the other strategies act across replicas, after what a replica's ranks do together every step (a cp gradient
-    mean, or FSDP2 over a sharded replica)."""
-    dims = cfg.dims
-    if cfg.sync.name == "ddp":
-        if dims.dp_shard == 1:
-            return build_sync(cfg.sync.name, replica_mesh(mesh).get_group(), CommCounter())
-        return FSDPSync(replica_mesh(mesh) if dims.replicas == 1 else split_data_parallel(mesh, dims), CommCounter())
-    if dims.dp_shard > 1:
-        split = split_data_parallel(mesh, dims)
-        strategy = build_sync(cfg.sync.name, split["dp_replicate"].get_group(), CommCounter(), cfg.sync.options())
-        return sharded_replicas(strategy, split["dp_shard"])
-    strategy = build_sync(cfg.sync.name, mesh["dp"].get_group(), CommCounter(), cfg.sync.options())
-    return strategy if cfg.parallel.cp == 1 else context_mean(strategy, mesh["cp"].get_group())
 
 
 def kill_node_of_this_process() -> None:
@@ -100,7 +80,8 @@ class TrainWorker(DistributedWorker):
         model = model.to(device)
         with self.collective_connections():  # the groups of the mesh and of the replica dimension connect here
             mesh = build_mesh(dims, self.device_type)
-            sync = build_sync_strategy(cfg, mesh)
+            sync = build_sync(cfg.sync.name, mesh, cfg.dims, cfg.sync.options(),
+                              stages_driven_by_schedule=cfg.parallel.pp > 1)
             runner = build_runner(cfg, mesh, self.coords, model, sync, cross_entropy_loss)
         optimizer = sync.build_optimizer(runner.parameters(), lambda _params: build_optimizer(cfg.optim, runner))
         scheduler = build_lr_scheduler(cfg.optim, cfg.train.steps, optimizer)
@@ -129,7 +110,7 @@ class TrainWorker(DistributedWorker):
         return {"rank": self.rank, "reports_loss": runner.reports_loss, "n_params": n_params,
                 "train_windows": data.n_train, "coords": self.coords, "resumed_step": resumed,
                 "snapshot_bytes": sizes, "pid": os.getpid(),
-                "heals_from_replicas": getattr(sync, "replicas_identical", False)}
+                "heals_from_replicas": sync.replicas_identical}
 
     def _load_data(self, cfg: Config) -> WindowedTokens:
         """The tokens of ``cfg.data``; a surviving rank keeps the ones it loaded."""

@@ -24,7 +24,7 @@ import torch.nn.functional as F
 from torch import nn
 from torch.distributed.device_mesh import DeviceMesh
 
-from parallel.mesh import ParallelConfigError
+from orchestrate.parallel.mesh import ParallelConfigError
 
 CP_IMPLS = ("ring", "ulysses")
 

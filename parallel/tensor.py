@@ -29,7 +29,7 @@ from torch.distributed.tensor.parallel import (
     parallelize_module,
 )
 
-from parallel.mesh import ParallelConfigError
+from orchestrate.parallel.mesh import ParallelConfigError
 
 
 def _divisors(n: int) -> list[int]:

@@ -13,7 +13,7 @@ import pytest  # noqa: E402
 @pytest.fixture(scope="module")
 def local_ray():
     """A fresh embedded Ray cluster for the tests of one module, torn down by the PIDs it started."""
-    from cluster.ray_cluster import RayRuntime
+    from orchestrate.cluster.ray_cluster import RayRuntime
 
     with RayRuntime(address=None, num_cpus=2, object_store_mb=256) as runtime:
         yield runtime
@@ -32,7 +32,7 @@ def reference(tmp_path_factory):
 @pytest.fixture(scope="module")
 def sim():
     """A simulated multi-node Ray cluster (cluster/simulated.py) shared by the tests of one module."""
-    from cluster.simulated import SimulatedCluster
+    from orchestrate.cluster.simulated import SimulatedCluster
 
     cluster = SimulatedCluster()
     try:

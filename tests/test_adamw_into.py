@@ -3,7 +3,7 @@ import numpy as np
 import pytest
 import torch
 
-from checkpoint.adamw_into import step_into, unsupported_reason
+from orchestrate.checkpoint.adamw_into import step_into, unsupported_reason
 
 
 def _model() -> torch.nn.Module:

@@ -6,7 +6,7 @@ import random
 
 import pytest
 
-from checkpoint.universal import version_dir
+from orchestrate.checkpoint.universal import version_dir
 from tests.support.runs import orchestrate, records_of
 
 STEPS = 40

@@ -3,10 +3,10 @@ import threading
 import pytest
 import torch
 
-from checkpoint.arena import HostArena
-from checkpoint.engine import CheckpointConfig, CheckpointEngine
-from checkpoint.fragments import load_model, load_optimizer, model_fragments, optimizer_fragments
-from checkpoint.universal import (CheckpointError, FragmentSpec, TrainerState, committed_versions,
+from orchestrate.checkpoint.arena import HostArena
+from orchestrate.checkpoint.engine import CheckpointEngine, UniversalPersister
+from orchestrate.checkpoint.fragments import load_model, load_optimizer, model_fragments, optimizer_fragments
+from orchestrate.checkpoint.universal import (CheckpointError, FragmentSpec, TrainerState, committed_versions,
                                   latest_version_dir, read_manifest)
 
 
@@ -124,7 +124,7 @@ def test_only_every_kth_snapshot_is_persisted_and_persist_errors_surface():
 
 def test_config_is_validated_with_the_key_name():
     with pytest.raises(CheckpointError, match=r"checkpoint\.every=0"):
-        CheckpointConfig(every=0).validate()
+        CheckpointEngine(HostArena(), every=0)
     with pytest.raises(CheckpointError, match="needs a persister"):
         CheckpointEngine(HostArena(), persist_every=1)
 
@@ -142,7 +142,7 @@ def test_training_loop_persists_to_disk_and_resumes_exactly(tmp_path):
     torch.manual_seed(0)
     model = _mlp()
     optimizer = torch.optim.AdamW(model.parameters(), lr=0.01)
-    engine = CheckpointConfig(dir=str(tmp_path), every=2, persist_every=2, keep=1).build()
+    engine = CheckpointEngine(HostArena(), every=2, persist_every=2, persister=UniversalPersister(tmp_path, keep=1))
     at_step = {}
     for step in range(1, 9):
         _train_step(model, optimizer, step)

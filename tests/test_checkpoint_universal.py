@@ -9,12 +9,12 @@ from pathlib import Path
 import pytest
 import torch
 
-from checkpoint.fragments import load_model, load_optimizer, model_fragments, optimizer_fragments
-from checkpoint.reshard import load_slices, plan_load
-from checkpoint.universal import (FORMAT_VERSION, MANIFEST_FILE, CheckpointError, FragmentSpec, SliceSpec,
+from orchestrate.checkpoint.fragments import load_model, load_optimizer, model_fragments, optimizer_fragments
+from orchestrate.checkpoint.reshard import load_slices, plan_load
+from orchestrate.checkpoint.universal import (FORMAT_VERSION, MANIFEST_FILE, CheckpointError, FragmentSpec, SliceSpec,
                                   TrainerState, commit_version, committed_versions, discard_uncommitted,
                                   latest_version_dir, read_manifest, version_dir, write_fragments)
-from parallel.local_ranks import run_ranks
+from orchestrate.parallel.local_ranks import run_ranks
 
 REPO = Path(__file__).resolve().parent.parent
 
@@ -176,7 +176,7 @@ def test_keep_prunes_old_versions_and_discard_removes_uncommitted(tmp_path):
 
 CRASHING_WRITER = """
 import sys, torch
-from checkpoint.universal import FragmentSpec, TrainerState, commit_version, version_dir, write_fragments
+from orchestrate.checkpoint.universal import FragmentSpec, TrainerState, commit_version, version_dir, write_fragments
 root, n = sys.argv[1], 4 * 1024 * 1024
 
 def fragments(version, rank):
@@ -260,8 +260,8 @@ def _save_tp_sharded(rank, world, root):
     from torch.distributed.tensor import DTensor, Partial, Replicate, Shard, distribute_tensor
     from torch.distributed.tensor.parallel import ColwiseParallel, RowwiseParallel, parallelize_module
 
-    from checkpoint.fragments import _shard_block, tensor_fragment
-    from checkpoint.universal import wait_for_ranks
+    from orchestrate.checkpoint.fragments import _shard_block, tensor_fragment
+    from orchestrate.checkpoint.universal import wait_for_ranks
 
     torch.manual_seed(0)
     mesh = init_device_mesh("cpu", (world,), mesh_dim_names=("tp",))

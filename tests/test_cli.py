@@ -15,7 +15,7 @@ from tests.support.runs import ENV, losses, orchestrate, ray_processes_of_ours, 
 def listeners_while_running(args: list[str], timeout: float = 300) -> tuple[subprocess.CompletedProcess, dict]:
     """Run ``orchestrate *args`` and, while it runs, the listening sockets of it and every process it started:
     {(ip, port): pid}."""
-    proc = subprocess.Popen([sys.executable, "-m", "orchestrator", *args], stdout=subprocess.PIPE,
+    proc = subprocess.Popen([sys.executable, "-m", "orchestrate", *args], stdout=subprocess.PIPE,
                             stderr=subprocess.PIPE, text=True, env=ENV)
     seen: dict[tuple[str, int], int] = {}
     try:

@@ -1,7 +1,7 @@
 import pytest
 
-from orchestrator.cli import compose_config, packaged_recipes
-from orchestrator.config import ConfigError
+from orchestrate.cli import compose_config, packaged_recipes
+from orchestrate.config import ConfigError
 
 
 def test_recipes_compose_with_overrides():
@@ -56,7 +56,7 @@ def test_pipeline_composes_with_tensor_context_and_evaluation():
     cfg = compose_config(["recipe=quickstart", "parallel.dp=1", "parallel.pp=2", "parallel.tp=2", "parallel.cp=2",
                           "parallel.sequence_parallel=true", "train.eval_batches=2"])
     assert cfg.world_size == 8
-    with pytest.raises(ConfigError, match="parallel.pp with parallel.tp: needs sync.name=ddp"):
+    with pytest.raises(ConfigError, match="parallel.pp with parallel.tp: needs sync.name in ddp"):
         compose_config(["recipe=quickstart", "parallel.dp=1", "parallel.pp=2", "parallel.tp=2", "sync.name=diloco"])
 
 
@@ -71,3 +71,20 @@ def test_shard_degree_counts_the_ranks_of_a_replica():
     sharded = dims("parallel.dp_shard=2", "sync.name=diloco")
     assert (sharded.dp_shard, sharded.replicas, sharded.world_size) == (2, 2, 4)
     assert [sharded.replica_of(sharded.coordinates(rank)) for rank in range(4)] == [0, 0, 1, 1]
+
+
+def test_sync_sections_and_names_come_from_the_strategy_registry():
+    """A strategy registered in parallel/sync is selectable and configurable with no change to the config."""
+    import dataclasses
+
+    from orchestrate.config import CHOICES, SHARDED_SYNCS, SyncConfig
+    from orchestrate.parallel.sync import STRATEGIES
+
+    assert CHOICES["sync.name"] == tuple(STRATEGIES)
+    sections = {f.name: f.type for f in dataclasses.fields(SyncConfig) if f.name != "name"}
+    assert sections == {name: s.hyper for name, s in STRATEGIES.items() if s.hyper is not None}
+    assert set(SHARDED_SYNCS) == {"ddp", "diloco", "streaming_diloco", "noloco"}
+    cfg = compose_config(["recipe=quickstart", "sync.name=noloco", "sync.noloco.sync_every=7"])
+    assert cfg.sync.options()["sync_every"] == 7
+    with pytest.raises(ConfigError, match="sync.name"):
+        compose_config(["recipe=quickstart", "sync.name=nosuch"])

@@ -11,7 +11,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from parallel.local_ranks import run_ranks
+from orchestrate.parallel.local_ranks import run_ranks
 from tests.support.tensor_parallel import assert_matches_reference, parallel_run, reference_run
 
 CORE_SHAPE = dict(batch=2, heads=4, seq=32, head_dim=8)
@@ -37,7 +37,7 @@ def core_on_shards(impl: str, load_balance: bool) -> dict:
     sequence tensors (zeros elsewhere) and summed over ranks, so rank 0 can compare them with the reference."""
     import torch.distributed as dist
 
-    from parallel.context import build_attention_core, sequence_positions
+    from orchestrate.parallel.context import build_attention_core, sequence_positions
 
     group, rank, cp = dist.group.WORLD, dist.get_rank(), dist.get_world_size()
     positions = sequence_positions(CORE_SHAPE["seq"], rank, cp, load_balance)
@@ -102,7 +102,7 @@ def test_tp2_cp2_matches_single_process(reference):
 
 
 def test_shard_sequence_load_balanced_chunks():
-    from parallel.context import shard_sequence
+    from orchestrate.parallel.context import shard_sequence
 
     tokens = torch.arange(16).repeat(2, 1)
     shards = [shard_sequence(tokens, tokens + 100, rank, 4) for rank in range(4)]
@@ -116,7 +116,7 @@ def test_shard_sequence_load_balanced_chunks():
 
 
 def test_validate_cp_names_keys_and_valid_values():
-    from parallel.context import validate_cp
+    from orchestrate.parallel.context import validate_cp
 
     validate_cp(32, 4, 4, "ulysses")
     validate_cp(32, 4, 2, "ulysses", tp=2)

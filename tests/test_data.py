@@ -1,7 +1,7 @@
 import numpy as np
 import pytest
 
-from orchestrator.data import (ByteTokenizer, DataError, ResumableSampler, ShardedTokens, WindowedTokens,
+from orchestrate.data import (ByteTokenizer, DataError, ResumableSampler, ShardedTokens, WindowedTokens,
                                eval_window_ids, load_tokens, stdlib_source_files, write_token_file)
 
 

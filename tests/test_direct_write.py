@@ -13,12 +13,12 @@ import pytest
 import torch
 from safetensors import safe_open
 
-from checkpoint import direct_write
-from checkpoint.direct_write import BUFFERED, DIRECT, PAD_PREFIX, PAGE, plan_file, write_packed, write_safetensors
-from checkpoint.reshard import load_slices
-from checkpoint.shm_arena import HELD, Arena, ArenaLayout, estimate_meta_capacity
-from checkpoint.snapshot_codec import pack_into, plan_index, unpack
-from checkpoint.universal import (FragmentSpec, SliceSpec, TrainerState, commit_version, version_dir,
+from orchestrate.checkpoint import direct_write
+from orchestrate.checkpoint.direct_write import BUFFERED, DIRECT, PAD_PREFIX, PAGE, plan_file, write_packed, write_safetensors
+from orchestrate.checkpoint.reshard import load_slices
+from orchestrate.checkpoint.shm_arena import HELD, Arena, ArenaLayout, estimate_meta_capacity
+from orchestrate.checkpoint.snapshot_codec import pack_into, plan_index, unpack
+from orchestrate.checkpoint.universal import (FragmentSpec, SliceSpec, TrainerState, commit_version, version_dir,
                                   write_fragments, writes_block)
 
 SHM = Path("/dev/shm")

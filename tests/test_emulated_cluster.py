@@ -9,8 +9,8 @@ import tempfile
 
 import pytest
 
-from cluster import emulated
-from cluster.network import collective_interface_environment, interface_of
+from orchestrate.cluster import emulated
+from orchestrate.cluster.network import collective_interface_environment, interface_of
 from tests.support.runs import ENV, curve_of, orchestrate, records_of, recoveries_of, wait_for_records
 
 IS_ROOT = os.geteuid() == 0
@@ -39,7 +39,7 @@ def test_link_rates_are_checked_and_the_token_bucket_holds_one_tick():
 
 
 def test_cluster_up_without_root_is_one_line_and_exit_2(monkeypatch, capsys):
-    from orchestrator.cli import main
+    from orchestrate.cli import main
 
     monkeypatch.setattr(os, "geteuid", lambda: 1000)  # any user but root
     assert main(["cluster", "up", "--nodes", "2", "--state-dir", "/tmp/orch-never-made"]) == 2
@@ -54,7 +54,7 @@ def test_the_commands_in_the_multinode_guide_are_valid():
     import shlex
     from pathlib import Path
 
-    from orchestrator.cli import build_parser
+    from orchestrate.cli import build_parser
 
     guide = (Path(__file__).parents[1] / "docs" / "multinode.md").read_text()
     section = guide[guide.index("## 9. An emulated cluster"):]
@@ -104,7 +104,7 @@ def test_ddp_and_tp_across_network_stacks_with_parity_keepers_survive_a_node_los
 
     # the node of rank 1 is lost at once (every process in its namespace SIGKILLed) after a committed version
     run_dir = tmp_path / "lost"
-    process = subprocess.Popen([sys.executable, "-m", "orchestrator", *launch_args(cluster, run_dir)], env=ENV,
+    process = subprocess.Popen([sys.executable, "-m", "orchestrate", *launch_args(cluster, run_dir)], env=ENV,
                                stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
     try:
         wait_for_records(run_dir, lambda records: any(r.get("step", 0) >= 10 and r.get("ckpt_l1") is not None

@@ -5,8 +5,8 @@ import numpy as np
 import pytest
 import torch
 
-from checkpoint import erasure
-from checkpoint.erasure import NumpyKernel, ReedSolomon, join_shards, split_into_shards
+from orchestrate.checkpoint import erasure
+from orchestrate.checkpoint.erasure import NumpyKernel, ReedSolomon, join_shards, split_into_shards
 
 ISAL = erasure.load_isal()
 needs_isal = pytest.mark.skipif(ISAL is None, reason="no ISA-L library found")

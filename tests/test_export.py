@@ -6,12 +6,12 @@ import pytest
 import torch
 from safetensors import safe_open
 
-from checkpoint.export import CONFIG_FILE, WEIGHTS_FILE, export_hf
-from checkpoint.hf_import import load_hf_into
-from checkpoint.fragments import model_fragments, optimizer_fragments
-from checkpoint.universal import CheckpointError, TrainerState, commit_version, version_dir, write_fragments
-from orchestrator.config import ModelConfig
-from orchestrator.models.llama import LlamaConfig, build_llama
+from orchestrate.checkpoint.export import CONFIG_FILE, WEIGHTS_FILE, export_hf
+from orchestrate.checkpoint.hf_import import load_hf_into
+from orchestrate.checkpoint.fragments import model_fragments, optimizer_fragments
+from orchestrate.checkpoint.universal import CheckpointError, TrainerState, commit_version, version_dir, write_fragments
+from orchestrate.config import ModelConfig
+from orchestrate.models.llama import LlamaConfig, build_llama
 
 SEQ_LEN = 16
 # Non-default theta and eps, so a value that is not carried over shows up in the logits.

@@ -6,9 +6,9 @@ import pytest
 import torch
 from safetensors.torch import load_file, save_file
 
-from checkpoint.hf_import import load_hf_into, read_hf_llama
-from checkpoint.universal import CheckpointError
-from orchestrator.models.llama import LlamaConfig, build_llama, cross_entropy_loss
+from orchestrate.checkpoint.hf_import import load_hf_into, read_hf_llama
+from orchestrate.checkpoint.universal import CheckpointError
+from orchestrate.models.llama import LlamaConfig, build_llama, cross_entropy_loss
 
 transformers = pytest.importorskip("transformers")
 SEQ_LEN = 16

@@ -21,7 +21,7 @@ def step_losses(run_dir):
 
 
 def start(run_dir, *overrides):
-    return subprocess.Popen([sys.executable, "-m", "orchestrator", "launch", *RUN, "train.steps=100000", *overrides,
+    return subprocess.Popen([sys.executable, "-m", "orchestrate", "launch", *RUN, "train.steps=100000", *overrides,
                              f"run.dir={run_dir}"], env=ENV, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
                             text=True)
 

@@ -17,11 +17,11 @@ from pathlib import Path
 
 import pytest
 
-from cluster.jobs import JobsClient, JobsError
-from cluster.ray_cluster import stop_processes_using
-from orchestrator import job_commands
-from orchestrator.job_commands import job_entrypoint
-from orchestrator.metrics import read_metrics
+from orchestrate.cluster.jobs import JobsClient, JobsError
+from orchestrate.cluster.ray_cluster import stop_processes_using
+from orchestrate import job_commands
+from orchestrate.job_commands import job_entrypoint
+from orchestrate.metrics import read_metrics
 
 # Ray's own log-tailing client passes ssl=None to aiohttp, which warns; nothing to act on here.
 pytestmark = pytest.mark.filterwarnings("ignore:ssl=None is deprecated:DeprecationWarning")
@@ -49,7 +49,7 @@ class Head:
         self.cwd.mkdir()
         ports = {option: free_port() for option in HEAD_PORT_OPTIONS}
         self.address = f"http://127.0.0.1:{ports['dashboard-port']}"
-        venv_bin = str(Path(sys.executable).parent)  # jobs run `python -m orchestrator` from the head's PATH
+        venv_bin = str(Path(sys.executable).parent)  # jobs run `python -m orchestrate` from the head's PATH
         env = {**CLI_ENV, "RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER": "0", "RAY_AUTH_MODE": "disabled",
                "RAY_USAGE_STATS_ENABLED": "0", "PATH": venv_bin + os.pathsep + os.environ.get("PATH", "")}
         command = [str(Path(venv_bin) / "ray"), "start", "--head", "--block", "--node-ip-address=127.0.0.1",
@@ -128,10 +128,10 @@ def assert_one_line_exit_2(result, message: str) -> None:
 def test_entrypoint_joins_the_cluster_it_runs_on_with_the_same_overrides():
     command = job_entrypoint(["recipe=quickstart", "cluster.address=http://h:8265", "train.steps=5"], [],
                              "runs/job-1")
-    assert command == ('python -m orchestrator launch recipe=quickstart train.steps=5 cluster.address=auto '
+    assert command == ('python -m orchestrate launch recipe=quickstart train.steps=5 cluster.address=auto '
                        '"run.dir=$PWD/runs/job-1"')
     assert job_entrypoint(["run.dir=/shared/r 1"], ["my recipes"], None) == \
-        "python -m orchestrator launch 'run.dir=/shared/r 1' cluster.address=auto '--recipes-dir=my recipes'"
+        "python -m orchestrate launch 'run.dir=/shared/r 1' cluster.address=auto '--recipes-dir=my recipes'"
 
 
 @pytest.mark.slow
@@ -225,7 +225,7 @@ def silent_port():
                                                       "no reply within 5s"),
 ])
 def test_an_address_that_never_replies_is_one_line_exit_2_within_15s(silent_port, capsys, args, message):
-    from orchestrator.cli import main
+    from orchestrate.cli import main
 
     started = time.monotonic()
     returncode = main([a.format(port=silent_port) for a in args])
@@ -234,7 +234,7 @@ def test_an_address_that_never_replies_is_one_line_exit_2_within_15s(silent_port
 
 
 def test_launch_where_nothing_listens_is_one_line_exit_2_and_makes_no_run_dir(tmp_path, capsys):
-    from orchestrator.cli import main
+    from orchestrate.cli import main
 
     port = free_port()
     returncode = main(["launch", "recipe=quickstart", f"cluster.address=127.0.0.1:{port}", f"run.dir={tmp_path}/run"])
@@ -245,6 +245,6 @@ def test_launch_where_nothing_listens_is_one_line_exit_2_and_makes_no_run_dir(tm
 
 def test_command_line_entry_prints_one_line_and_exits_2():
     port = free_port()
-    result = subprocess.run([sys.executable, "-m", "orchestrator.job_commands", "status", "some-job", "--address",
+    result = subprocess.run([sys.executable, "-m", "orchestrate.job_commands", "status", "some-job", "--address",
                              f"http://127.0.0.1:{port}"], capture_output=True, text=True, env=CLI_ENV, timeout=120)
     assert_one_line_exit_2(result, f"cannot reach the Ray dashboard at http://127.0.0.1:{port}")

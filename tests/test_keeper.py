@@ -16,16 +16,16 @@ import torch
 from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
 from torch import nn
 
-from checkpoint.engine import CheckpointEngine
-from checkpoint.fragments import load_model
-from checkpoint.keeper import SnapshotKeeper, start_keeper
-from checkpoint.keeper_group import (GroupLostError, KeeperGroup, L1CommitError, NotHeldError, StripeLayout,
+from orchestrate.checkpoint.engine import CheckpointEngine
+from orchestrate.checkpoint.fragments import load_model
+from orchestrate.checkpoint.keeper import SnapshotKeeper, start_keeper
+from orchestrate.checkpoint.keeper_group import (GroupLostError, KeeperGroup, L1CommitError, NotHeldError, StripeLayout,
                                      persist_l2)
-from checkpoint.reshard import load_slices
-from checkpoint.shm_arena import (FREE, READY, WRITING, Arena, ArenaHandle, ArenaWriter, ShmSpaceError,
+from orchestrate.checkpoint.reshard import load_slices
+from orchestrate.checkpoint.shm_arena import (FREE, READY, WRITING, Arena, ArenaHandle, ArenaWriter, ShmSpaceError,
                                   estimate_meta_capacity)
-from checkpoint.snapshot_codec import ALIGNMENT, SnapshotIndex, copy_into, pack, pack_into, plan_index, unpack
-from checkpoint.universal import (CheckpointError, FragmentSpec, SliceSpec, TrainerState, latest_version_dir,
+from orchestrate.checkpoint.snapshot_codec import ALIGNMENT, SnapshotIndex, copy_into, pack, pack_into, plan_index, unpack
+from orchestrate.checkpoint.universal import (CheckpointError, FragmentSpec, SliceSpec, TrainerState, latest_version_dir,
                                   read_manifest)
 
 from tests.support.runs import tmpfs_used_bytes

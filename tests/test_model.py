@@ -1,7 +1,7 @@
 import torch
 
-from orchestrator.models import LlamaConfig, build_llama, cross_entropy_loss
-from orchestrator.models.llama import apply_rope, rope_tables
+from orchestrate.models import LlamaConfig, build_llama, cross_entropy_loss
+from orchestrate.models.llama import apply_rope, rope_tables
 
 
 def test_parameter_names_are_global_and_stable():

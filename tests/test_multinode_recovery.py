@@ -64,7 +64,7 @@ def kill_training_nodes_once(sim, tmp_path, ready, *overrides, hold=None, count=
     committing meanwhile, so what a loss finds no longer depends on how fast the steps are. Returns the
     finished run."""
     sim.resize(2 + spares)
-    command = [sys.executable, "-m", "orchestrator", "launch", "recipe=quickstart", f"train.steps={STEPS}",
+    command = [sys.executable, "-m", "orchestrate", "launch", "recipe=quickstart", f"train.steps={STEPS}",
                "logging.progress=false", "parallel.dp=2", f"cluster.address={sim.address}", *ON_CLUSTER,
                *overrides, f"run.dir={tmp_path}"]
     process = subprocess.Popen(command, env=ENV, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)

@@ -13,8 +13,8 @@ import pyarrow.parquet as pq
 import pytest
 import torch
 
-from orchestrator.data import ResumableSampler, WindowedTokens, load_tokens
-from orchestrator.models.llama import cross_entropy_loss
+from orchestrate.data import ResumableSampler, WindowedTokens, load_tokens
+from orchestrate.models.llama import cross_entropy_loss
 from tests.support.runs import ENV, losses, orchestrate, ray_processes_of_ours
 
 transformers = pytest.importorskip("transformers")
@@ -64,7 +64,7 @@ def test_prepare_train_export_and_continue_from_the_export(tmp_path):
 
     run_dir = tmp_path / "run"
     trained = subprocess.run(
-        [sys.executable, "-m", "orchestrator", "launch", "recipe=quickstart", "data.source=path",
+        [sys.executable, "-m", "orchestrate", "launch", "recipe=quickstart", "data.source=path",
          f"data.path={tokens}", "train.steps=6", "checkpoint.persist_every=6", "logging.wandb.enabled=true",
          f"run.dir={run_dir}"], capture_output=True, text=True, timeout=300, env={**ENV, "WANDB_MODE": "offline"})
     assert trained.returncode == 0, trained.stderr[-3000:]

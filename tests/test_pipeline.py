@@ -5,7 +5,7 @@ One spawn per world size: all schedule checks of a world size run inside one run
 import pytest
 import torch
 
-from parallel.local_ranks import run_ranks
+from orchestrate.parallel.local_ranks import run_ranks
 from tests.support.pipeline import BATCH, MODEL, SEQ, Params, batch, full_batch_reference, model_config, train
 
 CURVE_STEPS = 20
@@ -25,9 +25,9 @@ DP_PP_CASE = ("interleaved_1f1b", 2, 2, None)  # per replica: 4 sequences in 2 m
 
 
 def _run_pipeline(group, case, n_steps, optimizer_name, rows=slice(None), sync_group=None):
-    from orchestrator.models import build_llama, cross_entropy_loss
-    from parallel.pipeline import build_pipeline
-    from parallel.sync.ddp import DDPSync
+    from orchestrate.models import build_llama, cross_entropy_loss
+    from orchestrate.parallel.pipeline import build_pipeline
+    from orchestrate.parallel.sync.ddp import DDPSync
 
     schedule, microbatches, virtual_stages, split = case
     batch_rows = len(range(BATCH)[rows])
@@ -56,7 +56,7 @@ def _pipeline_ranks(rank, world, grad_cases, curve_cases):
     for case, optimizer_name in curve_cases:
         results[(case, optimizer_name)] = _run_pipeline(dist.group.WORLD, case, CURVE_STEPS, optimizer_name)
     if world == 4:
-        from parallel.mesh import ParallelDims, build_mesh, replica_group
+        from orchestrate.parallel.mesh import ParallelDims, build_mesh, replica_group
 
         mesh = build_mesh(ParallelDims(dp=2, pp=2), "cpu")
         replica = mesh.get_coordinate()[1]
@@ -138,14 +138,14 @@ def test_step_timing_and_activation_count(pp4_results):
 # ---------------------------------------------------------------------------------------------- in-process units
 
 def _meta_model(**overrides):
-    from orchestrator.models.llama import Llama, LlamaConfig
+    from orchestrate.models.llama import Llama, LlamaConfig
 
     with torch.device("meta"):
         return Llama(LlamaConfig(**{**MODEL, **overrides}))
 
 
 def test_split_balances_counted_cost():
-    from parallel.pipeline import split_points
+    from orchestrate.parallel.pipeline import split_points
 
     assert split_points(_meta_model(vocab_size=32), 4) == [2, 4, 6]
     heavy = split_points(_meta_model(vocab_size=2048), 4)
@@ -154,7 +154,7 @@ def test_split_balances_counted_cost():
 
 
 def test_explicit_split_is_honoured_and_checked():
-    from parallel.pipeline import split_points
+    from orchestrate.parallel.pipeline import split_points
 
     assert split_points(_meta_model(), 3, explicit=[1, 7]) == [1, 7]
     for bad in ([4], [3, 3], [0, 4], [4, 8]):
@@ -163,8 +163,8 @@ def test_explicit_split_is_honoured_and_checked():
 
 
 def test_stage_modules_keep_global_names():
-    from orchestrator.models import LlamaConfig, build_llama
-    from parallel.pipeline import build_stage_modules
+    from orchestrate.models import LlamaConfig, build_llama
+    from orchestrate.parallel.pipeline import build_stage_modules
 
     model = build_llama(model_config(), seed=0)
     stages = build_stage_modules(model, [0, 1, 2], [3, 5])
@@ -191,7 +191,7 @@ def test_stage_modules_keep_global_names():
     ((8, 4, "interleaved_zb", 9, 2, 18), r"parallel.microbatches=9: .* rounds .*\(valid: 1, 2, 3, 6\)"),
 ])
 def test_bad_combinations_name_key_and_valid_values(args, message):
-    from parallel.pipeline import validate_pp
+    from orchestrate.parallel.pipeline import validate_pp
 
     with pytest.raises(ValueError, match=message):
         validate_pp(*args)

@@ -1,5 +1,5 @@
 """Pipeline parallelism composed with tensor and context parallelism, through the trainer's runner
-(``orchestrator.parallelize.build_runner``), against the single-process full-batch oracle of tests/support/pipeline.py.
+(``orchestrate.parallelize.build_runner``), against the single-process full-batch oracle of tests/support/pipeline.py.
 
 Layouts: pp2 x tp2 and pp2 x cp2 on 4 real gloo ranks; dp2 x pp2 x tp2 and pp2 x tp2 x cp2 on 8; one spawn per
 world size. Checked: the loss and every parameter's gradient of the first step equal the oracle within 1e-5, as
@@ -9,7 +9,7 @@ evaluation pass (the path of ``train.eval_batches``) returns the oracle's loss.
 import pytest
 import torch
 
-from parallel.local_ranks import run_ranks
+from orchestrate.parallel.local_ranks import run_ranks
 from tests.support.pipeline import BATCH, MODEL, SEQ, batch, build_optimizer, full_batch_reference
 
 CURVE_STEPS = 5
@@ -35,7 +35,7 @@ PP_CP = [
 
 
 def _config(overrides: dict):
-    from orchestrator.config import Config
+    from orchestrate.config import Config
 
     cfg = Config()
     cfg.train.global_batch_size, cfg.train.seq_len = BATCH, SEQ
@@ -48,15 +48,15 @@ def _run_layout(overrides: dict, n_steps: int, optimizer_name: str) -> dict:
     import torch.distributed as dist
     from torch.distributed.tensor import DTensor
 
-    from orchestrator.models import LlamaConfig, build_llama, cross_entropy_loss
-    from orchestrator.parallelize import build_runner
-    from orchestrator.trainer import clip_grad_norm_
-    from parallel.mesh import build_mesh, replica_group
-    from parallel.sync.ddp import DDPSync
+    from orchestrate.models import LlamaConfig, build_llama, cross_entropy_loss
+    from orchestrate.parallelize import build_runner
+    from orchestrate.trainer import clip_grad_norm_
+    from orchestrate.parallel.mesh import build_mesh
+    from orchestrate.parallel.sync import build_sync
     cfg = _config(overrides)
     mesh = build_mesh(cfg.dims, "cpu")
     coords = cfg.dims.coordinates(dist.get_rank())
-    sync = DDPSync(replica_group(mesh))
+    sync = build_sync("ddp", mesh, cfg.dims, stages_driven_by_schedule=cfg.parallel.pp > 1)
     runner = build_runner(cfg, mesh, coords, build_llama(LlamaConfig(**MODEL), seed=0), sync, cross_entropy_loss)
     optimizer = build_optimizer(optimizer_name, list(runner.parameters()))
     losses, first_grads = [], None
@@ -87,7 +87,7 @@ def _ranks(rank, world, cases):
 
 def _eval_reference(n_steps: int, optimizer_name: str) -> float:
     """The oracle's loss on the evaluation batch after ``n_steps`` optimizer steps."""
-    from orchestrator.models import LlamaConfig, build_llama, cross_entropy_loss
+    from orchestrate.models import LlamaConfig, build_llama, cross_entropy_loss
     model = build_llama(LlamaConfig(**MODEL), seed=0)
     optimizer = build_optimizer(optimizer_name, list(model.parameters()))
     for step in range(n_steps):

@@ -13,11 +13,11 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 
-from orchestrator.config import DataConfig
-from orchestrator.data import WindowedTokens, eval_window_ids, inspect_data, load_tokens, write_token_file
-from orchestrator.token_shards import MANIFEST_FILE, TokenManifest, ShardedTokens, read_manifest, token_dtype_for
-from orchestrator.prepare_data import ShardWriter, add_command, held_out_count, prepare, run_command
-from orchestrator.tokenizer import (END_OF_TEXT, ByteTokenizer, DataError, JsonTokenizer, load_tokenizer,
+from orchestrate.config import DataConfig
+from orchestrate.data import WindowedTokens, eval_window_ids, inspect_data, load_tokens, write_token_file
+from orchestrate.token_shards import MANIFEST_FILE, TokenManifest, ShardedTokens, read_manifest, token_dtype_for
+from orchestrate.prepare_data import ShardWriter, add_command, held_out_count, prepare, run_command
+from orchestrate.tokenizer import (END_OF_TEXT, ByteTokenizer, DataError, JsonTokenizer, load_tokenizer,
                                     train_bpe_tokenizer)
 
 REPO = Path(__file__).resolve().parents[1]
@@ -225,7 +225,7 @@ def test_prepare_errors_are_one_line_and_leave_nothing(case, tmp_path):
 
 
 def test_failure_while_writing_removes_the_temp_folder(tmp_path, monkeypatch):
-    import orchestrator.prepare_data as prepare_data
+    import orchestrate.prepare_data as prepare_data
 
     (tmp_path / "a.txt").write_text("text")
 
@@ -260,7 +260,7 @@ def test_run_command_through_the_subparser(corpus, tmp_path, capsys):
 
 
 def run_module(*argv: str) -> subprocess.CompletedProcess:
-    return subprocess.run([sys.executable, "-m", "orchestrator.prepare_data", *argv], cwd=REPO,
+    return subprocess.run([sys.executable, "-m", "orchestrate.prepare_data", *argv], cwd=REPO,
                           capture_output=True, text=True, timeout=120)
 
 

@@ -1,5 +1,5 @@
 """Progress lines in a pipe (CI logs, Ray job logs): one line per report, whatever its length."""
-from orchestrator.progress import ProgressLine
+from orchestrate.progress import ProgressLine
 
 
 def test_plain_progress_lines_never_wrap_in_a_pipe(capsys):

@@ -2,7 +2,7 @@
 from pathlib import Path
 from types import SimpleNamespace
 
-from orchestrator.recovery import plan_recovery, replica_of
+from orchestrate.recovery import plan_recovery, replica_of
 
 
 def coords(dp, tp=1, pp=1):

@@ -7,10 +7,10 @@ from pathlib import Path
 import pytest
 from PIL import Image
 
-from orchestrator import job_commands
-from orchestrator.config import WandbConfig
-from orchestrator.metrics import MetricsLog
-from orchestrator.report import PLOTS, increasing_stretches, write_report
+from orchestrate import job_commands
+from orchestrate.config import WandbConfig
+from orchestrate.metrics import MetricsLog
+from orchestrate.report import PLOTS, increasing_stretches, write_report
 
 PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
 RUN_ROOT = Path(__file__).resolve().parents[1]

@@ -1,14 +1,14 @@
 import torch
 
-from parallel.local_ranks import run_ranks
+from orchestrate.parallel.local_ranks import run_ranks
 
 
 def _ddp_grads(rank, world, use_torch_ddp):
     import torch.distributed as dist
 
-    from orchestrator.models import LlamaConfig, build_llama, cross_entropy_loss
-    from parallel import comm
-    from parallel.sync.ddp import DDPSync
+    from orchestrate.models import LlamaConfig, build_llama, cross_entropy_loss
+    from orchestrate.parallel import comm
+    from orchestrate.parallel.sync.ddp import DDPSync
 
     cfg = LlamaConfig(dim=32, n_layers=2, n_heads=4, n_kv_heads=2, max_seq_len=16)
     model = build_llama(cfg, seed=0)
@@ -23,7 +23,7 @@ def _ddp_grads(rank, world, use_torch_ddp):
 
 
 def _reference_grads():
-    from orchestrator.models import LlamaConfig, build_llama, cross_entropy_loss
+    from orchestrate.models import LlamaConfig, build_llama, cross_entropy_loss
 
     cfg = LlamaConfig(dim=32, n_layers=2, n_heads=4, n_kv_heads=2, max_seq_len=16)
     model = build_llama(cfg, seed=0)
@@ -46,8 +46,8 @@ def test_ddp_gradients_match_full_batch_and_bytes_are_counted():
 def _fsdp_grads(rank, world):
     from torch.distributed.device_mesh import init_device_mesh
 
-    from orchestrator.models import LlamaConfig, build_llama, cross_entropy_loss
-    from parallel.sync.fsdp import FSDPSync
+    from orchestrate.models import LlamaConfig, build_llama, cross_entropy_loss
+    from orchestrate.parallel.sync.fsdp import FSDPSync
 
     cfg = LlamaConfig(dim=32, n_layers=2, n_heads=4, n_kv_heads=2, max_seq_len=16)
     model = build_llama(cfg, seed=0)

@@ -49,7 +49,9 @@ def test_diloco_with_context_parallel_follows_the_cp1_curve(tmp_path, full_runs)
     the cp all-reduce is not in comm_bytes (the same bytes as dp=2 x cp=1), and a resume is bit-identical."""
     cp1_dir, expected = full_runs("diloco")
     actual = run(tmp_path / "cp2", "parallel.cp=2", "sync.name=diloco", *STRATEGIES["diloco"])
-    assert_close_curves(actual, expected, 1e-4)
+    # cp=2 sums the gradient in another order; DiLoCo's outer step (lr 0.7, Nesterov momentum) amplifies that
+    # more than DDP does: 1.4e-4 seen on one CPU, 1e-4 of the loss (3.5) allowed (a broken cp mean is off by 0.1)
+    assert_close_curves(actual, expected, 3.5e-4)
     assert actual.keys() == expected.keys()
     assert _comm_bytes(tmp_path / "cp2") == _comm_bytes(cp1_dir) and _comm_bytes(cp1_dir)[-1] > 0
     resumed = run(tmp_path / "resumed", f"ckpt={tmp_path / 'cp2' / 'checkpoints' / 'step-000000000010'}",

@@ -7,13 +7,13 @@ import copy
 
 import torch
 
-from parallel.local_ranks import run_ranks
+from orchestrate.parallel.local_ranks import run_ranks
 from tests.support.lowcomm import (TinyNet, adamw, batch, fingerprint, flat_params, full_batch, loss_fn, sgd,
                                    singleton_group, train_step)
 
 
 def _diloco(group, config, make_optimizer, seed=0):
-    from parallel.sync.diloco import DiLoCoSync
+    from orchestrate.parallel.sync.diloco import DiLoCoSync
 
     model = TinyNet(seed=seed)
     sync = DiLoCoSync(group, config=config)
@@ -22,7 +22,7 @@ def _diloco(group, config, make_optimizer, seed=0):
 
 
 def _streaming(group, config, make_optimizer, n_layers=4):
-    from parallel.sync.streaming_diloco import StreamingDiLoCoSync
+    from orchestrate.parallel.sync.streaming_diloco import StreamingDiLoCoSync
 
     model = TinyNet(n_layers=n_layers)
     sync = StreamingDiLoCoSync(group, config=config)
@@ -32,7 +32,7 @@ def _streaming(group, config, make_optimizer, n_layers=4):
 
 def _linear_equivalence(rank, group):
     """Oracle 1.3.1: H=1 with SGD inner optimisers is DDP SGD."""
-    from parallel.sync.diloco import DiLoCoConfig
+    from orchestrate.parallel.sync.diloco import DiLoCoConfig
 
     runs = {
         "outer_identity": (DiLoCoConfig(sync_every=1, outer_lr=1.0, outer_momentum=0.0, nesterov=False),
@@ -51,7 +51,7 @@ def _linear_equivalence(rank, group):
 
 def _single_replica(rank):
     """Oracle 1.3.2: W=1, outer SGD(1, 0) is plain training (live params compared every step)."""
-    from parallel.sync.diloco import DiLoCoConfig
+    from orchestrate.parallel.sync.diloco import DiLoCoConfig
 
     config = DiLoCoConfig(sync_every=3, outer_lr=1.0, outer_momentum=0.0, nesterov=False)
     model, sync, optimizer = _diloco(singleton_group(), config, adamw)
@@ -69,8 +69,8 @@ def _single_replica(rank):
 
 def _averaging_and_invariants(rank, group, world):
     """Oracles 1.3.3 (outer SGD(1,0) averages), 1.3.4 (cross-rank invariants), 1.3.5 (bytes)."""
-    from parallel import comm
-    from parallel.sync.diloco import DiLoCoConfig
+    from orchestrate.parallel import comm
+    from orchestrate.parallel.sync.diloco import DiLoCoConfig
 
     results = {"averaging": []}
     model, sync, optimizer = _diloco(group, DiLoCoConfig(sync_every=3, outer_lr=1.0, outer_momentum=0.0,
@@ -105,8 +105,8 @@ def _averaging_and_invariants(rank, group, world):
 
 def _streaming_equals_diloco(rank, group):
     """Oracle 2.3.1: P=1, tau=0 Streaming DiLoCo is DiLoCo, bitwise."""
-    from parallel.sync.diloco import DiLoCoConfig
-    from parallel.sync.streaming_diloco import StreamingDiLoCoConfig
+    from orchestrate.parallel.sync.diloco import DiLoCoConfig
+    from orchestrate.parallel.sync.streaming_diloco import StreamingDiLoCoConfig
 
     plain = _diloco(group, DiLoCoConfig(sync_every=3), adamw)
     streaming = _streaming(group, StreamingDiLoCoConfig(sync_every=3, outer_lr=0.7, quantization="none",
@@ -122,7 +122,7 @@ def _streaming_equals_diloco(rank, group):
 def _streaming_merge(rank, group, alpha):
     """Oracle 2.3.3 (tau=1): alpha=0 leaves theta_p == phi_p; alpha=1 leaves theta_p alone while phi_p moves.
     Also records the bytes of every step (oracles 2.3.2 and 2.3.5)."""
-    from parallel.sync.streaming_diloco import StreamingDiLoCoConfig
+    from orchestrate.parallel.sync.streaming_diloco import StreamingDiLoCoConfig
 
     config = StreamingDiLoCoConfig(sync_every=6, quantization="none", layers_per_fragment=2, overlap_steps=1,
                                    merge_alpha=alpha)
@@ -155,9 +155,9 @@ def _streaming_merge(rank, group, alpha):
 
 def _replica_means(rank, group):
     """ReplicaMean quantised: the result for the parent to recompute, identical on all ranks."""
-    from parallel import comm
-    from parallel.quantize import build_quantizer
-    from parallel.sync.diloco import ReplicaMean
+    from orchestrate.parallel import comm
+    from orchestrate.parallel.quantize import build_quantizer
+    from orchestrate.parallel.sync.diloco import ReplicaMean
 
     results = {}
     for name in ("e3m0", "int8"):
@@ -170,7 +170,7 @@ def _replica_means(rank, group):
 
 def _checkpoint_in_flight(rank, group):
     """A checkpoint taken while a quantised fragment sync is in flight resumes bitwise identically."""
-    from parallel.sync.streaming_diloco import StreamingDiLoCoConfig
+    from orchestrate.parallel.sync.streaming_diloco import StreamingDiLoCoConfig
 
     config = StreamingDiLoCoConfig(sync_every=12, layers_per_fragment=2, overlap_steps=2, quant_block=32)
     model, sync, optimizer = _streaming(group, config, adamw)
@@ -193,10 +193,10 @@ def _checkpoint_in_flight(rank, group):
 
 def _llama_streaming_e3m0(rank, group, world):
     """Streaming DiLoCo with 4-bit Delta trains the Llama model; the peak is one fragment's packed bytes."""
-    from orchestrator.models import LlamaConfig, build_llama, cross_entropy_loss
-    from parallel import comm
-    from parallel.quantize import build_quantizer, round_up
-    from parallel.sync.streaming_diloco import StreamingDiLoCoConfig, StreamingDiLoCoSync
+    from orchestrate.models import LlamaConfig, build_llama, cross_entropy_loss
+    from orchestrate.parallel import comm
+    from orchestrate.parallel.quantize import build_quantizer, round_up
+    from orchestrate.parallel.sync.streaming_diloco import StreamingDiLoCoConfig, StreamingDiLoCoSync
 
     model = build_llama(LlamaConfig(dim=32, n_layers=2, n_heads=4, n_kv_heads=2, max_seq_len=16), seed=0)
     sync = StreamingDiLoCoSync(group, config=StreamingDiLoCoConfig(sync_every=6, layers_per_fragment=1,
@@ -231,8 +231,8 @@ def _llama_streaming_e3m0(rank, group, world):
 def _ddp_warmup(rank, group):
     """ddp_warmup_steps=W: W steps of DDP (the replicas stay identical), then exactly DiLoCo (and Streaming DiLoCo)
     started afresh from the common parameters; the warm-up's gradient all-reduces are counted."""
-    from parallel.sync.diloco import DiLoCoConfig, DiLoCoSync
-    from parallel.sync.streaming_diloco import StreamingDiLoCoConfig, StreamingDiLoCoSync
+    from orchestrate.parallel.sync.diloco import DiLoCoConfig, DiLoCoSync
+    from orchestrate.parallel.sync.streaming_diloco import StreamingDiLoCoConfig, StreamingDiLoCoSync
 
     diloco = dict(sync_every=2, outer_lr=0.7, outer_momentum=0.9, nesterov=True)
     streaming = dict(sync_every=6, outer_lr=0.7, quantization="none", layers_per_fragment=2, overlap_steps=1)
@@ -241,7 +241,7 @@ def _ddp_warmup(rank, group):
 
 
 def _warmup_then(rank, group, sync_class, config_class, outer):
-    from parallel.sync.ddp import DDPSync
+    from orchestrate.parallel.sync.ddp import DDPSync
 
     warmup, steps = 3, 7
     model = TinyNet()
@@ -299,7 +299,7 @@ def _reference_sgd(world, steps, **kwargs):
 
 def _expected_mean(inputs, name, world):
     """Quantise each replica's input, sum chunk-wise in fp32 in rank order, average, re-quantise."""
-    from parallel.quantize import Packed, build_quantizer, pad_to, round_up
+    from orchestrate.parallel.quantize import Packed, build_quantizer, pad_to, round_up
 
     quantizer = build_quantizer(name, 32)
     chunk = round_up(-(-inputs[0].numel() // world), 32)
@@ -329,7 +329,7 @@ def _check_invariants(results, world):
 
 
 def _check_merge(merge, alpha, world):
-    from parallel import comm
+    from orchestrate.parallel import comm
 
     assert merge["checks"] and {c["fragment"] for c in merge["checks"]} == {0, 1, 2}
     for check in merge["checks"]:

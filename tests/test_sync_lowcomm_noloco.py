@@ -3,12 +3,12 @@ import copy
 
 import torch
 
-from parallel.local_ranks import run_ranks
+from orchestrate.parallel.local_ranks import run_ranks
 from tests.support.lowcomm import TinyNet, adamw, batch, fingerprint, flat_params, loss_fn, sgd, train_step
 
 
 def _noloco(group, config, make_optimizer=adamw, seed=0):
-    from parallel.sync.noloco import NoLoCoSync
+    from orchestrate.parallel.sync.noloco import NoLoCoSync
 
     model = TinyNet(seed=seed)
     sync = NoLoCoSync(group, config=config)
@@ -18,8 +18,8 @@ def _noloco(group, config, make_optimizer=adamw, seed=0):
 
 def _one_group_is_heavy_ball_diloco(rank, group, consensus_lr):
     """Oracle 3.3.1: n = W keeps replicas identical and follows DiLoCo with heavy-ball SGD(beta, alpha)."""
-    from parallel.sync.diloco import DiLoCoConfig, DiLoCoSync
-    from parallel.sync.noloco import NoLoCoConfig
+    from orchestrate.parallel.sync.diloco import DiLoCoConfig, DiLoCoSync
+    from orchestrate.parallel.sync.noloco import NoLoCoConfig
 
     noloco = _noloco(group, NoLoCoConfig(sync_every=3, momentum=0.5, outer_lr=0.7, consensus_lr=consensus_lr))
     model = TinyNet()
@@ -41,7 +41,7 @@ def _one_group_is_heavy_ball_diloco(rank, group, consensus_lr):
 
 def _checkpoint_resume(rank, group):
     """A checkpoint taken while the next phi exchange is in flight (gamma != beta) resumes bitwise."""
-    from parallel.sync.noloco import NoLoCoConfig
+    from orchestrate.parallel.sync.noloco import NoLoCoConfig
 
     config = NoLoCoConfig(sync_every=3, consensus_lr=0.9)
     model, sync, optimizer = _noloco(group, config, seed=rank)
@@ -64,7 +64,7 @@ def _checkpoint_resume(rank, group):
 
 def _global_mean_trace(rank, group):
     """Oracle 3.3.2 inputs: phi_i and theta_i before each outer step and phi_i after it (n=2 of W=4)."""
-    from parallel.sync.noloco import NoLoCoConfig
+    from orchestrate.parallel.sync.noloco import NoLoCoConfig
 
     model, sync, optimizer = _noloco(group, NoLoCoConfig(sync_every=2, consensus_lr=0.9), seed=rank)
     trace = []
@@ -82,7 +82,7 @@ def _global_mean_trace(rank, group):
 
 def _consensus(rank, group, rate, outer_steps):
     """Oracle 3.3.4: with no inner progress and alpha=0 the replicas contract towards their group means."""
-    from parallel.sync.noloco import NoLoCoConfig
+    from orchestrate.parallel.sync.noloco import NoLoCoConfig
 
     config = NoLoCoConfig(sync_every=1, momentum=0.0, outer_lr=rate, consensus_lr=rate)
     model, sync, optimizer = _noloco(group, config, lambda m: sgd(m, lr=0.0), seed=rank)
@@ -112,7 +112,7 @@ def _world4(rank, world):
 
 
 def _default_config():
-    from parallel.sync.noloco import NoLoCoConfig
+    from orchestrate.parallel.sync.noloco import NoLoCoConfig
 
     return NoLoCoConfig()
 

@@ -4,7 +4,7 @@ import copy
 
 import torch
 
-from parallel.local_ranks import run_ranks
+from orchestrate.parallel.local_ranks import run_ranks
 from tests.support.lowcomm import (TinyNet, batch, fingerprint, flat_params, loss_fn, reference_adam,
                                    singleton_group, train_step)
 
@@ -16,7 +16,7 @@ def _default_adamw(params):
 
 
 def _onebit(group, freeze_step, bias_correction=False, seed=0):
-    from parallel.sync.onebit_adam import OneBitAdamConfig, OneBitAdamSync
+    from orchestrate.parallel.sync.onebit_adam import OneBitAdamConfig, OneBitAdamSync
 
     model = TinyNet(seed=seed)
     sync = OneBitAdamSync(group, config=OneBitAdamConfig(freeze_step=freeze_step, bias_correction=bias_correction))
@@ -65,8 +65,8 @@ def _single_replica_after_freeze(rank):
 
 def _collective(rank, group, world):
     """Oracle 4.3.4: bitwise-identical outputs, two values per chunk, fixed point, bytes."""
-    from parallel import comm
-    from parallel.sync.onebit_adam import OneBitAllReduce
+    from orchestrate.parallel import comm
+    from orchestrate.parallel.sync.onebit_adam import OneBitAllReduce
 
     numel = 1001
     counter = comm.CommCounter()
@@ -131,7 +131,7 @@ def _world4(rank, world):
 
 
 def _check_collective(results, world):
-    from parallel import comm
+    from orchestrate.parallel import comm
 
     collectives = [r["collective"] for r in results]
     assert all(c["outputs"] == collectives[0]["outputs"] for c in collectives)
@@ -147,7 +147,7 @@ def _check_collective(results, world):
 
 
 def _check_training(results, world):
-    from parallel import comm
+    from orchestrate.parallel import comm
 
     for result in results:
         training = result["training"]

@@ -4,7 +4,7 @@ Each strategy must act on the replica group only and on this rank's local shard 
 """
 import torch
 
-from parallel.local_ranks import run_ranks
+from orchestrate.parallel.local_ranks import run_ranks
 from tests.support.lowcomm import TinyNet
 
 
@@ -21,13 +21,13 @@ def _sharded_model(tp_mesh):
 
 
 def _local_shards(model):
-    from parallel.sync.diloco import local_tensor
+    from orchestrate.parallel.sync.tensors import local_tensor
 
     return [local_tensor(p).detach().clone() for p in model.parameters()]
 
 
 def _perturb(model, amount):
-    from parallel.sync.diloco import local_tensor
+    from orchestrate.parallel.sync.tensors import local_tensor
 
     with torch.no_grad():
         for p in model.parameters():
@@ -36,9 +36,9 @@ def _perturb(model, amount):
 
 def _diloco_on_shards(dp, tp, mesh):
     """Outer SGD(1, 0) averages each local shard over the replica group only; bytes are local-shard bytes."""
-    from parallel import comm
-    from parallel.sync.diloco import DiLoCoConfig, DiLoCoSync
-    from parallel.sync.streaming_diloco import StreamingDiLoCoConfig, StreamingDiLoCoSync
+    from orchestrate.parallel import comm
+    from orchestrate.parallel.sync.diloco import DiLoCoConfig, DiLoCoSync
+    from orchestrate.parallel.sync.streaming_diloco import StreamingDiLoCoConfig, StreamingDiLoCoSync
 
     results = {}
     strategies = {
@@ -65,7 +65,7 @@ def _onebit_on_shards(dp, tp, mesh):
     """1-bit Adam with DTensor params and gradients keeps the replicas' shards identical."""
     from torch.distributed.tensor import DTensor
 
-    from parallel.sync.onebit_adam import OneBitAdamConfig, OneBitAdamSync
+    from orchestrate.parallel.sync.onebit_adam import OneBitAdamConfig, OneBitAdamSync
 
     model = _sharded_model(mesh["tp"])
     sync = OneBitAdamSync(mesh["dp"].get_group(), config=OneBitAdamConfig(freeze_step=1))

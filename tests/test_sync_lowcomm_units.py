@@ -6,11 +6,11 @@ import math
 import pytest
 import torch
 
-from parallel.quantize import (E3M0Quantizer, Int8Quantizer, build_quantizer, pack_signs, sign_compress,
+from orchestrate.parallel.quantize import (E3M0Quantizer, Int8Quantizer, build_quantizer, pack_signs, sign_compress,
                                unpack_signs)
-from parallel.sync.noloco import (NoLoCoConfig, check_stability, noloco_groups, update_velocity,
+from orchestrate.parallel.sync.noloco import (NoLoCoConfig, check_stability, noloco_groups, update_velocity,
                                   update_velocity_same_rates)
-from parallel.sync.streaming_diloco import (FragmentSchedule, StreamingDiLoCoConfig, StreamingDiLoCoSync,
+from orchestrate.parallel.sync.streaming_diloco import (FragmentSchedule, StreamingDiLoCoConfig, StreamingDiLoCoSync,
                                             assign_fragments)
 from tests.support.lowcomm import TinyNet
 
@@ -144,7 +144,7 @@ def test_streaming_rejects_overlap_beyond_fragment_spacing():
 
 
 def test_registry_builds_every_strategy_from_options():
-    from parallel.sync import STRATEGIES
+    from orchestrate.parallel.sync import STRATEGIES
 
     counter = None
     built = {name: STRATEGIES[name](None, counter, {}) for name in

@@ -5,7 +5,7 @@ import copy
 
 import torch
 
-from parallel.local_ranks import run_ranks
+from orchestrate.parallel.local_ranks import run_ranks
 from tests.support.lowcomm import (TinyNet, batch, fingerprint, flat_params, reference_adam, singleton_group,
                                    train_step)
 
@@ -37,7 +37,7 @@ def _deepspeed_schedules(config, steps):
 
 
 def test_schedules_match_deepspeed_counters():
-    from parallel.sync.zero_one_adam import VarianceSchedule, ZeroOneAdamConfig
+    from orchestrate.parallel.sync.zero_one_adam import VarianceSchedule, ZeroOneAdamConfig
 
     for config in (ZeroOneAdamConfig(**STAGED), ZeroOneAdamConfig(var_freeze_step=300, var_update_scaler=3,
                                                                   local_step_scaler=5, local_step_clipper=16),
@@ -51,7 +51,7 @@ def test_schedules_match_deepspeed_counters():
 
 
 def _zero_one(group, weight_decay=WEIGHT_DECAY, **config):
-    from parallel.sync.zero_one_adam import ZeroOneAdamConfig, ZeroOneAdamSync
+    from orchestrate.parallel.sync.zero_one_adam import ZeroOneAdamConfig, ZeroOneAdamSync
 
     model = TinyNet()
     sync = ZeroOneAdamSync(group, config=ZeroOneAdamConfig(**config))
@@ -123,7 +123,7 @@ def _world2(rank, world):
 
 
 def test_zero_one_adam_world2():
-    from parallel import comm
+    from orchestrate.parallel import comm
 
     world = 2
     results = run_ranks(world, _world2, timeout_s=120)

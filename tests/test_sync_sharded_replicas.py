@@ -1,11 +1,11 @@
 """DiLoCo, Streaming DiLoCo and NoLoCo over FSDP2-sharded replicas (``parallel.dp_shard=S``): 2 replicas of 2
 shards each follow 2 unsharded replicas fed the same batches, because every shard syncs with its counterpart in
 the other replica and FSDP2 averages the gradients within a replica; under DDP the same layout is HSDP and follows
-DDP. Built with the worker's own ``build_sync_strategy`` on real gloo process groups."""
+DDP. Built with the worker's own ``build_sync`` (parallel/sync) on real gloo process groups."""
 import pytest
 import torch
 
-from parallel.local_ranks import run_ranks
+from orchestrate.parallel.local_ranks import run_ranks
 
 STEPS = 8
 ROWS = 4  # sequences per replica and step
@@ -26,10 +26,10 @@ def _train_each(rank: int, world: int, dp_shard: int) -> dict:
 def _train(rank: int, world: int, name: str, dp_shard: int) -> dict:
     from torch.distributed.tensor import DTensor
 
-    from orchestrator.config import Config, llama_config
-    from orchestrator.models import build_llama, cross_entropy_loss
-    from orchestrator.worker import build_sync_strategy
-    from parallel.mesh import build_mesh
+    from orchestrate.config import Config, llama_config
+    from orchestrate.models import build_llama, cross_entropy_loss
+    from orchestrate.parallel.mesh import build_mesh
+    from orchestrate.parallel.sync import build_sync
 
     cfg = Config()
     cfg.parallel.dp, cfg.parallel.dp_shard = world, dp_shard
@@ -39,7 +39,7 @@ def _train(rank: int, world: int, name: str, dp_shard: int) -> dict:
     for key, value in OPTIONS[name].items():
         setattr(getattr(cfg.sync, name), key, value)
     dims = cfg.dims
-    sync = build_sync_strategy(cfg, build_mesh(dims, "cpu"))
+    sync = build_sync(name, build_mesh(dims, "cpu"), dims, cfg.sync.options())
     model = build_llama(llama_config(cfg), seed=0)
     wrapped = sync.wrap_model(model)  # torch DDP wraps; FSDP2 shards in place
     optimizer = torch.optim.AdamW(model.parameters(), lr=3e-3, foreach=False)

@@ -7,13 +7,13 @@ from contextlib import contextmanager
 import pytest
 import torch
 
-from parallel.local_ranks import run_ranks
+from orchestrate.parallel.local_ranks import run_ranks
 from tests.support.lowcomm import (TinyNet, adamw, batch, fingerprint, flat_params, loss_fn, singleton_group,
                                    train_step)
 
 
 def _codec(numel, density, chunk=4096, bits=2, dtype=torch.float32):
-    from parallel.sync.sparse import SparseCodec
+    from orchestrate.parallel.sync.sparse import SparseCodec
 
     return SparseCodec.build(numel, density, chunk, bits, dtype)
 
@@ -33,7 +33,7 @@ def _expected_message_bytes(numel, density, chunk, bits, itemsize):
 
 @pytest.mark.parametrize("bits", [1, 2, 3, 9, 12, 16])
 def test_bit_streams_round_trip(bits):
-    from parallel.sync.sparse import pack_bits, unpack_bits
+    from orchestrate.parallel.sync.sparse import pack_bits, unpack_bits
 
     values = torch.randint(0, 2 ** bits, (101,), generator=torch.Generator().manual_seed(bits))
     packed = pack_bits(values, bits)
@@ -98,7 +98,7 @@ def test_message_is_a_small_fraction_of_dense_fp32():
 def test_error_feedback_telescopes(beta):
     """e(t) = beta e(t-1) + delta(t) - s(t), e(0) = 0, unrolls to
     sum_t beta^(T-t) s(t) + e(T) == sum_t beta^(T-t) delta(t) (with beta = 1: sum s + e == sum delta)."""
-    from parallel.sync.diloco import DiLoCoConfig, ErrorFeedback
+    from orchestrate.parallel.sync.diloco import DiLoCoConfig, ErrorFeedback
 
     config = DiLoCoConfig(compression="sparseloco", sparse_density=0.05, sparse_chunk=64, error_decay=beta)
     feedback = ErrorFeedback(1000, torch.float64, config)
@@ -124,7 +124,7 @@ def test_error_feedback_telescopes(beta):
     ({"compression": "sparseloco", "quantization": "e3m0"}, "quantization=e3m0: must be none with compression="),
 ])
 def test_bad_config_is_one_line_naming_the_field(fields, message):
-    from parallel.sync.diloco import DiLoCoConfig
+    from orchestrate.parallel.sync.diloco import DiLoCoConfig
 
     with pytest.raises(ValueError) as err:
         DiLoCoConfig(**fields)
@@ -132,16 +132,16 @@ def test_bad_config_is_one_line_naming_the_field(fields, message):
 
 
 def test_streaming_diloco_rejects_compression():
-    from parallel.sync.streaming_diloco import StreamingDiLoCoConfig
+    from orchestrate.parallel.sync.streaming_diloco import StreamingDiLoCoConfig
 
     with pytest.raises(ValueError, match=r"^compression=sparseloco: only sync.diloco supports it"):
         StreamingDiLoCoConfig(compression="sparseloco", quantization="none")
 
 
 def test_options_flow_from_the_command_line():
-    from orchestrator.cli import compose_config
-    from orchestrator.config import ConfigError
-    from parallel.sync.diloco import DiLoCoConfig
+    from orchestrate.cli import compose_config
+    from orchestrate.config import ConfigError
+    from orchestrate.parallel.sync.diloco import DiLoCoConfig
 
     base = ["recipe=quickstart", "sync.name=diloco", "sync.diloco.compression=sparseloco"]
     cfg = compose_config([*base, "sync.diloco.sparse_density=0.01", "sync.diloco.error_decay=0.9"],
@@ -157,7 +157,7 @@ def test_options_flow_from_the_command_line():
 
 
 def _sparse_config(**fields):
-    from parallel.sync.diloco import DiLoCoConfig
+    from orchestrate.parallel.sync.diloco import DiLoCoConfig
 
     settings = dict(sync_every=3, outer_lr=1.0, compression="sparseloco", sparse_density=0.05, error_decay=0.95)
     settings.update(fields)
@@ -165,7 +165,7 @@ def _sparse_config(**fields):
 
 
 def _diloco(group, config):
-    from parallel.sync.diloco import DiLoCoSync
+    from orchestrate.parallel.sync.diloco import DiLoCoSync
 
     model = TinyNet()
     sync = DiLoCoSync(group, config=config)
@@ -194,7 +194,7 @@ def _recorded(module, name):
 def _equals_plain_diloco(rank, group):
     """Density 1, full precision, beta 0 is DiLoCo with outer SGD(lr, momentum 0), bitwise (momentum settings are
     ignored under sparseloco)."""
-    from parallel.sync.diloco import DiLoCoConfig
+    from orchestrate.parallel.sync.diloco import DiLoCoConfig
 
     plain = _diloco(group, DiLoCoConfig(sync_every=3, outer_lr=0.7, outer_momentum=0.0, nesterov=False))
     sparse = _diloco(group, _sparse_config(outer_lr=0.7, outer_momentum=0.9, nesterov=True, sparse_density=1.0,
@@ -233,8 +233,8 @@ def _single_replica(rank):
 def _bytes_and_means(rank, group, world):
     """Per step: bytes counted, pseudo-gradients compressed, messages handed to the all-gather and the mean every
     rank computed; at the end, this replica's error buffer."""
-    from parallel import comm
-    from parallel.sync import diloco
+    from orchestrate.parallel import comm
+    from orchestrate.parallel.sync import diloco
 
     model, sync, optimizer = _diloco(group, _sparse_config())
     steps = []

@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import pytest
 
-from parallel.local_ranks import run_ranks
+from orchestrate.parallel.local_ranks import run_ranks
 from tests.support.tensor_parallel import (BATCH, MODEL, SEQ, assert_matches_reference, reference_run, run_layouts,
                                            tiny_config)
 
@@ -40,7 +40,7 @@ def test_dp2_tp2_matches_single_process(reference):
 
 
 def test_validate_tp_names_keys_and_valid_values():
-    from parallel.tensor import validate_tp
+    from orchestrate.parallel.tensor import validate_tp
 
     cfg = tiny_config()
     validate_tp(cfg, 1)
@@ -60,6 +60,6 @@ def test_validate_tp_names_keys_and_valid_values():
 
 
 def _with(**changes):
-    from orchestrator.models import LlamaConfig
+    from orchestrate.models import LlamaConfig
 
     return LlamaConfig(**{**MODEL, **changes})

@@ -6,8 +6,8 @@ import ray
 import torch
 import torch.distributed as dist
 
-from cluster.worker_base import DistributedWorker
-from cluster.worker_group import WorkerGroup, WorkerGroupError
+from orchestrate.cluster.worker_base import DistributedWorker
+from orchestrate.cluster.worker_group import WorkerGroup, WorkerGroupError
 
 
 class SumWorker(DistributedWorker):
@@ -41,7 +41,7 @@ def test_group_rendezvous_runs_on_all_ranks_and_detects_death(local_ray):
 
 
 def test_group_that_cannot_be_placed_fails_fast(local_ray):
-    from cluster.worker_group import PlacementError
+    from orchestrate.cluster.worker_group import PlacementError
 
     with pytest.raises(PlacementError, match="cannot place 3 workers"):
         WorkerGroup(SumWorker, world_size=3, cpus_per_worker=1.0, start_timeout_s=2)
@@ -57,7 +57,7 @@ class SlowStartWorker(SumWorker):
 
 
 def test_ranks_not_started_in_time_are_named_with_their_nodes_and_the_setting(local_ray):
-    from cluster.worker_group import StartTimeout
+    from orchestrate.cluster.worker_group import StartTimeout
 
     with pytest.raises(StartTimeout) as raised:
         WorkerGroup(SlowStartWorker, world_size=2, cpus_per_worker=0.5, start_timeout_s=8)

@@ -11,12 +11,12 @@ Training-step contract (orchestrator/trainer.py):
 """
 from __future__ import annotations
 
-from typing import Iterable, Optional
+from typing import Callable, Iterable, Optional
 
 import torch
 from torch import nn
 
-from parallel.comm import CommCounter
+from orchestrate.parallel.comm import CommCounter
 
 
 class SyncStrategy:
@@ -53,9 +53,37 @@ class SyncStrategy:
     def after_optimizer(self, step: int) -> None:
         pass
 
+    def wait_for_exchanges(self) -> None:
+        """Finish the exchanges still in flight (strategies that overlap them with later steps have some): before
+        the parameters are read for evaluation or export, or the strategy is dropped while its group lives on."""
+
+    def evaluation_parameters(self, model: nn.Module) -> dict[str, torch.Tensor]:
+        """name -> the weights to evaluate this replica on: the live ones, unless the strategy holds the ones
+        its replicas agreed on apart from them (Streaming DiLoCo's outer parameters)."""
+        return dict(model.named_parameters())
+
     def state_dict(self) -> dict[str, torch.Tensor]:
         """Tensors with stable logical names (e.g. ``diloco.outer_momentum.layers.0.attention.wq.weight``)."""
         return {}
 
     def load_state_dict(self, state: dict[str, torch.Tensor]) -> None:
         pass
+
+
+def sync_step(sync: SyncStrategy, optimizer: torch.optim.Optimizer, step: int,
+              backward: Callable[[], Optional[torch.Tensor]], between: Optional[Callable[[], None]] = None,
+              scheduler=None) -> Optional[torch.Tensor]:
+    """One training step in the order every strategy relies on (the contract above), for loops outside the
+    trainer (tests, benchmarks): gradients cleared, the caller's ``backward`` (forward, loss, backward; returns
+    the loss), ``before_optimizer``, ``between`` (gradient clipping, or a test reading the synced gradients), the
+    optimizer's and the scheduler's step, ``after_optimizer``. ``step`` counts from 0."""
+    optimizer.zero_grad()
+    loss = backward()
+    sync.before_optimizer(step)
+    if between is not None:
+        between()
+    optimizer.step()
+    if scheduler is not None:
+        scheduler.step()
+    sync.after_optimizer(step)
+    return loss

@@ -13,8 +13,8 @@ from torch import nn
 from torch.distributed.tensor import DTensor
 from torch.nn.parallel import DistributedDataParallel
 
-from parallel import comm
-from parallel.sync.base import SyncStrategy
+from orchestrate.parallel import comm
+from orchestrate.parallel.sync.base import SyncStrategy
 
 BUCKET_BYTES = 25 * 1024 * 1024
 

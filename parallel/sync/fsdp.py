@@ -19,8 +19,8 @@ from torch.distributed.device_mesh import DeviceMesh
 from torch.distributed.fsdp import fully_shard
 from torch.distributed.fsdp._fully_shard._fsdp_collectives import DefaultAllGather, DefaultReduceScatter
 
-from parallel import comm
-from parallel.sync.base import SyncStrategy
+from orchestrate.parallel import comm
+from orchestrate.parallel.sync.base import SyncStrategy
 
 
 class CountingAllGather(DefaultAllGather):

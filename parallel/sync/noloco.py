@@ -28,9 +28,9 @@ import torch
 import torch.distributed as dist
 from torch import nn
 
-from parallel import comm
-from parallel.sync.base import SyncStrategy
-from parallel.sync.diloco import FlatParams, copy_named_state, trainable_parameters
+from orchestrate.parallel import comm
+from orchestrate.parallel.sync.base import SyncStrategy
+from orchestrate.parallel.sync.tensors import FlatParams, copy_named_state, trainable_parameters
 
 
 @dataclass

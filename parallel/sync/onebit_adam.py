@@ -25,11 +25,11 @@ from typing import Callable, Iterable, Optional
 import torch
 from torch import nn
 
-from parallel import comm
-from parallel.quantize import pad_to, round_up, sign_compress, unpack_signs
-from parallel.sync.base import SyncStrategy
-from parallel.sync.ddp import DDPSync
-from parallel.sync.diloco import local_tensor, outer_dtype
+from orchestrate.parallel import comm
+from orchestrate.parallel.quantize import pad_to, round_up, sign_compress, unpack_signs
+from orchestrate.parallel.sync.base import SyncStrategy
+from orchestrate.parallel.sync.ddp import DDPSync
+from orchestrate.parallel.sync.tensors import local_tensor, outer_dtype
 
 
 @dataclass

@@ -36,7 +36,7 @@ from dataclasses import dataclass
 
 import torch
 
-from parallel.quantize import pad_to, round_up
+from orchestrate.parallel.quantize import pad_to, round_up
 
 SPARSE_BITS = (2, 32)
 _SIGN, _HIGH = 1, 2  # the two bits of a 2-bit code

@@ -22,9 +22,9 @@ from typing import Optional
 import torch
 from torch import nn
 
-from parallel import comm
-from parallel.sync.diloco import (DiLoCoConfig, DiLoCoSync, Fragment, ReplicaMean, finish_fragment_sync,
-                                  trainable_parameters)
+from orchestrate.parallel import comm
+from orchestrate.parallel.sync.diloco import DiLoCoConfig, DiLoCoSync, Fragment, ReplicaMean, finish_fragment_sync
+from orchestrate.parallel.sync.tensors import trainable_parameters
 
 BLOCK_INDEX = re.compile(r"(?:^|\.)layers\.(\d+)\.")
 
@@ -95,6 +95,11 @@ class FragmentSchedule:
 class StreamingDiLoCoSync(DiLoCoSync):
     name = "streaming_diloco"
     state_prefix = "streaming_diloco"
+
+    def evaluation_parameters(self, model: nn.Module) -> dict[str, torch.Tensor]:
+        """The outer parameters: fragments are synced at different steps, so the live weights never all match
+        the replicas' common ones."""
+        return {**dict(model.named_parameters()), **self.outer_parameters()}
 
     def __init__(self, replica_group, counter: Optional[comm.CommCounter] = None,
                  config: Optional[StreamingDiLoCoConfig] = None):

@@ -25,10 +25,10 @@ from __future__ import annotations
 from torch import nn
 from torch.distributed.device_mesh import DeviceMesh
 
-from parallel.comm import CommCounter
-from parallel.sync.base import SyncStrategy
-from parallel.sync.ddp import DDPSync
-from parallel.sync.fsdp import FSDPSync
+from orchestrate.parallel.comm import CommCounter
+from orchestrate.parallel.sync.base import SyncStrategy
+from orchestrate.parallel.sync.ddp import DDPSync
+from orchestrate.parallel.sync.fsdp import FSDPSync
 
 
 class WithinReplicaSync:

@@ -31,9 +31,9 @@ from typing import Callable, Iterable, Optional
 import torch
 from torch import nn
 
-from parallel import comm
-from parallel.sync.diloco import local_tensor
-from parallel.sync.onebit_adam import OneBitAdam, OneBitAdamSync
+from orchestrate.parallel import comm
+from orchestrate.parallel.sync.tensors import local_tensor
+from orchestrate.parallel.sync.onebit_adam import OneBitAdam, OneBitAdamSync
 
 
 @dataclass

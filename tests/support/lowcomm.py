@@ -8,6 +8,8 @@ import torch
 import torch.distributed as dist
 from torch import nn
 
+from orchestrate.parallel.sync.base import sync_step
+
 DIM = 8
 INPUTS = 4
 BATCH = 4
@@ -47,12 +49,8 @@ def loss_fn(model: nn.Module, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
 
 
 def train_step(model, sync, optimizer, step: int, data) -> None:
-    """One step of the trainer contract: backward, before_optimizer, optimizer step, after_optimizer."""
-    optimizer.zero_grad()
-    loss_fn(model, *data).backward()
-    sync.before_optimizer(step)
-    optimizer.step()
-    sync.after_optimizer(step)
+    """One step of the trainer contract on the loss of ``data``."""
+    sync_step(sync, optimizer, step, lambda: loss_fn(model, *data).backward())
 
 
 def flat_params(model: nn.Module) -> torch.Tensor:

@@ -21,7 +21,7 @@ COMMON = ["recipe=quickstart", f"train.steps={STEPS}", "checkpoint.persist_every
 
 
 def orchestrate(*args: str, timeout: float = 300) -> subprocess.CompletedProcess:
-    return subprocess.run([sys.executable, "-m", "orchestrator", *args], capture_output=True, text=True,
+    return subprocess.run([sys.executable, "-m", "orchestrate", *args], capture_output=True, text=True,
                           timeout=timeout, env=ENV)
 
 

@@ -10,7 +10,7 @@ GRAD_TOL, CURVE_TOL = 1e-5, 1e-4
 
 
 def tiny_config():
-    from orchestrator.models import LlamaConfig
+    from orchestrate.models import LlamaConfig
 
     return LlamaConfig(**MODEL)
 
@@ -22,7 +22,7 @@ def global_batch(step: int) -> tuple[torch.Tensor, torch.Tensor]:
 
 def reference_run() -> tuple[list[float], dict[str, torch.Tensor]]:
     """Single process, full batch: the loss of each step and the gradients of the first."""
-    from orchestrator.models import build_llama, cross_entropy_loss
+    from orchestrate.models import build_llama, cross_entropy_loss
 
     model = build_llama(tiny_config(), seed=0)
     optimizer = torch.optim.AdamW(model.parameters(), lr=LR)
@@ -48,11 +48,11 @@ def parallel_run(layout: dict) -> dict:
     import torch.distributed as dist
     from torch.distributed.tensor import DTensor
 
-    from orchestrator.models import build_llama
-    from parallel.context import apply_cp, shard_sequence
-    from parallel.mesh import ParallelDims, build_mesh, replica_group
-    from parallel.sync.ddp import DDPSync
-    from parallel.tensor import apply_tp, loss_context, tp_loss
+    from orchestrate.models import build_llama
+    from orchestrate.parallel.context import apply_cp, shard_sequence
+    from orchestrate.parallel.mesh import ParallelDims, build_mesh, replica_group
+    from orchestrate.parallel.sync.ddp import DDPSync
+    from orchestrate.parallel.tensor import apply_tp, loss_context, tp_loss
 
     dims = ParallelDims(dp=layout.get("dp", 1), tp=layout.get("tp", 1), cp=layout.get("cp", 1))
     mesh = build_mesh(dims, "cpu")

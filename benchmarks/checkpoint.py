@@ -43,7 +43,7 @@ from orchestrate.cli import compose_config
 from orchestrate.data import ResumableSampler
 from orchestrate.models import Llama, build_llama, cross_entropy_loss
 from orchestrate.trainer import build_lr_scheduler, build_optimizer, clip_grad_norm_
-from orchestrate.worker import build_data, llama_config
+from orchestrate.worker import build_data
 
 REPO = Path(__file__).resolve().parents[1]
 CORES = len(os.sched_getaffinity(0))
@@ -197,7 +197,7 @@ def plain_worker(request: dict) -> list[float]:
     warnings.filterwarnings("ignore")  # DCP warns about no_dist and experimental APIs on every call
     torch.set_num_threads(CORES)
     cfg = compose_config(request["overrides"])
-    model = build_llama(llama_config(cfg), seed=cfg.train.seed)
+    model = build_llama(cfg.model, seed=cfg.train.seed, max_seq_len=cfg.train.seq_len)
     optimizer = build_optimizer(cfg.optim, model)
     scheduler = build_lr_scheduler(cfg.optim, cfg.train.steps, optimizer)
     data = build_data(cfg)
@@ -250,7 +250,7 @@ def run_all(args) -> dict[str, MethodResults]:
 def training_state_size(args) -> tuple[int, float]:
     """Parameter count of the composed model (built on the meta device: no memory) and params+moments GiB."""
     with torch.device("meta"):
-        model = Llama(llama_config(compose_config(shared_overrides(args))))
+        model = Llama(compose_config(shared_overrides(args)).model)
     n_params = sum(p.numel() for p in model.parameters())
     return n_params, 3 * 4 * n_params / 2**30
 

@@ -130,7 +130,7 @@ class LlamaTask:
         from orchestrate.models import LlamaConfig
 
         self.rank, self.world, self.steps = rank, world, steps
-        self.model_config = LlamaConfig(dim=64, n_layers=4, n_heads=4, n_kv_heads=2, max_seq_len=self.SEQ)
+        self.model_config = LlamaConfig(dim=64, n_layers=4, n_heads=4, n_kv_heads=2)
         self.optim = OptimConfig()
         self.data = WindowedTokens(load_tokens("stdlib", None, 2_000_000), self.SEQ, 0.02)
         ids = torch.arange(self.data.n_train, self.data.n_train + self.EVAL_WINDOWS).numpy()

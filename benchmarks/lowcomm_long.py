@@ -108,7 +108,7 @@ class LongLlamaTask(LlamaTask):
         self.rank, self.world, self.steps = rank, world, regime.steps
         self.BATCH = regime.batch_per_replica
         self.model_config = LlamaConfig(dim=regime.dim, n_layers=regime.n_layers, n_heads=regime.n_heads,
-                                        n_kv_heads=regime.n_kv_heads, max_seq_len=regime.seq_len)
+                                        n_kv_heads=regime.n_kv_heads)
         self.optim = OptimConfig(lr=regime.lr * lr_scale, warmup_steps=regime.warmup_steps)
         self.data = WindowedTokens(load_tokens("stdlib", None, regime.corpus_bytes), regime.seq_len, 0.02)
         ids = torch.arange(self.data.n_train, self.data.n_train + regime.eval_windows).numpy()

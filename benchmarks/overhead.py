@@ -28,7 +28,7 @@ from orchestrate.cli import compose_config
 from orchestrate.data import ResumableSampler
 from orchestrate.models import build_llama, cross_entropy_loss
 from orchestrate.trainer import build_lr_scheduler, build_optimizer
-from orchestrate.worker import build_data, llama_config
+from orchestrate.worker import build_data
 
 RECIPE = ["recipe=quickstart"]  # --recipe replaces it
 
@@ -54,7 +54,7 @@ def _plain_rank(rank: int, world: int, port: int, steps: int, recipe: list[str],
     torch.set_num_threads(1)
     dist.init_process_group("gloo", rank=rank, world_size=world, timeout=timedelta(seconds=120))
     cfg = compose_config([*recipe, f"train.steps={steps}"])
-    model = build_llama(llama_config(cfg), seed=cfg.train.seed)
+    model = build_llama(cfg.model, seed=cfg.train.seed, max_seq_len=cfg.train.seq_len)
     ddp = torch.nn.parallel.DistributedDataParallel(model)
     optimizer = build_optimizer(cfg.optim, model)
     scheduler = build_lr_scheduler(cfg.optim, steps, optimizer)

@@ -131,7 +131,7 @@ def _build(layout: dict, seq: int):
 
     dims = ParallelDims(dp=layout.get("dp", 1), tp=layout.get("tp", 1), cp=layout.get("cp", 1))
     mesh = build_mesh(dims, "cpu")
-    model = build_llama(LlamaConfig(**MODEL, max_seq_len=seq), seed=0)
+    model = build_llama(LlamaConfig(**MODEL), seed=0, max_seq_len=seq)
     if dims.tp > 1:
         apply_tp(model, mesh["tp"], layout["sequence_parallel"], layout["loss_parallel"])
     if dims.cp > 1:

@@ -43,7 +43,7 @@ from torch.utils._python_dispatch import is_traceable_wrapper_subclass
 
 from orchestrate.parallel.local_ranks import run_ranks
 
-MODEL = dict(dim=128, n_layers=8, n_heads=4, n_kv_heads=2, vocab_size=256, max_seq_len=128)
+MODEL = dict(dim=128, n_layers=8, n_heads=4, n_kv_heads=2, vocab_size=256)
 MICROBATCH_ROWS, SEQ = 2, 128
 # (schedule, virtual stages)
 SCHEDULES = [("gpipe", 1), ("1f1b", 1), ("interleaved_1f1b", 2), ("looped_bfs", 2), ("interleaved_zb", 2),

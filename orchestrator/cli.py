@@ -22,7 +22,7 @@ from omegaconf import OmegaConf
 from omegaconf.errors import OmegaConfBaseException
 
 from orchestrate import cluster_commands, job_commands, prepare_data
-from orchestrate.config import Config, ConfigError, SyncConfig, validate
+from orchestrate.config import Config, ConfigError, SyncConfig, derive, schema, validate
 from orchestrate.inputs import apply_data, explicit_keys, resolve_inputs, tokenizer_file
 from orchestrate.interrupt import InterruptRequests
 
@@ -92,7 +92,7 @@ def compose_config(overrides: Sequence[str], extra_dirs: Sequence[str] = (), rea
     the data, the tokenizer and ``model.init_from`` on this machine and fold them into the config (``submit``
     does not: those paths are the cluster's)."""
     check_overrides(overrides, extra_dirs)
-    ConfigStore.instance().store(name="schema", node=Config)
+    ConfigStore.instance().store(name="schema", node=schema())
     search = [f"hydra.searchpath=[{','.join('file://' + str(Path(d).resolve()) for d in extra_dirs)}]"] \
         if extra_dirs else []
     GlobalHydra.instance().clear()
@@ -104,7 +104,7 @@ def compose_config(overrides: Sequence[str], extra_dirs: Sequence[str] = (), rea
         raise ConfigError(_one_line(err)) from None
     validate(cfg)
     if read_inputs:
-        resolve_inputs(cfg, explicit_keys(overrides))
+        cfg = resolve_inputs(cfg, explicit_keys(overrides))
         validate(cfg)  # the model section and vocabulary may have changed
     return cfg
 
@@ -146,7 +146,6 @@ def compose_resume_config(ckpt: str, overrides: Sequence[str]) -> Config:
     from orchestrate.checkpoint.universal import CheckpointError, read_manifest, resolve_version_dir
     from orchestrate.checkpointing import check_model_matches
     from orchestrate.models import Llama
-    from orchestrate.worker import llama_config
 
     check_overrides(overrides, ())
     if any(o.startswith("recipe=") for o in overrides):
@@ -154,20 +153,16 @@ def compose_resume_config(ckpt: str, overrides: Sequence[str]) -> Config:
     try:
         version = resolve_version_dir(ckpt)
         manifest = read_manifest(version)
-        merged = OmegaConf.merge(OmegaConf.structured(Config), manifest.trainer_state.config,
-                                 OmegaConf.from_dotlist(list(overrides)))
-        cfg = to_config(merged)
-        cfg.checkpoint.resume_from = str(Path(ckpt).resolve())
+        merged = OmegaConf.merge(schema(), manifest.trainer_state.config, OmegaConf.from_dotlist(list(overrides)))
         # the saved config names the source run's folders: a resumed run writes its own (never over the source's
         # committed versions, which another resume may be reading)
-        for section in (cfg.run, cfg.checkpoint):
-            key = "run.dir" if section is cfg.run else "checkpoint.dir"
-            if not any(o.startswith(f"{key}=") for o in overrides):
-                section.dir = None
+        own_dirs = {key: None for key in ("run.dir", "checkpoint.dir")
+                    if not any(o.startswith(f"{key}=") for o in overrides)}
+        cfg = derive(to_config(merged), {"checkpoint.resume_from": str(Path(ckpt).resolve()), **own_dirs})
         validate(cfg)
-        apply_data(cfg, explicit_keys(overrides))  # the weights come from the checkpoint, not model.init_from
+        cfg = apply_data(cfg, explicit_keys(overrides))  # the weights come from the checkpoint, not model.init_from
         with torch.device("meta"):
-            model = Llama(llama_config(cfg))
+            model = Llama(cfg.model)
         check_model_matches(manifest, {n: tuple(p.shape) for n, p in model.named_parameters()})
     except CheckpointError as err:
         raise ConfigError(str(err)) from None

@@ -3,12 +3,17 @@
 Hydra composes recipe YAML from the packaged ``recipes/`` over these dataclasses (registered in the ConfigStore
 as ``schema``), so an unknown key or a wrong type fails before anything starts. ``validate`` adds the checks
 that need several keys at once (parallel degrees, batch divisibility).
+
+A Config is frozen: whoever needs another one (the controller after a node loss, a resume) derives it with
+``derive``, so a config handed to the workers never changes under them.
 """
 from __future__ import annotations
 
 import dataclasses
 from dataclasses import dataclass, field
-from typing import List, Optional, Union
+from typing import Any, List, Optional, Union
+
+from omegaconf import OmegaConf
 
 from orchestrate.models.llama import LlamaConfig
 from orchestrate.parallel.mesh import ParallelDims, ParallelConfigError
@@ -19,33 +24,24 @@ class ConfigError(ValueError):
     """Bad user input: one line naming the key and the valid choices. The CLI exits with code 2."""
 
 
-@dataclass
+@dataclass(frozen=True)
 class RunConfig:
     name: str = "run"
     dir: Optional[str] = None  # default: runs/<name>-<timestamp>
     requires: List[str] = field(default_factory=list)  # keys a recipe leaves to the command line (e.g. data.path)
 
 
-@dataclass
-class ModelConfig:
+@dataclass(frozen=True)
+class ModelConfig(LlamaConfig):
+    """The model's own hyper-parameters (LlamaConfig), and which model and weights to start from."""
+
     name: str = "llama"
-    vocab_size: int = 256
-    dim: int = 128
-    n_layers: int = 4
-    n_heads: int = 4
-    n_kv_heads: int = 2
-    ffn_hidden: int = 0
-    multiple_of: int = 32
-    rope_theta: float = 10000.0
-    norm_eps: float = 1e-5
-    tie_embeddings: bool = False
-    init_std: float = 0.02
     # a Hugging Face Llama folder (config.json + safetensors): the model section follows its config.json and
     # training starts from its weights (on any layout)
     init_from: Optional[str] = None
 
 
-@dataclass
+@dataclass(frozen=True)
 class DataConfig:
     source: str = "stdlib"  # stdlib | path
     # text file, folder of text files, pre-tokenized *.u16 file, or a folder written by `orchestrate prepare-data`
@@ -57,7 +53,7 @@ class DataConfig:
     tokenizer_hash: Optional[str] = None
 
 
-@dataclass
+@dataclass(frozen=True)
 class TrainConfig:
     steps: int = 30
     seed: int = 0
@@ -68,7 +64,7 @@ class TrainConfig:
     eval_every: int = 0  # >0 (with eval_batches): eval_loss also every N steps, in that step's metrics record
 
 
-@dataclass
+@dataclass(frozen=True)
 class OptimConfig:
     name: str = "adamw"
     lr: float = 3e-3
@@ -84,7 +80,7 @@ class OptimConfig:
     fused: bool = True
 
 
-@dataclass
+@dataclass(frozen=True)
 class ParallelConfig:
     dp: int = 1
     tp: int = 1
@@ -115,10 +111,10 @@ SyncConfig = dataclasses.make_dataclass(
     "SyncConfig",
     [("name", str, field(default="ddp"))] + [(name, entry.hyper, field(default_factory=entry.hyper))
                                              for name, entry in STRATEGIES.items() if entry.hyper is not None],
-    namespace={"options": _chosen_options, "__module__": __name__})
+    namespace={"options": _chosen_options, "__module__": __name__}, frozen=True)
 
 
-@dataclass
+@dataclass(frozen=True)
 class ErasureConfig:
     group_size: int = 0  # keepers per erasure-coded group; 0: all nodes in one group
     parity: int = 1  # members a group may lose (capped at group size - 1)
@@ -127,7 +123,7 @@ class ErasureConfig:
     commit_share: float = 0.25
 
 
-@dataclass
+@dataclass(frozen=True)
 class CheckpointConfig:
     dir: Optional[str] = None  # default: <run.dir>/checkpoints
     every: int = 1  # snapshot (L0, host memory, copied while the next step computes) every N steps; 0: off
@@ -148,7 +144,7 @@ class CheckpointConfig:
         return self.keepers and self.every > 0
 
 
-@dataclass
+@dataclass(frozen=True)
 class ClusterConfig:
     address: Optional[str] = None  # None: a new embedded local Ray cluster; else an address to join
     num_workers: Optional[int] = None  # None: parallel.dp*tp*pp*cp
@@ -162,14 +158,14 @@ class ClusterConfig:
     collective_timeout_s: float = 120.0
 
 
-@dataclass
+@dataclass(frozen=True)
 class WandbConfig:
     enabled: bool = False
     project: str = "orchestrate"
     mode: str = "offline"  # used unless WANDB_MODE is set in the environment
 
 
-@dataclass
+@dataclass(frozen=True)
 class LoggingConfig:
     wandb: WandbConfig = field(default_factory=WandbConfig)
     progress: bool = True
@@ -179,7 +175,7 @@ class LoggingConfig:
 FAULT_KINDS = ("process", "node", "keeper")
 
 
-@dataclass
+@dataclass(frozen=True)
 class FaultSpec:
     """One deliberate failure. ``process``: the rank's process exits abruptly; ``node``: the rank kills its node's
     raylet, so every process of that node (its trainers and keeper) dies; ``keeper``: the rank kills its node's
@@ -192,7 +188,7 @@ class FaultSpec:
     during_recovery: bool = False
 
 
-@dataclass
+@dataclass(frozen=True)
 class FaultConfig:
     """Fault injection: ``kill_rank``/``at_step``/``kind`` is one fault; ``schedule`` lists more
     (``'fault.schedule=[{rank:1,at_step:8},{rank:0,during_recovery:true}]'``)."""
@@ -208,7 +204,7 @@ class FaultConfig:
         return single + list(self.schedule)
 
 
-@dataclass
+@dataclass(frozen=True)
 class Config:
     run: RunConfig = field(default_factory=RunConfig)
     model: ModelConfig = field(default_factory=ModelConfig)
@@ -359,7 +355,7 @@ def validate_tensor_and_context(cfg: Config) -> None:
             from orchestrate.parallel.tensor import validate_tp
 
             _require(not cfg.model.tie_embeddings, "model.tie_embeddings=true: not available with parallel.tp > 1")
-            validate_tp(llama_config(cfg), p.tp, cfg.train.seq_len // p.cp if p.sequence_parallel else None)
+            validate_tp(cfg.model, p.tp, cfg.train.seq_len // p.cp if p.sequence_parallel else None)
         if p.cp > 1 or p.cp_impl not in ("ring", "ulysses"):
             from orchestrate.parallel.context import validate_cp
 
@@ -388,8 +384,31 @@ def _shard_text(p: ParallelConfig) -> str:
     return str(p.dp_shard).lower() if isinstance(p.dp_shard, bool) else str(p.dp_shard)
 
 
-def llama_config(cfg: Config) -> LlamaConfig:
-    """The model section maps field by field onto LlamaConfig; the rope tables are sized by train.seq_len."""
-    shared = {f.name: getattr(cfg.model, f.name) for f in dataclasses.fields(LlamaConfig)
-              if hasattr(cfg.model, f.name)}
-    return LlamaConfig(**shared, max_seq_len=cfg.train.seq_len)
+def derive(cfg, changes: dict[str, Any]):
+    """A copy of the (frozen) config ``cfg`` with dotted keys changed: ``derive(cfg, {"parallel.dp": 2})``."""
+    direct, nested = {}, {}
+    for dotted, value in changes.items():
+        head, _, rest = dotted.partition(".")
+        if rest:
+            nested.setdefault(head, {})[rest] = value
+        else:
+            direct[head] = value
+    direct.update({head: derive(getattr(cfg, head), inner) for head, inner in nested.items()})
+    return dataclasses.replace(cfg, **direct)
+
+
+def schema():
+    """The schema as an OmegaConf node for recipes, overrides and saved configs to merge into. OmegaConf makes the
+    nodes of frozen dataclasses read-only, which would refuse every merge, so they are opened here; the Config
+    made from the merge (``OmegaConf.to_object``) is frozen again."""
+    node = OmegaConf.structured(Config)
+    _open(node)
+    return node
+
+
+def _open(node) -> None:
+    OmegaConf.set_readonly(node, False)
+    for key in (node.keys() if OmegaConf.is_dict(node) else range(len(node))):
+        child = node._get_node(key)  # the child node itself (item access would resolve values)
+        if OmegaConf.is_config(child):
+            _open(child)

@@ -4,7 +4,6 @@ STARTING -> RUNNING -> FINISHED | FAILED   (RECOVERING -> RUNNING arrives with i
 """
 from __future__ import annotations
 
-import copy
 import dataclasses
 import enum
 import signal
@@ -21,7 +20,7 @@ from orchestrate.checkpoint.universal import CheckpointError, discard_uncommitte
 from orchestrate.cluster.health import await_lost_nodes, live_node_ids, worker_slots
 from orchestrate.cluster.ray_cluster import ClusterUnreachable, RayRuntime, check_cluster_answers, local_capacity
 from orchestrate.cluster.worker_group import PlacementError, StartTimeout, WorkerGroup, WorkerGroupError
-from orchestrate.config import Config, ConfigError, FaultConfig, FaultSpec, validate
+from orchestrate.config import Config, ConfigError, FaultConfig, FaultSpec, derive, validate
 from orchestrate.keepers import KeeperService
 from orchestrate.metrics import MetricsLog, aggregate_step
 from orchestrate.progress import ProgressLine
@@ -142,11 +141,11 @@ class Controller:
 
     def run(self) -> RunResult:
         self.preflight()
-        cfg = self.cfg
-        run_dir = (Path(cfg.run.dir) if cfg.run.dir else default_run_dir(cfg)).resolve()
+        run_dir = (Path(self.cfg.run.dir) if self.cfg.run.dir else default_run_dir(self.cfg)).resolve()
         run_dir.mkdir(parents=True, exist_ok=True)
-        cfg.run.dir = str(run_dir)
-        cfg.checkpoint.dir = str(Path(cfg.checkpoint.dir or run_dir / "checkpoints").resolve())
+        cfg = self.cfg = derive(self.cfg, {
+            "run.dir": str(run_dir),
+            "checkpoint.dir": str(Path(self.cfg.checkpoint.dir or run_dir / "checkpoints").resolve())})
         if Path(cfg.checkpoint.dir).exists():
             discard_uncommitted(cfg.checkpoint.dir)  # debris of a crashed attempt must never be merged
         resolved = OmegaConf.to_container(OmegaConf.structured(cfg))
@@ -163,7 +162,7 @@ class Controller:
                     check_capacity(cfg, res.cpus, res.gpus, f"the cluster at {cfg.cluster.address}")
                 self.keepers = KeeperService(cfg.checkpoint, cfg.world_size) if cfg.checkpoint.keepers_on else None
                 try:
-                    self._run_group(resolved, result, progress, metrics)
+                    self._run_group(result, progress, metrics)
                     self._log_fired_faults(progress, metrics, result.steps)  # keeper faults leave no failure
                 finally:
                     forget_faults(cfg.run.dir)
@@ -185,11 +184,12 @@ class Controller:
         result.state = self.state
         return result
 
-    def _run_group(self, resolved: dict, result: RunResult, progress: ProgressLine, metrics: MetricsLog) -> None:
+    def _run_group(self, result: RunResult, progress: ProgressLine, metrics: MetricsLog) -> None:
         """Run the gang; when ranks or nodes die, RECOVERING: the surviving ranks stay (they roll back to their
         own snapshot in memory), the lost ranks start anew and restore from the fastest source that has their
         state (recovery.py), and the gang goes on from there."""
         attempt = _Attempt(faults=self.cfg.fault.planned())
+        gang_cfg = self.cfg
         try:
             while True:
                 try:
@@ -197,17 +197,17 @@ class Controller:
                         attempt.group = self._start_group()
                     elif attempt.lost:
                         attempt.group.replace(attempt.lost)
-                    self._run_once(attempt.group, self._with_faults(resolved, attempt.faults, attempt.recovering),
+                    self._run_once(attempt.group, self._with_faults(gang_cfg, attempt.faults, attempt.recovering),
                                    attempt.plan, result, progress, metrics)
                     return
                 except WorkerGroupError as err:
-                    resolved = self._recover(err, attempt, resolved, result, progress, metrics)
+                    gang_cfg = self._recover(err, attempt, result, progress, metrics)
         finally:
             if attempt.group is not None:
                 attempt.group.shutdown()
 
-    def _recover(self, err: WorkerGroupError, attempt: "_Attempt", resolved: dict, result: RunResult,
-                 progress: ProgressLine, metrics: MetricsLog) -> dict:
+    def _recover(self, err: WorkerGroupError, attempt: "_Attempt", result: RunResult, progress: ProgressLine,
+                 metrics: MetricsLog) -> Config:
         """Plan the recovery from ``err`` into ``attempt`` (or raise when there is nothing to restore from or no
         restart left); returns the config the recovering gang gets."""
         detected, group = time.time(), attempt.group
@@ -243,11 +243,10 @@ class Controller:
                          "decoded_ranks": plan.decoded_ranks, "started": started, "detected_at": detected,
                          "last_step": max(result.steps, getattr(err, "finished_step", 0))}
         if smaller_dp:
-            resolved = self._shrink_data_parallel(resolved, smaller_dp, progress)
+            self._shrink_data_parallel(smaller_dp, progress)
             attempt.faults = [f for f in attempt.faults if f.rank < self.cfg.world_size]
         self._prepare_keepers(plan)
-        return {**resolved, "checkpoint": {**resolved["checkpoint"],
-                                           "resume_from": str(plan.disk) if plan.disk else None}}
+        return derive(self.cfg, {"checkpoint.resume_from": str(plan.disk) if plan.disk else None})
 
     def _drop_fired_faults(self, attempt: "_Attempt", progress: ProgressLine, metrics: MetricsLog,
                            step: int) -> None:
@@ -339,9 +338,8 @@ class Controller:
         if slots >= self.cfg.world_size:
             return None
         for dp in range(self.cfg.parallel.dp - 1, 0, -1):
-            candidate = copy.deepcopy(self.cfg)
-            candidate.parallel.dp, candidate.cluster.num_workers = dp, None
-            candidate.fault = FaultConfig()  # faults of ranks the smaller gang lacks are dropped, not invalid
+            # faults of ranks the smaller gang lacks are dropped, not invalid
+            candidate = derive(self.cfg, {"parallel.dp": dp, "cluster.num_workers": None, "fault": FaultConfig()})
             try:
                 validate(candidate)
             except ConfigError:
@@ -351,26 +349,23 @@ class Controller:
         raise WorkerGroupError(f"{describe_failure(err)}; the cluster has room for {slots} workers, too few for any "
                                f"data-parallel degree of this layout", rank=err.rank)
 
-    def _shrink_data_parallel(self, resolved: dict, dp: int, progress: ProgressLine) -> dict:
+    def _shrink_data_parallel(self, dp: int, progress: ProgressLine) -> None:
         progress.message(f"the cluster has no room for parallel.dp={self.cfg.parallel.dp} any more: resuming "
                          f"elastically with parallel.dp={dp} from the universal checkpoint")
         self.recovery["elastic"] = {"dp_from": self.cfg.parallel.dp, "dp_to": dp}
-        self.cfg.parallel.dp, self.cfg.cluster.num_workers = dp, None
-        return {**resolved, "parallel": {**resolved["parallel"], "dp": dp},
-                "cluster": {**resolved["cluster"], "num_workers": None}}
+        self.cfg = derive(self.cfg, {"parallel.dp": dp, "cluster.num_workers": None})
 
     @staticmethod
-    def _with_faults(resolved: dict, faults: list[FaultSpec], recovering: bool) -> dict:
+    def _with_faults(cfg: Config, faults: list[FaultSpec], recovering: bool) -> Config:
         """The config a gang gets: the faults still to fire (those during a recovery only when it is one)."""
-        pending = [dataclasses.asdict(f) for f in faults if recovering or not f.during_recovery]
-        return {**resolved, "fault": {**resolved["fault"], "kill_rank": None, "at_step": None,
-                                      "schedule": pending}}
+        pending = [f for f in faults if recovering or not f.during_recovery]
+        return derive(cfg, {"fault.kill_rank": None, "fault.at_step": None, "fault.schedule": pending})
 
-    def _run_once(self, group: WorkerGroup, resolved: dict, plan: Optional[RecoveryPlan], result: RunResult,
+    def _run_once(self, group: WorkerGroup, gang_cfg: Config, plan: Optional[RecoveryPlan], result: RunResult,
                   progress: ProgressLine, metrics: MetricsLog) -> None:
         cfg = self.cfg
         try:
-            infos = self._gather_busy(group, self._setup_calls(group, resolved, plan))
+            infos = self._gather_busy(group, self._setup_calls(group, gang_cfg, plan))
         except RayError as err:  # a layout the component rejects once built (e.g. fragments vs sync_every)
             if isinstance(err, ValueError) and not isinstance(err, CheckpointError):
                 raise ConfigError(str(err).strip().splitlines()[-1]) from None
@@ -417,17 +412,17 @@ class Controller:
         record["ckpt_l1"], record["ckpt_l2"] = self.keepers.committed, self.keepers.persisted
         record["ckpt_l1_s"] = self.keepers.last_commit_s
 
-    def _setup_calls(self, group: WorkerGroup, resolved: dict, plan: Optional[RecoveryPlan]) -> list:
+    def _setup_calls(self, group: WorkerGroup, gang_cfg: Config, plan: Optional[RecoveryPlan]) -> list:
         """Each rank gets its node's keeper (level 1 on) and, after a recovery from memory, where the state of the
         version to restore comes from (recovery.py)."""
-        self._check_node_faults(group, resolved)
+        self._check_node_faults(group, gang_cfg)
         refs = []
         for rank, actor in enumerate(group.actors):
             keeper = self.keepers.keeper_on(group.infos[rank]["node_id"]) if self.keepers else None
             restore = plan.sources.get(rank) if plan is not None and plan.disk is None else None
             if restore is not None and restore[0] == "replica":
                 restore = ("replica", restore[1], group.actors[restore[2]])
-            refs.append(actor.setup.remote(resolved, keeper, restore))
+            refs.append(actor.setup.remote(gang_cfg, keeper, restore))
         return refs
 
     def _gather_busy(self, group: WorkerGroup, refs: list) -> list:
@@ -437,14 +432,14 @@ class Controller:
         return group.gather(refs)
 
     @staticmethod
-    def _check_node_faults(group: WorkerGroup, resolved: dict) -> None:
+    def _check_node_faults(group: WorkerGroup, gang_cfg: Config) -> None:
         """A node fault on the controller's own node would take the controller down with it."""
         import ray
 
         here = ray.get_runtime_context().get_node_id()
-        for spec in resolved["fault"]["schedule"]:
-            if spec["kind"] == "node" and group.infos[spec["rank"]]["node_id"] == here:
-                raise ConfigError(f"fault.kind=node: rank {spec['rank']} runs on the controller's node; give the "
+        for spec in gang_cfg.fault.schedule:
+            if spec.kind == "node" and group.infos[spec.rank]["node_id"] == here:
+                raise ConfigError(f"fault.kind=node: rank {spec.rank} runs on the controller's node; give the "
                                   f"head node no worker CPUs or fault another rank")
 
     def _attach_arenas(self, group: WorkerGroup, ranks: Optional[list[int]] = None) -> None:

@@ -1,6 +1,6 @@
 """What a run reads before it starts: a Hugging Face model to start from, the data and its tokenizer.
 
-Checked and folded into the config before Ray starts or a run directory exists, so bad input is one line and
+Checked and folded into a derived config before Ray starts or a run directory exists, so bad input is one line and
 exit code 2 with nothing started. The model section follows the Hugging Face folder's ``config.json`` (an
 explicit command-line value that disagrees is an error naming both); the vocabulary follows the tokenizer; the
 tokenizer's hash is recorded in the config, so a resume on data made with another tokenizer is refused.
@@ -12,7 +12,7 @@ from typing import Collection, Iterable
 
 from orchestrate.checkpoint.hf_import import read_hf_llama
 from orchestrate.checkpoint.universal import CheckpointError
-from orchestrate.config import Config, ConfigError
+from orchestrate.config import Config, ConfigError, derive
 from orchestrate.data import DataError, inspect_data
 
 # our model.* key -> the field of the folder's hyper-parameters it takes its value from
@@ -28,27 +28,28 @@ def explicit_keys(overrides: Iterable[str]) -> set[str]:
     return {o.split("=", 1)[0].strip().lstrip("+~") for o in overrides if "=" in o}
 
 
-def apply_init_from(cfg: Config, explicit: Collection[str]) -> None:
+def apply_init_from(cfg: Config, explicit: Collection[str]) -> Config:
     """``model.init_from``: the model section becomes the folder's; its weights are checked (headers only)."""
     if not cfg.model.init_from:
-        return
+        return cfg
     try:
         source = read_hf_llama(cfg.model.init_from)
     except CheckpointError as err:
         raise ConfigError(str(err)) from None
+    changes = {"model.init_from": str(source.folder)}
     for key, attribute in MODEL_KEYS_FROM_HF.items():
         theirs, ours = getattr(source.hp, attribute), getattr(cfg.model, key)
         if f"model.{key}" in explicit and ours != theirs:
             raise ConfigError(f"model.{key}={ours}: conflicts with model.init_from={source.folder}, whose "
                               f"config.json gives {theirs}")
-        setattr(cfg.model, key, theirs)
-    cfg.model.init_from = str(source.folder)
+        changes[f"model.{key}"] = theirs
     tokenizer = source.folder / HF_TOKENIZER_FILE
     if tokenizer.is_file() and "data.tokenizer" not in explicit and cfg.data.tokenizer == BYTES:
-        cfg.data.tokenizer = str(tokenizer)  # the model's own tokenizer, unless the user names another
+        changes["data.tokenizer"] = str(tokenizer)  # the model's own tokenizer, unless the user names another
+    return derive(cfg, changes)
 
 
-def apply_data(cfg: Config, explicit: Collection[str]) -> None:
+def apply_data(cfg: Config, explicit: Collection[str]) -> Config:
     """The data is there and readable; the vocabulary follows its tokenizer; its hash is recorded. A config that
     already records a hash (a resume) must read data made with the same tokenizer."""
     try:
@@ -61,21 +62,19 @@ def apply_data(cfg: Config, explicit: Collection[str]) -> None:
                           f"checkpoint was trained on tokens of {_short(recorded)}; use data made with the "
                           f"checkpoint's tokenizer")
     model_is_given = "model.vocab_size" in explicit or bool(cfg.model.init_from) or recorded is not None
-    if not model_is_given:
-        cfg.model.vocab_size = info.vocab_size
-    elif cfg.model.vocab_size < info.vocab_size:
+    if model_is_given and cfg.model.vocab_size < info.vocab_size:
         raise ConfigError(f"model.vocab_size={cfg.model.vocab_size}: smaller than the tokenizer's vocabulary "
                           f"({info.vocab_size}, {info.description})")
-    cfg.data.tokenizer_hash = info.tokenizer_hash
+    vocab_size = cfg.model.vocab_size if model_is_given else info.vocab_size
+    return derive(cfg, {"model.vocab_size": vocab_size, "data.tokenizer_hash": info.tokenizer_hash})
 
 
 def _short(tokenizer_hash: str) -> str:
     return tokenizer_hash if tokenizer_hash == BYTES else f"tokenizer {tokenizer_hash[:12]}"
 
 
-def resolve_inputs(cfg: Config, explicit: Collection[str]) -> None:
-    apply_init_from(cfg, explicit)
-    apply_data(cfg, explicit)
+def resolve_inputs(cfg: Config, explicit: Collection[str]) -> Config:
+    return apply_data(apply_init_from(cfg, explicit), explicit)
 
 
 def tokenizer_file(data_section: dict) -> Path | None:

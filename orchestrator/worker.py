@@ -8,13 +8,12 @@ import threading
 from typing import Optional
 
 import torch
-from omegaconf import OmegaConf
 
 from orchestrate.checkpoint.hf_import import load_hf_into
 from orchestrate.checkpoint.universal import CheckpointError, TrainerState
 from orchestrate.cluster.worker_base import DistributedWorker
 from orchestrate.checkpointing import TrainerCheckpointer
-from orchestrate.config import Config, llama_config
+from orchestrate.config import Config
 from orchestrate.fault_log import record_fired
 from orchestrate.data import ResumableSampler, WindowedTokens, eval_window_ids, load_tokens
 from orchestrate.models import build_llama, cross_entropy_loss
@@ -22,10 +21,6 @@ from orchestrate.parallelize import build_runner
 from orchestrate.trainer import StepMetrics, Trainer, build_lr_scheduler, build_optimizer
 from orchestrate.parallel.mesh import build_mesh
 from orchestrate.parallel.sync import build_sync
-
-
-def config_from_dict(cfg_dict: dict) -> Config:
-    return OmegaConf.to_object(OmegaConf.merge(OmegaConf.structured(Config), cfg_dict))
 
 
 def build_data(cfg: Config) -> WindowedTokens:
@@ -56,7 +51,7 @@ class TrainWorker(DistributedWorker):
         self._data: Optional[tuple[dict, WindowedTokens]] = None  # (data config, tokens): kept across recoveries
         self._previous: Optional[TrainerCheckpointer] = None  # snapshots from before a failure, until all restored
 
-    def setup(self, cfg_dict: dict, keeper=None, restore: Optional[tuple] = None) -> dict:
+    def setup(self, cfg: Config, keeper=None, restore: Optional[tuple] = None) -> dict:
         """Build this rank's training stack. ``keeper``: this node's SnapshotKeeper (level 1 on). ``restore``:
         where the state of a version comes from after a failure instead of the disk: ``("own", version)`` (a
         surviving rank rolls back to its own snapshot in memory), ``("replica", version, worker)`` (a
@@ -66,15 +61,15 @@ class TrainWorker(DistributedWorker):
         model, optimizer and sync strategy around the new process groups (DTensor, DDP and pipeline stages bind
         their groups when they are built), then rolls back to ``version``."""
         self._retire_checkpointer()
-        self.cfg = cfg = config_from_dict(cfg_dict)
-        self.cfg_dict = cfg_dict
+        self.cfg = cfg
+        self.cfg_dict = dataclasses.asdict(cfg)  # what each version records (checkpoint/universal.py: TrainerState)
         self._metrics, self._in_step = [], False
         self._stop.clear()
         torch.set_num_threads(max(1, int(cfg.cluster.cpus_per_worker)))
         dims = cfg.dims
         self.coords = dims.coordinates(self.rank)
         device = torch.device(self.device_type)
-        model = build_llama(llama_config(cfg), seed=cfg.train.seed)
+        model = build_llama(cfg.model, seed=cfg.train.seed, max_seq_len=cfg.train.seq_len)
         if cfg.model.init_from and restore is None and not cfg.checkpoint.resume_from:
             load_hf_into(model, cfg.model.init_from)  # before parallelizing: every layout shards it from here
         model = model.to(device)

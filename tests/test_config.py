@@ -1,7 +1,10 @@
+import dataclasses
+
 import pytest
 
 from orchestrate.cli import compose_config, packaged_recipes
-from orchestrate.config import ConfigError
+from orchestrate.config import ConfigError, FaultSpec, derive
+from orchestrate.models import LlamaConfig
 
 
 def test_recipes_compose_with_overrides():
@@ -11,6 +14,19 @@ def test_recipes_compose_with_overrides():
     assert cfg.world_size == 1
     small = compose_config(["recipe=small"])
     assert small.model.dim == 480 and small.run.name == "small"
+
+
+def test_config_is_frozen_and_derived_copies_change_only_their_keys():
+    cfg = compose_config(["recipe=quickstart", "sync.name=diloco", "fault.kill_rank=1", "fault.at_step=3"])
+    assert isinstance(cfg.model, LlamaConfig)  # the model section is the model's own config type
+    with pytest.raises(dataclasses.FrozenInstanceError):
+        cfg.parallel.dp = 1  # type: ignore[misc]
+    smaller = derive(cfg, {"parallel.dp": 1, "cluster.num_workers": None, "sync.diloco.sync_every": 7,
+                           "fault.schedule": [FaultSpec(rank=0, during_recovery=True)]})
+    assert (smaller.parallel.dp, smaller.sync.diloco.sync_every, smaller.world_size) == (1, 7, 1)
+    assert smaller.fault.schedule == [FaultSpec(rank=0, during_recovery=True)] and smaller.fault.kill_rank == 1
+    assert (cfg.parallel.dp, cfg.sync.diloco.sync_every, cfg.fault.schedule) == (2, 500, [])
+    assert smaller.model is cfg.model and smaller.parallel.tp == cfg.parallel.tp
 
 
 @pytest.mark.parametrize("overrides, message", [

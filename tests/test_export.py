@@ -11,7 +11,7 @@ from orchestrate.checkpoint.hf_import import load_hf_into
 from orchestrate.checkpoint.fragments import model_fragments, optimizer_fragments
 from orchestrate.checkpoint.universal import CheckpointError, TrainerState, commit_version, version_dir, write_fragments
 from orchestrate.config import ModelConfig
-from orchestrate.models.llama import LlamaConfig, build_llama
+from orchestrate.models.llama import build_llama
 
 SEQ_LEN = 16
 # Non-default theta and eps, so a value that is not carried over shows up in the logits.
@@ -20,8 +20,7 @@ VARIANTS = {"gqa": BASE, "tied": replace(BASE, tie_embeddings=True), "mha": repl
 
 
 def _build(model_cfg):
-    fields = {key: value for key, value in asdict(model_cfg).items() if key not in ("name", "init_from")}
-    model = build_llama(LlamaConfig(max_seq_len=SEQ_LEN, **fields), seed=0)
+    model = build_llama(model_cfg, seed=0, max_seq_len=SEQ_LEN)  # the model section is a LlamaConfig
     with torch.no_grad():
         for name, param in model.named_parameters():
             if name.endswith("norm.weight"):

@@ -33,9 +33,9 @@ def hf_folder(tmp_path):
 def _ours(folder):
     hp = read_hf_llama(folder).hp
     model = build_llama(LlamaConfig(vocab_size=hp.vocab_size, dim=hp.dim, n_layers=hp.n_layers, n_heads=hp.n_heads,
-                                    n_kv_heads=hp.n_kv_heads, ffn_hidden=hp.hidden_dim, max_seq_len=SEQ_LEN,
+                                    n_kv_heads=hp.n_kv_heads, ffn_hidden=hp.hidden_dim,
                                     rope_theta=hp.rope_theta, norm_eps=hp.norm_eps,
-                                    tie_embeddings=hp.tie_embeddings), seed=1)
+                                    tie_embeddings=hp.tie_embeddings), seed=1, max_seq_len=SEQ_LEN)
     load_hf_into(model, folder)
     return model
 

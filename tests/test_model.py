@@ -23,7 +23,7 @@ def test_same_seed_same_weights_and_tied_embeddings():
 
 def test_forward_is_causal_and_learns():
     torch.manual_seed(0)
-    model = build_llama(LlamaConfig(dim=32, n_layers=2, n_heads=4, n_kv_heads=2, max_seq_len=16), seed=0)
+    model = build_llama(LlamaConfig(dim=32, n_layers=2, n_heads=4, n_kv_heads=2), seed=0)
     tokens = torch.randint(0, 256, (2, 12))
     changed = tokens.clone()
     changed[:, 8] = (changed[:, 8] + 1) % 256

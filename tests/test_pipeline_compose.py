@@ -35,13 +35,11 @@ PP_CP = [
 
 
 def _config(overrides: dict):
-    from orchestrate.config import Config
+    from orchestrate.config import Config, derive
 
-    cfg = Config()
-    cfg.train.global_batch_size, cfg.train.seq_len = BATCH, SEQ
-    for key, value in {"pp": 2, "microbatches": 4, **overrides}.items():
-        setattr(cfg.parallel, key, value)
-    return cfg
+    parallel = {"pp": 2, "microbatches": 4, **overrides}
+    return derive(Config(), {"train.global_batch_size": BATCH, "train.seq_len": SEQ,
+                             **{f"parallel.{key}": value for key, value in parallel.items()}})
 
 
 def _run_layout(overrides: dict, n_steps: int, optimizer_name: str) -> dict:

@@ -10,7 +10,7 @@ def _ddp_grads(rank, world, use_torch_ddp):
     from orchestrate.parallel import comm
     from orchestrate.parallel.sync.ddp import DDPSync
 
-    cfg = LlamaConfig(dim=32, n_layers=2, n_heads=4, n_kv_heads=2, max_seq_len=16)
+    cfg = LlamaConfig(dim=32, n_layers=2, n_heads=4, n_kv_heads=2)
     model = build_llama(cfg, seed=0)
     tokens = torch.randint(0, 256, (4, 9), generator=torch.Generator().manual_seed(1))
     local = tokens[rank * 2: rank * 2 + 2]
@@ -25,7 +25,7 @@ def _ddp_grads(rank, world, use_torch_ddp):
 def _reference_grads():
     from orchestrate.models import LlamaConfig, build_llama, cross_entropy_loss
 
-    cfg = LlamaConfig(dim=32, n_layers=2, n_heads=4, n_kv_heads=2, max_seq_len=16)
+    cfg = LlamaConfig(dim=32, n_layers=2, n_heads=4, n_kv_heads=2)
     model = build_llama(cfg, seed=0)
     tokens = torch.randint(0, 256, (4, 9), generator=torch.Generator().manual_seed(1))
     cross_entropy_loss(model(tokens[:, :-1]), tokens[:, 1:]).backward()
@@ -49,7 +49,7 @@ def _fsdp_grads(rank, world):
     from orchestrate.models import LlamaConfig, build_llama, cross_entropy_loss
     from orchestrate.parallel.sync.fsdp import FSDPSync
 
-    cfg = LlamaConfig(dim=32, n_layers=2, n_heads=4, n_kv_heads=2, max_seq_len=16)
+    cfg = LlamaConfig(dim=32, n_layers=2, n_heads=4, n_kv_heads=2)
     model = build_llama(cfg, seed=0)
     tokens = torch.randint(0, 256, (4, 9), generator=torch.Generator().manual_seed(1))
     local = tokens[rank * 2: rank * 2 + 2]

@@ -198,7 +198,7 @@ def _llama_streaming_e3m0(rank, group, world):
     from orchestrate.parallel.quantize import build_quantizer, round_up
     from orchestrate.parallel.sync.streaming_diloco import StreamingDiLoCoConfig, StreamingDiLoCoSync
 
-    model = build_llama(LlamaConfig(dim=32, n_layers=2, n_heads=4, n_kv_heads=2, max_seq_len=16), seed=0)
+    model = build_llama(LlamaConfig(dim=32, n_layers=2, n_heads=4, n_kv_heads=2), seed=0)
     sync = StreamingDiLoCoSync(group, config=StreamingDiLoCoConfig(sync_every=6, layers_per_fragment=1,
                                                                    outer_lr=0.7, quant_block=64))
     sync.wrap_model(model)

@@ -26,21 +26,17 @@ def _train_each(rank: int, world: int, dp_shard: int) -> dict:
 def _train(rank: int, world: int, name: str, dp_shard: int) -> dict:
     from torch.distributed.tensor import DTensor
 
-    from orchestrate.config import Config, llama_config
+    from orchestrate.config import Config, derive
     from orchestrate.models import build_llama, cross_entropy_loss
     from orchestrate.parallel.mesh import build_mesh
     from orchestrate.parallel.sync import build_sync
 
-    cfg = Config()
-    cfg.parallel.dp, cfg.parallel.dp_shard = world, dp_shard
-    cfg.model.dim, cfg.model.n_layers, cfg.model.n_heads, cfg.model.n_kv_heads = 32, 2, 4, 2
-    cfg.train.seq_len = 16
-    cfg.sync.name = name
-    for key, value in OPTIONS[name].items():
-        setattr(getattr(cfg.sync, name), key, value)
+    cfg = derive(Config(), {"parallel.dp": world, "parallel.dp_shard": dp_shard, "model.dim": 32, "model.n_layers": 2,
+                            "model.n_heads": 4, "model.n_kv_heads": 2, "train.seq_len": 16, "sync.name": name,
+                            **{f"sync.{name}.{key}": value for key, value in OPTIONS[name].items()}})
     dims = cfg.dims
     sync = build_sync(name, build_mesh(dims, "cpu"), dims, cfg.sync.options())
-    model = build_llama(llama_config(cfg), seed=0)
+    model = build_llama(cfg.model, seed=0, max_seq_len=cfg.train.seq_len)
     wrapped = sync.wrap_model(model)  # torch DDP wraps; FSDP2 shards in place
     optimizer = torch.optim.AdamW(model.parameters(), lr=3e-3, foreach=False)
     replica, shard = divmod(rank, dims.dp_shard)

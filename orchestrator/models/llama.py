@@ -17,7 +17,7 @@ import torch.nn.functional as F
 from torch import nn
 
 
-@dataclass
+@dataclass(frozen=True)
 class LlamaConfig:
     vocab_size: int = 256
     dim: int = 128
@@ -26,7 +26,6 @@ class LlamaConfig:
     n_kv_heads: int = 2
     ffn_hidden: int = 0  # 0: derived as in Llama (8/3 * dim, rounded up to multiple_of)
     multiple_of: int = 32
-    max_seq_len: int = 2048
     rope_theta: float = 10000.0
     norm_eps: float = 1e-5
     tie_embeddings: bool = False
@@ -131,15 +130,21 @@ class TransformerBlock(nn.Module):
         return h + self.feed_forward(self.ffn_norm(h))
 
 
+DEFAULT_MAX_SEQ_LEN = 2048
+
+
 class Llama(nn.Module):
-    def __init__(self, cfg: LlamaConfig):
+    """``max_seq_len``: the positions the RoPE tables cover (a cache sized by the run's sequence length, not a
+    hyper-parameter: the same weights train on any length)."""
+
+    def __init__(self, cfg: LlamaConfig, max_seq_len: int = DEFAULT_MAX_SEQ_LEN):
         super().__init__()
         self.cfg = cfg
         self.tok_embeddings: Optional[nn.Embedding] = nn.Embedding(cfg.vocab_size, cfg.dim)
         self.layers = nn.ModuleDict({str(i): TransformerBlock(cfg) for i in range(cfg.n_layers)})
         self.norm: Optional[RMSNorm] = RMSNorm(cfg.dim, cfg.norm_eps)
         self.output: Optional[nn.Linear] = nn.Linear(cfg.dim, cfg.vocab_size, bias=False)
-        cos, sin = rope_tables(cfg.head_dim, cfg.max_seq_len, cfg.rope_theta)
+        cos, sin = rope_tables(cfg.head_dim, max_seq_len, cfg.rope_theta)
         self.register_buffer("rope_cos", cos, persistent=False)
         self.register_buffer("rope_sin", sin, persistent=False)
         self.init_weights()
@@ -178,11 +183,11 @@ class Llama(nn.Module):
         return self.output(h) if self.output is not None else h
 
 
-def build_llama(cfg: LlamaConfig, seed: int) -> Llama:
+def build_llama(cfg: LlamaConfig, seed: int, max_seq_len: int = DEFAULT_MAX_SEQ_LEN) -> Llama:
     """The same seed gives the same weights on every rank, so parallel plans can shard a full model."""
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(seed)
-        return Llama(cfg)
+        return Llama(cfg, max_seq_len)
 
 
 def cross_entropy_loss(logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:

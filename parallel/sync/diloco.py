@@ -38,7 +38,7 @@ from orchestrate.parallel.sync.tensors import FlatParams, copy_named_state, trai
 COMPRESSIONS = ("none", "sparseloco")
 
 
-@dataclass
+@dataclass(frozen=True)
 class DiLoCoConfig:
     """With ``compression="sparseloco"`` the error buffer replaces the outer momentum: ``outer_momentum`` and
     ``nesterov`` are ignored and the outer step is SGD with ``outer_lr`` alone (the reference uses 1.0)."""

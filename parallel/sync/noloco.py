@@ -33,7 +33,7 @@ from orchestrate.parallel.sync.base import SyncStrategy
 from orchestrate.parallel.sync.tensors import FlatParams, copy_named_state, trainable_parameters
 
 
-@dataclass
+@dataclass(frozen=True)
 class NoLoCoConfig:
     sync_every: int = 50  # H
     group_size: int = 2  # n, replicas per gossip group

@@ -32,7 +32,7 @@ from orchestrate.parallel.sync.ddp import DDPSync
 from orchestrate.parallel.sync.tensors import local_tensor, outer_dtype
 
 
-@dataclass
+@dataclass(frozen=True)
 class OneBitAdamConfig:
     freeze_step: int = 1000  # warmup steps with full-precision gradients; set to 15-25% of the total steps
     bias_correction: bool = False  # DeepSpeed applies none despite its flag

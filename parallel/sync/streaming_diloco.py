@@ -29,7 +29,7 @@ from orchestrate.parallel.sync.tensors import trainable_parameters
 BLOCK_INDEX = re.compile(r"(?:^|\.)layers\.(\d+)\.")
 
 
-@dataclass
+@dataclass(frozen=True)
 class StreamingDiLoCoConfig(DiLoCoConfig):
     sync_every: int = 100  # H: every fragment syncs once per H steps
     outer_lr: float = 0.4

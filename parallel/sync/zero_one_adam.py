@@ -36,7 +36,7 @@ from orchestrate.parallel.sync.tensors import local_tensor
 from orchestrate.parallel.sync.onebit_adam import OneBitAdam, OneBitAdamSync
 
 
-@dataclass
+@dataclass(frozen=True)
 class ZeroOneAdamConfig:
     var_freeze_step: int = 1000  # last step whose variance is updated; about the end of the LR warm-up
     var_update_scaler: int = 16  # kappa: the variance interval doubles after every kappa variance updates

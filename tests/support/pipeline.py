@@ -4,7 +4,7 @@ from functools import lru_cache
 
 import torch
 
-MODEL = dict(dim=32, n_layers=8, n_heads=4, n_kv_heads=2, max_seq_len=16, vocab_size=64)
+MODEL = dict(dim=32, n_layers=8, n_heads=4, n_kv_heads=2, vocab_size=64)
 BATCH, SEQ = 8, 16
 
 

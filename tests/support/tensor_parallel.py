@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import torch
 
-MODEL = dict(vocab_size=256, dim=32, n_layers=2, n_heads=4, n_kv_heads=2, max_seq_len=32)
+MODEL = dict(vocab_size=256, dim=32, n_layers=2, n_heads=4, n_kv_heads=2)
 BATCH, SEQ, STEPS, LR = 4, 16, 5, 1e-2
 GRAD_TOL, CURVE_TOL = 1e-5, 1e-4
 

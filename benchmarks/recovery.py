@@ -15,12 +15,12 @@ rate of the same configuration, with the mean time between kills.
 
 Overhead (``--part overhead``, per recipe, ``--recipes``, default quickstart and small): the median step time of
 fault-free runs with keepers (every rank copies each snapshot into its arena in the keeper's shared memory;
-commits; disk every ``--persist-every`` snapshots), snapshotting every step and every 10 steps, over the same runs
-without any checkpointing, the configurations alternating ``--repeats`` times; and the keepers' memory against
+commits), snapshotting every step and every 10 steps, both writing to disk every ``--disk-every`` steps, over the
+same runs without any checkpointing, the configurations alternating ``--repeats`` times; and the keepers' memory against
 the state they protect. Encode/decode speed of the erasure code is ``benchmarks/erasure.py``.
 
     python -m benchmarks.recovery [--part both|recovery|overhead] [--kills 6] [--seed 0] [--steps 40]
-        [--small-steps 12] [--persist-every 10] [--repeats 5] [--recipes quickstart small]
+        [--small-steps 12] [--disk-every 10] [--repeats 5] [--recipes quickstart small]
 """
 from __future__ import annotations
 
@@ -39,11 +39,11 @@ from pathlib import Path
 from orchestrate.cluster.simulated import SimulatedCluster
 
 
-def launch(steps: int, persist_every: int, *overrides: str, recipe: str = "quickstart") -> list[dict]:
+def launch(steps: int, *overrides: str, recipe: str = "quickstart") -> list[dict]:
     """The metrics records of one run."""
     with tempfile.TemporaryDirectory() as tmp:
-        args = [f"recipe={recipe}", f"train.steps={steps}", f"checkpoint.persist_every={persist_every}",
-                f"run.dir={tmp}/run", "logging.progress=false", *overrides]
+        args = [f"recipe={recipe}", f"train.steps={steps}", f"run.dir={tmp}/run", "logging.progress=false",
+                *overrides]
         subprocess.run([sys.executable, "-m", "orchestrate", "launch", *args], check=True, capture_output=True)
         return [json.loads(line) for line in (Path(tmp) / "run" / "metrics.jsonl").read_text().splitlines()]
 
@@ -160,7 +160,7 @@ def main() -> None:
     parser.add_argument("--steps", type=int, default=40)
     parser.add_argument("--kills", type=int, default=6)
     parser.add_argument("--seed", type=int, default=0)
-    parser.add_argument("--persist-every", type=int, default=10)
+    parser.add_argument("--disk-every", type=int, default=10, help="steps between disk checkpoints")
     parser.add_argument("--repeats", type=int, default=5)
     parser.add_argument("--part", choices=("both", "recovery", "overhead"), default="both")
     parser.add_argument("--recipes", nargs="+", default=["quickstart", "small"])
@@ -169,7 +169,7 @@ def main() -> None:
     if args.part != "overhead":
         print_recoveries(args)
     if args.part != "recovery":
-        print_keeper_overhead(args.recipes, {"quickstart": args.steps, "small": args.small_steps}, args.persist_every,
+        print_keeper_overhead(args.recipes, {"quickstart": args.steps, "small": args.small_steps}, args.disk_every,
                               args.repeats)
 
 
@@ -216,26 +216,34 @@ def print_recoveries(args: argparse.Namespace) -> None:
               f"{' '.join(f'{x:.1f}' for x in seconds)} |")
 
 
-OVERHEAD_RUNS = {  # name -> overrides, measured against no checkpointing at all
-    "none": ("checkpoint.every=0", "checkpoint.persist_every=0"),
-    "keepers, snapshot every step": ("checkpoint.keepers=true", "checkpoint.every=1"),
-    "keepers, snapshot every 10 steps": ("checkpoint.keepers=true", "checkpoint.every=10"),
+OVERHEAD_RUNS = {  # name -> steps between snapshots (0: no checkpointing at all, the baseline)
+    "none": 0,
+    "keepers, snapshot every step": 1,
+    "keepers, snapshot every 10 steps": 10,
 }
 
 
-def print_keeper_overhead(recipes: list[str], steps: dict[str, int], persist_every: int, repeats: int) -> None:
+def overhead_overrides(every: int, disk_every: int) -> tuple[str, ...]:
+    """``checkpoint.persist_every`` counts snapshots: both keeper rows write to disk every ``disk_every`` steps."""
+    if every == 0:
+        return ("checkpoint.every=0", "checkpoint.persist_every=0")
+    return ("checkpoint.keepers=true", f"checkpoint.every={every}",
+            f"checkpoint.persist_every={max(1, disk_every // every)}")
+
+
+def print_keeper_overhead(recipes: list[str], steps: dict[str, int], disk_every: int, repeats: int) -> None:
     """Median step time of fault-free runs with keepers over the same runs without any checkpointing, the
     configurations alternating ``repeats`` times so that a change in the machine's load hits them alike."""
     for recipe in recipes:
         medians: dict[str, list[float]] = {name: [] for name in OVERHEAD_RUNS}
         memory = None
         for _ in range(repeats):
-            for name, overrides in OVERHEAD_RUNS.items():
-                records = launch(steps[recipe], persist_every, *overrides, recipe=recipe)
+            for name, every in OVERHEAD_RUNS.items():
+                records = launch(steps[recipe], *overhead_overrides(every, disk_every), recipe=recipe)
                 medians[name].append(median_step_s(records[2:]))  # the first steps warm up
                 memory = next((r["nodes"] for r in records if r.get("event") == "keeper_memory"), memory)
         print(f"\nKeeper overhead, recipe {recipe}: median step time over no checkpointing, {repeats} alternating "
-              f"repeats of {steps[recipe]}-step runs (disk every {persist_every} snapshots)\n")
+              f"repeats of {steps[recipe]}-step runs (disk every {disk_every} steps)\n")
         print("| configuration | median step (s) per repeat | ratio per repeat | median ratio | goal |")
         print("|---|---|---|---|---|")
         for name in OVERHEAD_RUNS:

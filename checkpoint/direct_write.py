@@ -21,7 +21,7 @@ collide, and readers (checkpoint/reshard.py) look up only the keys the manifest 
 
 O_DIRECT needs the buffer address, file offset and length of every write to be multiples of the logical block
 size (4096 covers the usual 512 and 4096). The header block comes from an anonymous mapping (page aligned), the
-extents from the payload, whose start is page aligned in the keeper's arena (checkpoint/shm_arena.py). Only the
+extents from the payload, whose start is page aligned in the keeper's arena (checkpoint/keepers/arena.py). Only the
 last extent can end mid-page (where the payload ends): that tail is written after O_DIRECT is cleared. Where
 O_DIRECT is refused (EINVAL: e.g. tmpfs before Linux 6.6) or the payload is not page aligned, the same bytes
 are written buffered.

@@ -14,7 +14,7 @@ copies them into the arena. Until ``wait_until_copied`` returns, the caller must
 ``wait_until_copied`` sits right before ``optimizer.step()``.
 
 Levels: L0 is the arena: a HostArena in this process, or (keepers on) a slot of this rank's arena in node-local
-shared memory that the node's keeper owns (checkpoint/shm_arena.py); that copy is the only one. Every ``persist_every``-th snapshot is handed to a persister (L2:
+shared memory that the node's keeper owns (checkpoint/keepers/arena.py); that copy is the only one. Every ``persist_every``-th snapshot is handed to a persister (L2:
 ``UniversalPersister`` writes the universal format) on another thread, from the arena copy, never from live
 tensors. While a persist reads the arena, the next copy waits for it (back-pressure, as a full host pool does in
 DataStates-LLM) instead of skipping: every rank then snapshots and persists the same versions, which a

@@ -28,13 +28,14 @@ from torch.distributed.tensor import DTensor
 from orchestrate.checkpoint import adamw_into
 from orchestrate.checkpoint.engine import CheckpointEngine, UniversalPersister
 from orchestrate.checkpoint.arena import HostArena
-from orchestrate.checkpoint.shm_arena import TRAINER_STATE_META, ArenaHandle, ArenaWriter, estimate_meta_capacity
+from orchestrate.checkpoint.keepers.arena import TRAINER_STATE_META, ArenaHandle, ArenaWriter, estimate_meta_capacity
 from orchestrate.checkpoint.snapshot_codec import SnapshotIndex, copy_into, pack, plan_index
 from orchestrate.checkpoint.fragments import (OPTIM_PREFIX, init_optimizer_state, load_model, load_optimizer, model_fragments,
                                   optimizer_fragments, tensor_fragment)
 from orchestrate.checkpoint.reshard import load_into
 from orchestrate.checkpoint.universal import CheckpointError, FragmentSpec, Manifest, TrainerState, read_manifest, resolve_version_dir
 from orchestrate.config import Config
+from orchestrate.step_report import RankCheckpoint
 
 log = logging.getLogger(__name__)
 
@@ -229,16 +230,16 @@ class TrainerCheckpointer:
         if self.engine is not None:
             self.engine.snapshot(step, self.fragments, self.trainer_state_fn(step))
 
-    def versions(self) -> dict[str, Optional[int]]:
-        """Newest version copied to host memory (L0) and newest committed to disk (L2) that this rank knows."""
+    def versions(self) -> RankCheckpoint:
+        """Newest version copied to host memory (L0), and handed to the keeper or committed to disk (L2)."""
         if self.engine is None:
-            return {"ckpt_l0": None, "ckpt_l2": None}
+            return RankCheckpoint()
         if self.writer is not None:
-            return {"ckpt_l0": self.engine.copied_version, "ckpt_handed": self.writer.handed_version,
-                    "ckpt_copied_bytes": self.writer.copied_bytes}
+            return RankCheckpoint(l0=self.engine.copied_version, handed=self.writer.handed_version,
+                                  copied_bytes=self.writer.copied_bytes)
         persister = self.engine.persister
-        return {"ckpt_l0": self.engine.copied_version,
-                "ckpt_l2": persister.committed_version if persister is not None else None}
+        return RankCheckpoint(l0=self.engine.copied_version,
+                              l2=persister.committed_version if persister is not None else None)
 
     def held_versions(self, wait_for_copy: bool = True) -> list[int]:
         """Versions of this rank's state in its own memory (the level-0 arena), once the running copy is done

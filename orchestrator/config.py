@@ -15,6 +15,7 @@ from typing import Any, List, Optional, Union
 
 from omegaconf import OmegaConf
 
+from orchestrate.checkpoint.keepers.settings import KeeperSettings
 from orchestrate.models.llama import LlamaConfig
 from orchestrate.parallel.mesh import ParallelDims, ParallelConfigError
 from orchestrate.parallel.sync import STRATEGIES
@@ -142,6 +143,11 @@ class CheckpointConfig:
     @property
     def keepers_on(self) -> bool:
         return self.keepers and self.every > 0
+
+    def keeper_settings(self) -> KeeperSettings:
+        return KeeperSettings(dir=self.dir, every=self.every, persist_every=self.persist_every, keep=self.keep,
+                              shm_dir=self.shm_dir, slots=self.shm_versions, group_size=self.ec.group_size,
+                              parity=self.ec.parity, commit_share=self.ec.commit_share)
 
 
 @dataclass(frozen=True)

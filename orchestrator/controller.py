@@ -17,16 +17,18 @@ from omegaconf import OmegaConf
 from ray.exceptions import RayError
 
 from orchestrate.checkpoint.universal import CheckpointError, discard_uncommitted
-from orchestrate.cluster.health import await_lost_nodes, live_node_ids, worker_slots
+from orchestrate.cluster.health import await_lost_nodes, live_node_ids, node_answers, worker_slots
 from orchestrate.cluster.ray_cluster import ClusterUnreachable, RayRuntime, check_cluster_answers, local_capacity
 from orchestrate.cluster.worker_group import PlacementError, StartTimeout, WorkerGroup, WorkerGroupError
-from orchestrate.config import Config, ConfigError, FaultConfig, FaultSpec, derive, validate
-from orchestrate.keepers import KeeperService
-from orchestrate.metrics import MetricsLog, aggregate_step
-from orchestrate.progress import ProgressLine
-from orchestrate.fault_log import fired_faults, forget_faults
+from orchestrate.checkpoint.keepers.service import KeeperService
+from orchestrate.config import Config, ConfigError, derive
+from orchestrate.fault_injection import FaultPlan, check_node_faults
 from orchestrate.interrupt import InterruptRequests, RunInterrupted, save_held_versions
-from orchestrate.recovery import RecoveryPlan, plan_recovery, recovery_source
+from orchestrate.metrics import MetricsLog
+from orchestrate.progress import ProgressLine
+from orchestrate.recovery import (RecoveryPlan, RecoveryRecord, data_parallel_that_fits, failure_time, plan_recovery,
+                                  recovery_source)
+from orchestrate.step_report import KeeperProgress, StepReport, aggregate_step
 from orchestrate.worker import TrainWorker
 
 POLL_INTERVAL_S = 0.05  # a lost rank takes its unpolled step reports with it: those steps are redone
@@ -105,7 +107,6 @@ def check_capacity(cfg: Config, cpus: float, gpus: float, where: str) -> None:
 class _Attempt:
     """What the controller's recovery loop carries from one gang to the next."""
 
-    faults: list[FaultSpec]  # still to fire
     group: Optional[WorkerGroup] = None
     plan: Optional[RecoveryPlan] = None  # where the recovering gang restores from
     lost: list[int] = field(default_factory=list)  # ranks to start anew
@@ -119,9 +120,9 @@ class Controller:
         self.interrupts = interrupts
         self.state = RunState.STARTING
         self.start_time = time.time()
-        self.recovery: Optional[dict] = None  # the recovery in progress, logged at its first finished step
-        self.recoveries: list[dict] = []
-        self.fired: list[FaultSpec] = []  # injected faults the ranks announced before firing them
+        self.recovery: Optional[RecoveryRecord] = None  # the recovery in progress, logged at its first step
+        self.recoveries: list[RecoveryRecord] = []
+        self.faults: Optional[FaultPlan] = None  # injected faults: still to fire, fired
         self.keepers: Optional[KeeperService] = None
         self._busy: dict[int, object] = {}  # rank -> its running setup or train call
         self._setup_infos: list[dict] = []  # what each rank's setup returned, for planning a recovery
@@ -160,12 +161,14 @@ class Controller:
                 if cfg.cluster.address is not None:
                     res = runtime.resources()
                     check_capacity(cfg, res.cpus, res.gpus, f"the cluster at {cfg.cluster.address}")
-                self.keepers = KeeperService(cfg.checkpoint, cfg.world_size) if cfg.checkpoint.keepers_on else None
+                self.keepers = KeeperService(cfg.checkpoint.keeper_settings(), cfg.world_size, live_node_ids,
+                                             node_answers) if cfg.checkpoint.keepers_on else None
+                self.faults = FaultPlan(cfg)
                 try:
                     self._run_group(result, progress, metrics)
                     self._log_fired_faults(progress, metrics, result.steps)  # keeper faults leave no failure
                 finally:
-                    forget_faults(cfg.run.dir)
+                    self.faults.forget()
                     if self.keepers is not None:
                         self.keepers.shutdown()
         except RunInterrupted as interrupted:
@@ -188,7 +191,7 @@ class Controller:
         """Run the gang; when ranks or nodes die, RECOVERING: the surviving ranks stay (they roll back to their
         own snapshot in memory), the lost ranks start anew and restore from the fastest source that has their
         state (recovery.py), and the gang goes on from there."""
-        attempt = _Attempt(faults=self.cfg.fault.planned())
+        attempt = _Attempt()
         gang_cfg = self.cfg
         try:
             while True:
@@ -197,7 +200,7 @@ class Controller:
                         attempt.group = self._start_group()
                     elif attempt.lost:
                         attempt.group.replace(attempt.lost)
-                    self._run_once(attempt.group, self._with_faults(gang_cfg, attempt.faults, attempt.recovering),
+                    self._run_once(attempt.group, self.faults.for_gang(gang_cfg, attempt.recovering),
                                    attempt.plan, result, progress, metrics)
                     return
                 except WorkerGroupError as err:
@@ -214,7 +217,7 @@ class Controller:
         dead = self._dead_ranks(group, err)
         self._drop_fired_faults(attempt, progress, metrics, result.steps)
         lost_nodes = await_lost_nodes(getattr(err, "node_ids", []))
-        smaller_dp = self._data_parallel_that_fits(err) if lost_nodes else None
+        smaller_dp = self._data_parallel_after_node_loss(err) if lost_nodes else None
         if group is not None and smaller_dp:
             group.shutdown()
             group = attempt.group = None
@@ -236,15 +239,15 @@ class Controller:
         nodes = f", node {', '.join(n[:8] for n in lost_nodes)} lost" if lost_nodes else ""
         progress.message(f"{describe_failure(err)}{nodes}; recovering (restart {attempt.restarts}/"
                          f"{self.cfg.fault.max_restarts}): ranks {dead} start anew, {len(held)} stay, from {where}")
-        started = self._failure_clock(dead, detected)
-        self.recovery = {"failed_rank": err.rank, "restarted_ranks": dead, "kept_ranks": sorted(held),
-                         "lost_nodes": lost_nodes, "source": plan.source,
-                         "version": plan.version if plan.disk is None else str(plan.disk),
-                         "decoded_ranks": plan.decoded_ranks, "started": started, "detected_at": detected,
-                         "last_step": max(result.steps, getattr(err, "finished_step", 0))}
+        self.recovery = RecoveryRecord(
+            failed_rank=err.rank, restarted_ranks=dead, kept_ranks=sorted(held), lost_nodes=lost_nodes,
+            source=plan.source, version=plan.version if plan.disk is None else str(plan.disk),
+            decoded_ranks=plan.decoded_ranks, detected_at=detected,
+            started=failure_time(self._last_report, dead, detected),
+            last_step=max(result.steps, getattr(err, "finished_step", 0)))
         if smaller_dp:
             self._shrink_data_parallel(smaller_dp, progress)
-            attempt.faults = [f for f in attempt.faults if f.rank < self.cfg.world_size]
+            self.faults.drop_ranks_from(self.cfg.world_size)
         self._prepare_keepers(plan)
         return derive(self.cfg, {"checkpoint.resume_from": str(plan.disk) if plan.disk else None})
 
@@ -253,13 +256,12 @@ class Controller:
         """Faults that fired are not given to the recovering gang (it redoes their steps): those the ranks recorded
         (fault_log.py), and faults during a recovery once one happened."""
         self._log_fired_faults(progress, metrics, step)
-        attempt.faults = [f for f in attempt.faults
-                          if not (f.during_recovery and attempt.recovering) and f not in self.fired]
+        self.faults.drop_fired(attempt.recovering)
 
     def _log_fired_faults(self, progress: ProgressLine, metrics: MetricsLog, step: int) -> None:
-        for spec in fired_faults(self.cfg.run.dir):
-            if spec not in self.fired:
-                self._fault_fired(spec, step, progress, metrics)
+        for spec in self.faults.newly_fired():
+            progress.message(f"fault injected: {spec.kind} of rank {spec.rank} before step {spec.at_step}")
+            metrics.log({"step": step, "event": "fault", "fault": dataclasses.asdict(spec)})
 
     def _start_group(self) -> WorkerGroup:
         c = self.cfg.cluster
@@ -324,42 +326,23 @@ class Controller:
             self.keepers.forget_after(plan.version)
             self.keepers.refresh()
 
-    def _failure_clock(self, dead: list[int], detected: float) -> float:
-        """When the failure happened, as near as the controller can tell: the end of the newest step a lost rank
-        reported (the kill came after it), not later than the moment it was detected."""
-        reported = [self._last_report[r] for r in dead if r in self._last_report]
-        return min(detected, max(reported)) if reported else detected
-
-    def _data_parallel_that_fits(self, err: WorkerGroupError) -> Optional[int]:
-        """After a node loss: None if the layout still fits the cluster, else the largest smaller data-parallel
-        degree that does and is a valid layout."""
+    def _data_parallel_after_node_loss(self, err: WorkerGroupError) -> Optional[int]:
+        """None if the layout still fits the cluster, else the largest smaller data-parallel degree that does."""
         c = self.cfg.cluster
         slots = worker_slots(c.cpus_per_worker, c.gpus_per_worker)
         if slots >= self.cfg.world_size:
             return None
-        for dp in range(self.cfg.parallel.dp - 1, 0, -1):
-            # faults of ranks the smaller gang lacks are dropped, not invalid
-            candidate = derive(self.cfg, {"parallel.dp": dp, "cluster.num_workers": None, "fault": FaultConfig()})
-            try:
-                validate(candidate)
-            except ConfigError:
-                continue
-            if candidate.world_size <= slots:
-                return dp
+        dp = data_parallel_that_fits(self.cfg, slots)
+        if dp is not None:
+            return dp
         raise WorkerGroupError(f"{describe_failure(err)}; the cluster has room for {slots} workers, too few for any "
                                f"data-parallel degree of this layout", rank=err.rank)
 
     def _shrink_data_parallel(self, dp: int, progress: ProgressLine) -> None:
         progress.message(f"the cluster has no room for parallel.dp={self.cfg.parallel.dp} any more: resuming "
                          f"elastically with parallel.dp={dp} from the universal checkpoint")
-        self.recovery["elastic"] = {"dp_from": self.cfg.parallel.dp, "dp_to": dp}
+        self.recovery.elastic = {"dp_from": self.cfg.parallel.dp, "dp_to": dp}
         self.cfg = derive(self.cfg, {"parallel.dp": dp, "cluster.num_workers": None})
-
-    @staticmethod
-    def _with_faults(cfg: Config, faults: list[FaultSpec], recovering: bool) -> Config:
-        """The config a gang gets: the faults still to fire (those during a recovery only when it is one)."""
-        pending = [f for f in faults if recovering or not f.during_recovery]
-        return derive(cfg, {"fault.kill_rank": None, "fault.at_step": None, "fault.schedule": pending})
 
     def _run_once(self, group: WorkerGroup, gang_cfg: Config, plan: Optional[RecoveryPlan], result: RunResult,
                   progress: ProgressLine, metrics: MetricsLog) -> None:
@@ -386,7 +369,7 @@ class Controller:
             progress.message(f"resumed from {cfg.checkpoint.resume_from} at step {resumed}")
             metrics.log({"step": resumed, "event": "resume", "from": cfg.checkpoint.resume_from})
         elif self.recovery is not None:
-            self.recovery["restored_step"] = resumed
+            self.recovery.restored_step = resumed
         self.state = RunState.RUNNING
         reporters = [info["rank"] for info in infos if info["reports_loss"]]
         finals = self._stream_training(group, reporters, result, progress, metrics)
@@ -405,17 +388,21 @@ class Controller:
             progress.message(f"eval loss {result.eval_loss:.4f}")
         self.state = RunState.FINISHED
 
-    def _offer_level_one(self, record: dict, reports: list[dict]) -> None:
-        handed = [r.get("ckpt_handed") for r in reports]
+    def _offer_level_one(self, step: int, reports: list[StepReport]) -> KeeperProgress:
+        """Offer the keepers the newest version every rank handed over (not newer than ``step``, which is about to
+        be logged); their progress goes into the step's record."""
+        handed = [r.checkpoint.handed for r in reports]
         if all(h is not None for h in handed):
-            self.keepers.offer(min(min(handed), record["step"]))
-        record["ckpt_l1"], record["ckpt_l2"] = self.keepers.committed, self.keepers.persisted
-        record["ckpt_l1_s"] = self.keepers.last_commit_s
+            self.keepers.offer(min(min(handed), step))
+        return KeeperProgress(self.keepers.committed, self.keepers.persisted, self.keepers.last_commit_s)
 
     def _setup_calls(self, group: WorkerGroup, gang_cfg: Config, plan: Optional[RecoveryPlan]) -> list:
         """Each rank gets its node's keeper (level 1 on) and, after a recovery from memory, where the state of the
         version to restore comes from (recovery.py)."""
-        self._check_node_faults(group, gang_cfg)
+        import ray
+
+        check_node_faults(gang_cfg, [info["node_id"] for info in group.infos],
+                          ray.get_runtime_context().get_node_id())
         refs = []
         for rank, actor in enumerate(group.actors):
             keeper = self.keepers.keeper_on(group.infos[rank]["node_id"]) if self.keepers else None
@@ -430,17 +417,6 @@ class Controller:
         surviving rank's running call before it asks what the rank holds."""
         self._busy = dict(enumerate(refs))
         return group.gather(refs)
-
-    @staticmethod
-    def _check_node_faults(group: WorkerGroup, gang_cfg: Config) -> None:
-        """A node fault on the controller's own node would take the controller down with it."""
-        import ray
-
-        here = ray.get_runtime_context().get_node_id()
-        for spec in gang_cfg.fault.schedule:
-            if spec.kind == "node" and group.infos[spec.rank]["node_id"] == here:
-                raise ConfigError(f"fault.kind=node: rank {spec.rank} runs on the controller's node; give the "
-                                  f"head node no worker CPUs or fault another rank")
 
     def _attach_arenas(self, group: WorkerGroup, ranks: Optional[list[int]] = None) -> None:
         """Every rank (or ``ranks``) gets an arena in shared memory from its node's keeper, checked for space
@@ -468,29 +444,20 @@ class Controller:
 
     def _log_interrupted_recovery(self, err: Exception, result: RunResult, metrics: MetricsLog) -> None:
         recovery, self.recovery = self.recovery, None
-        recovery["seconds"] = round(time.time() - recovery.pop("started"), 3)
-        recovery.pop("last_step")
-        recovery["interrupted_by"] = describe_failure(err)
-        metrics.log({"step": result.steps, "recovery": recovery})
+        recovery.cut_short(describe_failure(err), time.time())
+        metrics.log({"step": result.steps, "recovery": recovery.to_metrics()})
         self.recoveries.append(recovery)
 
-    def _fault_fired(self, spec: FaultSpec, step: int, progress: ProgressLine, metrics: MetricsLog) -> None:
-        self.fired.append(spec)
-        progress.message(f"fault injected: {spec.kind} of rank {spec.rank} before step {spec.at_step}")
-        metrics.log({"step": step, "event": "fault", "fault": dataclasses.asdict(spec)})
-
-    def _log_recovery(self, record: dict, progress: ProgressLine, metrics: MetricsLog) -> None:
-        """At the first step finished after a recovery: what failed, the source, seconds taken, steps lost."""
+    def _log_recovery(self, step_end: float, progress: ProgressLine, metrics: MetricsLog) -> None:
+        """At the first step finished after a recovery (``step_end``, the workers' clock): what failed, the source,
+        seconds taken, steps lost."""
         recovery, self.recovery = self.recovery, None
-        # from the failure (as near as known) to the end of the first step after it, on the workers' clock
-        recovery["seconds"] = round(record["time"] - recovery.pop("started"), 3)
-        recovery["resumed_at"] = record["time"]
-        recovery["steps_lost"] = recovery.pop("last_step") - recovery["restored_step"]
-        metrics.log({"step": recovery["restored_step"], "recovery": recovery})
+        recovery.finish(step_end)
+        metrics.log({"step": recovery.restored_step, "recovery": recovery.to_metrics()})
         self.recoveries.append(recovery)
-        progress.message(f"recovered: ranks {recovery['restarted_ranks']} started anew, "
-                         f"{len(recovery['kept_ranks'])} kept, step {recovery['restored_step']} restored from "
-                         f"{recovery['source']} in {recovery['seconds']:.1f}s, {recovery['steps_lost']} steps redone")
+        progress.message(f"recovered: ranks {recovery.restarted_ranks} started anew, {len(recovery.kept_ranks)} "
+                         f"kept, step {recovery.restored_step} restored from {recovery.source} in "
+                         f"{recovery.seconds:.1f}s, {recovery.steps_lost} steps redone")
 
     def _stream_training(self, group: WorkerGroup, reporters: list[int], result: RunResult,
                          progress: ProgressLine, metrics: MetricsLog) -> list[dict]:
@@ -498,7 +465,7 @@ class Controller:
         import ray
 
         tokens_per_step = self.cfg.train.global_batch_size * self.cfg.train.seq_len
-        pending_by_step: dict[int, dict[int, dict]] = {}
+        pending_by_step: dict[int, dict[int, StepReport]] = {}
         # with keepers every rank's handover progress decides what can be committed; faults announce themselves
         everyone = self.keepers is not None or self.cfg.fault.planned()
         polled = list(range(group.world_size)) if everyone else sorted({0, *reporters})
@@ -522,25 +489,25 @@ class Controller:
                 self._replace_lost_keepers(group, result, progress, metrics)
             for rank, reports in zip(polled, polls):
                 for report in reports:
-                    self._last_report[rank] = report["time"]
-                    pending_by_step.setdefault(report["step"], {})[rank] = report
+                    self._last_report[rank] = report.time
+                    pending_by_step.setdefault(report.step, {})[rank] = report
             for step in sorted(pending_by_step):
                 if len(pending_by_step[step]) < len(polled):
                     break
                 by_rank = pending_by_step.pop(step)
                 reports = [by_rank[r] for r in polled]
-                record = aggregate_step(reports, self.start_time, tokens_per_step)
-                if self.keepers is not None:
-                    self._offer_level_one(record, reports)
+                keepers = self._offer_level_one(step, reports) if self.keepers is not None else None
+                record = aggregate_step(reports, self.start_time, tokens_per_step, keepers)
                 if self.recovery is not None:
-                    self._log_recovery(record, progress, metrics)
-                if record["step"] <= result.steps:
+                    self._log_recovery(record.time, progress, metrics)
+                if record.step <= result.steps:
                     continue  # redone after a recovery: logged already (with the same loss)
-                metrics.log(record)
-                progress.update(record)
-                result.steps, result.final_loss = record["step"], record["loss"]
+                line = record.to_metrics()
+                metrics.log(line)
+                progress.update(line)
+                result.steps, result.final_loss = record.step, record.loss
                 if result.first_step_s is None:
-                    result.first_step_s = record["wall_time"]
+                    result.first_step_s = record.wall_time
             if not unfinished and not pending_by_step:
                 return ray.get(train_refs)
 

@@ -5,11 +5,13 @@ started anew. Plain decisions over what the controller gathered, so they are tes
 """
 from __future__ import annotations
 
+import dataclasses
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Callable, Iterable, Optional
+from typing import Any, Callable, Iterable, Optional, Union
 
 from orchestrate.checkpoint.universal import committed_versions, version_dir
+from orchestrate.config import Config, ConfigError, FaultConfig, derive, validate
 
 
 @dataclass
@@ -92,3 +94,63 @@ def recovery_source(checkpoint_dir: str, logged_step: int) -> Optional[Path]:
         return None
     usable = [v for v in versions if v <= logged_step] or versions
     return version_dir(checkpoint_dir, usable[-1])
+
+
+@dataclass
+class RecoveryRecord:
+    """One recovery, as metrics.jsonl records it (``recovery``) at the first step finished after it, or when
+    another fault cut it short (``interrupted_by``)."""
+
+    failed_rank: Optional[int]
+    restarted_ranks: list[int]  # started anew
+    kept_ranks: list[int]  # survivors that kept their processes
+    lost_nodes: list[str]
+    source: str  # "replica", "keeper", "parity" or "disk"
+    version: Union[int, str, None]  # the version restored from memory, or the version directory on disk
+    decoded_ranks: list[int]
+    detected_at: float  # when the controller attributed the failure
+    started: float  # when the failure happened, as near as known (not logged: ``seconds`` counts from it)
+    last_step: int  # the newest step finished before the failure (not logged: ``steps_lost`` counts to it)
+    restored_step: Optional[int] = None
+    elastic: Optional[dict] = None  # a smaller data-parallel degree: {"dp_from", "dp_to"}
+    seconds: Optional[float] = None  # from the failure to the end of the first step after the recovery
+    resumed_at: Optional[float] = None
+    steps_lost: Optional[int] = None  # steps redone
+    interrupted_by: Optional[str] = None
+
+    def finish(self, step_end: float) -> None:
+        """At the end of the first step finished after the recovery (the workers' clock)."""
+        self.seconds = round(step_end - self.started, 3)
+        self.resumed_at = step_end
+        self.steps_lost = self.last_step - self.restored_step
+
+    def cut_short(self, by: str, now: float) -> None:
+        self.seconds = round(now - self.started, 3)
+        self.interrupted_by = by
+
+    def to_metrics(self) -> dict:
+        optional = ("restored_step", "elastic", "seconds", "resumed_at", "steps_lost", "interrupted_by")
+        return {k: v for k, v in dataclasses.asdict(self).items()
+                if k not in ("started", "last_step") and not (k in optional and v is None)}
+
+
+def failure_time(last_reports: dict[int, float], lost: list[int], detected: float) -> float:
+    """When the failure happened, as near as the controller can tell: the end of the newest step a lost rank
+    reported (the kill came after it), not later than the moment it was detected."""
+    reported = [last_reports[r] for r in lost if r in last_reports]
+    return min(detected, max(reported)) if reported else detected
+
+
+def data_parallel_that_fits(cfg: Config, slots: int) -> Optional[int]:
+    """Elastic shrink after a node loss: the largest data-parallel degree below ``cfg``'s whose gang fits in
+    ``slots`` workers and is a valid layout; None if there is none."""
+    for dp in range(cfg.parallel.dp - 1, 0, -1):
+        # faults of ranks the smaller gang lacks are dropped, not invalid
+        candidate = derive(cfg, {"parallel.dp": dp, "cluster.num_workers": None, "fault": FaultConfig()})
+        try:
+            validate(candidate)
+        except ConfigError:
+            continue
+        if candidate.world_size <= slots:
+            return dp
+    return None

@@ -14,10 +14,11 @@ from orchestrate.checkpoint.universal import CheckpointError, TrainerState
 from orchestrate.cluster.worker_base import DistributedWorker
 from orchestrate.checkpointing import TrainerCheckpointer
 from orchestrate.config import Config
-from orchestrate.fault_log import record_fired
+from orchestrate.fault_injection import record_fired
 from orchestrate.data import ResumableSampler, WindowedTokens, eval_window_ids, load_tokens
 from orchestrate.models import build_llama, cross_entropy_loss
 from orchestrate.parallelize import build_runner
+from orchestrate.step_report import StepReport
 from orchestrate.trainer import StepMetrics, Trainer, build_lr_scheduler, build_optimizer
 from orchestrate.parallel.mesh import build_mesh
 from orchestrate.parallel.sync import build_sync
@@ -44,7 +45,7 @@ class TrainWorker(DistributedWorker):
         self.cfg: Optional[Config] = None
         self.trainer: Optional[Trainer] = None
         self.checkpointer: Optional[TrainerCheckpointer] = None
-        self._metrics: list[dict] = []
+        self._metrics: list[StepReport] = []
         self._lock = threading.Lock()
         self._in_step = False
         self._stop = threading.Event()  # set by the controller: leave ``train`` before the next step
@@ -177,11 +178,11 @@ class TrainWorker(DistributedWorker):
             self.leave_process_group()
         else:
             self.checkpointer.close()
-        return {"step": self.trainer.step, **self.checkpointer.versions()}
+        return {"step": self.trainer.step, "ckpt_l2": self.checkpointer.versions().l2}
 
     def _inject_faults(self, due) -> None:
         """Fire this rank's planned faults that are due (``fault.*``): deliberate, abrupt, as a crash would be. Each
-        is recorded as fired first (fault_log.py), so the rank dies at once."""
+        is recorded as fired first (fault_injection.py), so the rank dies at once."""
         for spec in [spec for spec in self.faults if due(spec)]:
             self.faults.remove(spec)
             record_fired(self.cfg.run.dir, spec)
@@ -210,9 +211,9 @@ class TrainWorker(DistributedWorker):
         return t.evaluate(batches)
 
     def _publish(self, metrics: StepMetrics) -> None:
-        record = {**metrics.as_dict(), **self.checkpointer.versions()}
+        report = StepReport(metrics, self.checkpointer.versions())
         with self._lock:
-            self._metrics.append(record)
+            self._metrics.append(report)
 
     def stop_training(self) -> None:
         """Leave ``train`` before the next step (a recovery is about to roll every rank back)."""
@@ -239,7 +240,7 @@ class TrainWorker(DistributedWorker):
         started = self.trainer.step
         return started - 1 if started and self._in_step else started
 
-    def poll_metrics(self) -> list[dict]:
+    def poll_metrics(self) -> list[StepReport]:
         """Metrics of the steps finished since the last poll (runs beside train in the control group)."""
         with self._lock:
             drained, self._metrics = self._metrics, []

@@ -16,7 +16,7 @@ from safetensors import safe_open
 from orchestrate.checkpoint import direct_write
 from orchestrate.checkpoint.direct_write import BUFFERED, DIRECT, PAD_PREFIX, PAGE, plan_file, write_packed, write_safetensors
 from orchestrate.checkpoint.reshard import load_slices
-from orchestrate.checkpoint.shm_arena import HELD, Arena, ArenaLayout, estimate_meta_capacity
+from orchestrate.checkpoint.keepers.arena import HELD, Arena, ArenaLayout, estimate_meta_capacity
 from orchestrate.checkpoint.snapshot_codec import pack_into, plan_index, unpack
 from orchestrate.checkpoint.universal import (FragmentSpec, SliceSpec, TrainerState, commit_version, version_dir,
                                   write_fragments, writes_block)

@@ -18,11 +18,11 @@ from torch import nn
 
 from orchestrate.checkpoint.engine import CheckpointEngine
 from orchestrate.checkpoint.fragments import load_model
-from orchestrate.checkpoint.keeper import SnapshotKeeper, start_keeper
-from orchestrate.checkpoint.keeper_group import (GroupLostError, KeeperGroup, L1CommitError, NotHeldError, StripeLayout,
+from orchestrate.checkpoint.keepers.keeper import SnapshotKeeper, start_keeper
+from orchestrate.checkpoint.keepers.group import (GroupLostError, KeeperGroup, L1CommitError, NotHeldError, StripeLayout,
                                      persist_l2)
 from orchestrate.checkpoint.reshard import load_slices
-from orchestrate.checkpoint.shm_arena import (FREE, READY, WRITING, Arena, ArenaHandle, ArenaWriter, ShmSpaceError,
+from orchestrate.checkpoint.keepers.arena import (FREE, READY, WRITING, Arena, ArenaHandle, ArenaWriter, ShmSpaceError,
                                   estimate_meta_capacity)
 from orchestrate.checkpoint.snapshot_codec import ALIGNMENT, SnapshotIndex, copy_into, pack, pack_into, plan_index, unpack
 from orchestrate.checkpoint.universal import (CheckpointError, FragmentSpec, SliceSpec, TrainerState, latest_version_dir,

@@ -38,3 +38,30 @@ def test_without_identical_replicas_or_a_logged_version_the_keepers_then_the_dis
                          keeper_plan=lambda: None, disk_source=lambda: Path("/c/step-2"))
     assert plan.source == "disk" and plan.disk == Path("/c/step-2") and plan.version is None
     assert plan_recovery([0], {}, coords(dp=2), 3, True, lambda: None, lambda: None) is None
+
+
+def test_a_recovery_record_logs_its_outcome_and_not_its_clock_marks():
+    from orchestrate.recovery import RecoveryRecord, failure_time
+
+    started = failure_time({0: 100.0, 1: 103.0}, lost=[1], detected=104.5)
+    assert started == 103.0 and failure_time({}, [1], 104.5) == 104.5
+    record = RecoveryRecord(failed_rank=1, restarted_ranks=[1], kept_ranks=[0], lost_nodes=[], source="keeper",
+                            version=12, decoded_ranks=[], detected_at=104.5, started=started, last_step=14)
+    record.restored_step = 12
+    record.finish(step_end=106.25)
+    line = record.to_metrics()
+    assert line["seconds"] == 3.25 and line["steps_lost"] == 2 and line["resumed_at"] == 106.25
+    assert not {"started", "last_step", "elastic", "interrupted_by"} & set(line)
+    cut = RecoveryRecord(failed_rank=0, restarted_ranks=[0], kept_ranks=[], lost_nodes=["n1"], source="disk",
+                         version="/ckpt/step_10", decoded_ranks=[], detected_at=5.0, started=4.0, last_step=11)
+    cut.cut_short("rank 0 died", now=6.0)
+    assert cut.to_metrics()["interrupted_by"] == "rank 0 died" and "steps_lost" not in cut.to_metrics()
+
+
+def test_elastic_shrink_picks_the_largest_valid_data_parallel_degree_that_fits():
+    from orchestrate.config import Config, derive
+    from orchestrate.recovery import data_parallel_that_fits
+
+    cfg = derive(Config(), {"parallel.dp": 4, "parallel.tp": 2, "train.global_batch_size": 16})
+    assert data_parallel_that_fits(cfg, slots=7) == 2  # dp=3 does not divide the batch of 16
+    assert data_parallel_that_fits(cfg, slots=1) is None

@@ -1,11 +1,11 @@
 """SnapshotKeeper: one Ray actor per node that owns its ranks' snapshot arenas in node-local shared memory, so a
 snapshot outlives the trainer process that wrote it.
 
-Handover without bytes: the keeper creates one arena per local rank (``reserve``; checkpoint/shm_arena.py) and
+Handover without bytes: the keeper creates one arena per local rank (``reserve``; checkpoint/keepers/arena.py) and
 returns where it lies; the trainer's checkpoint engine packs every version straight into a free slot of it and
 publishes it READY in the arena's header. That copy is level 0, and there is no other: no ``ray.put`` of training
 state, no copy into the keeper. The keeper reads the slots when a commit seals a version, when it computes parity
-(checkpoint/keeper_group.py: only the chunks other nodes need cross the network), when it writes level 2, and
+(checkpoint/keepers/group.py: only the chunks other nodes need cross the network), when it writes level 2, and
 when a replacement worker restores.
 
 Versions: the trainer writes every version, over its oldest unclaimed one when no slot is free, so the arenas
@@ -31,8 +31,8 @@ import ray
 from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
 
 from orchestrate.checkpoint.direct_write import write_packed
-from orchestrate.checkpoint.keeper_group import GroupMember, NotHeldError
-from orchestrate.checkpoint.shm_arena import (COMMITTED, FREE, HELD, READY, SEALED, TRAINER_STATE_META, WRITING, Arena,
+from orchestrate.checkpoint.keepers.group import GroupMember, NotHeldError
+from orchestrate.checkpoint.keepers.arena import (COMMITTED, FREE, HELD, READY, SEALED, TRAINER_STATE_META, WRITING, Arena,
                                   ArenaLayout, ShmSpaceError, free_bytes, human_bytes)
 from orchestrate.checkpoint.snapshot_codec import SnapshotIndex
 from orchestrate.checkpoint.universal import CheckpointError, TrainerState, commit_version, version_dir, wait_for_ranks

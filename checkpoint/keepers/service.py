@@ -12,14 +12,13 @@ import time
 from collections import deque
 from concurrent.futures import Future, ThreadPoolExecutor, wait
 from dataclasses import dataclass
-from typing import Any, Optional
+from typing import Any, Callable, Iterable, Optional
 
 import ray
 
-from orchestrate.checkpoint.keeper import start_keeper
-from orchestrate.cluster.health import live_node_ids, node_answers
-from orchestrate.checkpoint.keeper_group import GroupLostError, KeeperGroup, L1CommitError, commit_l1, persist_l2
-from orchestrate.config import CheckpointConfig
+from orchestrate.checkpoint.keepers.keeper import start_keeper
+from orchestrate.checkpoint.keepers.group import GroupLostError, KeeperGroup, L1CommitError, commit_l1, persist_l2
+from orchestrate.checkpoint.keepers.settings import KeeperSettings
 
 log = logging.getLogger(__name__)
 PING_TIMEOUT_S = 5.0
@@ -52,8 +51,12 @@ def _answers(keeper, attempts: int = 3) -> bool:
 
 
 class KeeperService:
-    def __init__(self, cfg: CheckpointConfig, world_size: int):
+    def __init__(self, cfg: KeeperSettings, world_size: int, live_nodes: Callable[[], Iterable[str]],
+                 node_answers: Callable[[str], bool]):
+        """``live_nodes``/``node_answers``: the cluster's view of its nodes (the keepers get one on every live node
+        that answers)."""
         self.cfg, self.world_ranks = cfg, list(range(world_size))
+        self._live_nodes, self._node_answers = live_nodes, node_answers
         self.keepers: dict[str, Any] = {}  # node id -> keeper
         self.groups: list[KeeperGroup] = []
         self.refresh()
@@ -84,9 +87,9 @@ class KeeperService:
             ray.kill(self.keepers.pop(node), no_restart=True)
         # a node that is gone but not declared dead yet would leave its keeper pending, and every commit and group
         # that includes it waiting: only nodes that run a task now get one
-        missing = [node for node in live_node_ids() if node not in self.keepers]
-        candidates = {node: start_keeper(node, self.cfg.shm_dir, self.cfg.shm_versions)
-                      for node in missing if node_answers(node)}
+        missing = [node for node in self._live_nodes() if node not in self.keepers]
+        candidates = {node: start_keeper(node, self.cfg.shm_dir, self.cfg.slots)
+                      for node in missing if self._node_answers(node)}
         started = []
         for node, keeper in candidates.items():
             try:
@@ -102,9 +105,9 @@ class KeeperService:
 
     def _form_groups(self) -> None:
         ordered = [self.keepers[node] for node in sorted(self.keepers)]
-        size = self.cfg.ec.group_size or len(ordered)
+        size = self.cfg.group_size or len(ordered)
         chunks = [ordered[i:i + size] for i in range(0, len(ordered), size)]
-        self.groups = [KeeperGroup(chunk, parity=min(self.cfg.ec.parity, len(chunk) - 1)) for chunk in chunks]
+        self.groups = [KeeperGroup(chunk, parity=min(self.cfg.parity, len(chunk) - 1)) for chunk in chunks]
 
     def keeper_on(self, node_id: str):
         """The keeper of a worker's node; one that did not start in time (a busy node) gets one more try."""
@@ -150,7 +153,7 @@ class KeeperService:
         return any(group.layout.parity for group in self.groups)
 
     def _disk_due(self, version: int) -> bool:
-        cadence = self.cfg.every * self.cfg.persist_every
+        cadence = self.cfg.disk_cadence
         return bool(cadence) and version // cadence > (self._persist_target or 0) // cadence
 
     def commit_final(self, version: int, attempts: int = 3) -> None:
@@ -183,7 +186,7 @@ class KeeperService:
             self.commit_failures += 1
             return None
         complete = self._complete(holders_of, (self.committed or 0) + 1, limit)
-        cadence = self.cfg.every * self.cfg.persist_every
+        cadence = self.cfg.disk_cadence
         due_on_disk = [v for v in complete if cadence and v % cadence == 0 and v > (self._persist_target or 0)]
         return min(due_on_disk) if due_on_disk and disk_due_first else max(complete, default=None)
 
@@ -225,7 +228,7 @@ class KeeperService:
         return self.persisted
 
     def _commit(self, version: int, persist: bool = False) -> bool:
-        cadence = self.cfg.every * self.cfg.persist_every
+        cadence = self.cfg.disk_cadence
         if cadence and version % cadence == 0 and self._persist is not None:
             # a version due on disk waits (on this background thread; its trainers keep it in a slot) for the
             # previous level-2 write rather than being committed without one: disk holds exactly those steps
@@ -243,7 +246,7 @@ class KeeperService:
         self._commit_seconds.append(self.last_commit_s)
         if len(self._commit_seconds) > 1:  # the first commit is slow (keepers warm up): not a measure
             typical = statistics.median(list(self._commit_seconds)[1:])
-            self._next_commit_at = time.monotonic() + typical * (1 / self.cfg.ec.commit_share - 1)
+            self._next_commit_at = time.monotonic() + typical * (1 / self.cfg.commit_share - 1)
         if persist:
             self._persist_target = version
             keepers = [keeper for group in groups for keeper in group.keepers]
@@ -253,7 +256,7 @@ class KeeperService:
     def _persist_due(self, version: int) -> bool:
         """Whether committing ``version`` crosses a level-2 boundary (every ``every * persist_every`` steps) while
         no level-2 write runs (else the next boundary writes a newer one)."""
-        cadence = self.cfg.every * self.cfg.persist_every
+        cadence = self.cfg.disk_cadence
         previous = self._persist_target or self.committed or 0
         return bool(cadence) and version // cadence > previous // cadence and (
             self._persist is None or self._persist.done())

@@ -1,0 +1,27 @@
+"""The controller's per-step record from the ranks' typed reports (orchestrator/step_report.py)."""
+from orchestrate.step_report import KeeperProgress, RankCheckpoint, StepReport, aggregate_step
+from orchestrate.trainer import StepMetrics
+
+
+def report(rank_loss, time, handed=None, copied=None, l0=None, l2=None, eval_loss=None, timing=None):
+    metrics = StepMetrics(step=7, loss=rank_loss, lr=1e-3, tokens=7 * 512, step_time=time - 100.0, comm_bytes=10,
+                          comm_peak_bytes=4, time=time, timing=timing or {}, eval_loss=eval_loss)
+    return StepReport(metrics, RankCheckpoint(l0=l0, l2=l2, handed=handed, copied_bytes=copied))
+
+
+def test_a_step_record_takes_rank_zero_s_versions_the_slowest_rank_s_time_and_the_mean_loss():
+    reports = [report(2.0, 100.5, l0=7, l2=5, eval_loss=3.0), report(4.0, 100.25, eval_loss=5.0)]
+    record = aggregate_step(reports, run_start=90.0, tokens_per_step=512)
+    assert (record.step, record.loss, record.step_time, record.wall_time) == (7, 3.0, 0.5, 10.5)
+    line = record.to_metrics()
+    assert line["ckpt_l0"] == 7 and line["ckpt_l2"] == 5 and line["eval_loss"] == 4.0 and line["tokens_per_s"] == 1024
+    assert not {"ckpt_l1", "ckpt_copied_bytes", "keepers", "timing"} & set(line)
+
+
+def test_with_keepers_the_record_carries_their_progress_and_the_bytes_copied():
+    reports = [report(None, 101.0, handed=6, copied=100, l0=7, timing={"pp_compute_s": 0.2}),
+               report(1.5, 101.0, handed=7, copied=50, timing={"pp_compute_s": 0.3})]
+    line = aggregate_step(reports, 100.0, 512, KeeperProgress(committed=6, persisted=5, commit_s=0.01)).to_metrics()
+    assert (line["ckpt_l1"], line["ckpt_l2"], line["ckpt_l1_s"]) == (6, 5, 0.01)
+    assert line["ckpt_copied_bytes"] == 150 and line["loss"] == 1.5
+    assert line["pp_compute_s"] == 0.3  # the split of the rank that has the loss (the last stage)

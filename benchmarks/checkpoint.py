@@ -41,7 +41,7 @@ from torch.distributed.checkpoint.state_dict import get_state_dict
 
 from orchestrate.cli import compose_config
 from orchestrate.data import ResumableSampler
-from orchestrate.models import Llama, build_llama, cross_entropy_loss
+from orchestrate.models.llama import Llama, build_llama, cross_entropy_loss
 from orchestrate.trainer import build_lr_scheduler, build_optimizer, clip_grad_norm_
 from orchestrate.worker import build_data
 

@@ -127,7 +127,7 @@ class LlamaTask:
     def __init__(self, rank: int, world: int, steps: int):
         from orchestrate.config import OptimConfig
         from orchestrate.data import WindowedTokens, load_tokens
-        from orchestrate.models import LlamaConfig
+        from orchestrate.models.llama import LlamaConfig
 
         self.rank, self.world, self.steps = rank, world, steps
         self.model_config = LlamaConfig(dim=64, n_layers=4, n_heads=4, n_kv_heads=2)
@@ -137,7 +137,7 @@ class LlamaTask:
         self.eval_set = self.data.batch(ids)
 
     def model(self) -> nn.Module:
-        from orchestrate.models import build_llama
+        from orchestrate.models.llama import build_llama
 
         return build_llama(self.model_config, seed=0)
 
@@ -154,7 +154,7 @@ class LlamaTask:
         return lambda: self.data.batch(sampler.next_window_ids())
 
     def loss(self, output, target):
-        from orchestrate.models import cross_entropy_loss
+        from orchestrate.models.llama import cross_entropy_loss
 
         return cross_entropy_loss(output, target)
 

@@ -103,7 +103,7 @@ class LongLlamaTask(LlamaTask):
     def __init__(self, rank: int, world: int, regime: Regime, lr_scale: float):
         from orchestrate.config import OptimConfig
         from orchestrate.data import WindowedTokens, load_tokens
-        from orchestrate.models import LlamaConfig
+        from orchestrate.models.llama import LlamaConfig
 
         self.rank, self.world, self.steps = rank, world, regime.steps
         self.BATCH = regime.batch_per_replica

@@ -26,7 +26,7 @@ import torch.multiprocessing as mp
 
 from orchestrate.cli import compose_config
 from orchestrate.data import ResumableSampler
-from orchestrate.models import build_llama, cross_entropy_loss
+from orchestrate.models.llama import build_llama, cross_entropy_loss
 from orchestrate.trainer import build_lr_scheduler, build_optimizer
 from orchestrate.worker import build_data
 

@@ -123,7 +123,7 @@ def _reset_peak_rss() -> None:
 
 def _build(layout: dict, seq: int):
     """Model, optimizer and sync for ``layout`` on this rank, with the rank's mesh coordinates."""
-    from orchestrate.models import LlamaConfig, build_llama
+    from orchestrate.models.llama import PARTS, LlamaConfig, build_llama
     from orchestrate.parallel.context import apply_cp
     from orchestrate.parallel.mesh import ParallelDims, build_mesh, replica_group
     from orchestrate.parallel.sync.ddp import DDPSync
@@ -133,9 +133,9 @@ def _build(layout: dict, seq: int):
     mesh = build_mesh(dims, "cpu")
     model = build_llama(LlamaConfig(**MODEL), seed=0, max_seq_len=seq)
     if dims.tp > 1:
-        apply_tp(model, mesh["tp"], layout["sequence_parallel"], layout["loss_parallel"])
+        apply_tp(model, PARTS, mesh["tp"], layout["sequence_parallel"], layout["loss_parallel"])
     if dims.cp > 1:
-        apply_cp(model, mesh["cp"], layout["cp_impl"])
+        apply_cp(model, PARTS, mesh["cp"], layout["cp_impl"])
     sync = DDPSync(replica_group(mesh))
     wrapped = sync.wrap_model(model)
     optimizer = torch.optim.AdamW(model.parameters(), lr=1e-3)

@@ -156,7 +156,7 @@ class P2PWaitClock:
 def _measure_rank(rank, world, model, tp, schedules, microbatches, steps):
     import torch.distributed as dist
 
-    from orchestrate.models import LlamaConfig, build_llama, cross_entropy_loss
+    from orchestrate.models.llama import PARTS, LlamaConfig, build_llama, cross_entropy_loss
     from orchestrate.parallel.mesh import ParallelDims, build_mesh
     from orchestrate.parallel.pipeline import build_pipeline
     from orchestrate.parallel.tensor import apply_tp
@@ -170,9 +170,9 @@ def _measure_rank(rank, world, model, tp, schedules, microbatches, steps):
     clock = P2PWaitClock()
     results = {}
     for schedule, virtual_stages in schedules:
-        pipe = build_pipeline(build_llama(LlamaConfig(**model), seed=0), pp_group, schedule, microbatches,
+        pipe = build_pipeline(build_llama(LlamaConfig(**model), seed=0), PARTS, pp_group, schedule, microbatches,
                               (MICROBATCH_ROWS, SEQ), cross_entropy_loss, virtual_stages=virtual_stages,
-                              parallelize_stage=lambda stage: apply_tp(stage, mesh["tp"], False, False))
+                              parallelize_stage=lambda stage: apply_tp(stage, PARTS, mesh["tp"], False, False))
         messages = link_messages(pipe.layout.owners, pp_rank, microbatches)
         samples: dict[str, list[float]] = {key: [] for key in ("raw", "bookkeeping", "transfers", "net", "one_way")}
         for step in range(steps + 1):  # step 0 warms up the schedule and the communicators

@@ -145,7 +145,7 @@ def compose_resume_config(ckpt: str, overrides: Sequence[str]) -> Config:
 
     from orchestrate.checkpoint.universal import CheckpointError, read_manifest, resolve_version_dir
     from orchestrate.checkpointing import check_model_matches
-    from orchestrate.models import Llama
+    from orchestrate.models import family
 
     check_overrides(overrides, ())
     if any(o.startswith("recipe=") for o in overrides):
@@ -162,7 +162,7 @@ def compose_resume_config(ckpt: str, overrides: Sequence[str]) -> Config:
         validate(cfg)
         cfg = apply_data(cfg, explicit_keys(overrides))  # the weights come from the checkpoint, not model.init_from
         with torch.device("meta"):
-            model = Llama(cfg.model)
+            model = family(cfg.model.name).build(cfg.model, seed=0)
         check_model_matches(manifest, {n: tuple(p.shape) for n, p in model.named_parameters()})
     except CheckpointError as err:
         raise ConfigError(str(err)) from None
@@ -172,16 +172,20 @@ def compose_resume_config(ckpt: str, overrides: Sequence[str]) -> Config:
 
 
 def export_command(args: Sequence[str]) -> int:
-    from orchestrate.checkpoint.export import export_hf
     from orchestrate.checkpoint.universal import CheckpointError, read_manifest, resolve_version_dir
+    from orchestrate.models import family, family_names
 
     values = dict(a.split("=", 1) for a in args if "=" in a)
     unknown = sorted(set(values) - {"ckpt", "out"}) + [a for a in args if "=" not in a]
     if unknown or not values.get("ckpt") or not values.get("out"):
         return fail(f"export takes ckpt=DIR out=DIR (got {' '.join(args) or 'nothing'})")
     try:
-        data = read_manifest(resolve_version_dir(values["ckpt"])).trainer_state.config.get("data") or {}
-        out = export_hf(values["ckpt"], values["out"], tokenizer_file(data))
+        saved = read_manifest(resolve_version_dir(values["ckpt"])).trainer_state.config
+        name = (saved.get("model") or {}).get("name", "llama")
+        if name not in family_names():
+            raise CheckpointError(f"{values['ckpt']}: model.name={name!r} has no model folder (valid: "
+                                  f"{', '.join(family_names())})")
+        out = family(name).export_hf(values["ckpt"], values["out"], tokenizer_file(saved.get("data") or {}))
     except CheckpointError as err:
         return fail(str(err))
     print(f"exported a Hugging Face Llama folder to {out}")

@@ -16,6 +16,7 @@ from typing import Any, List, Optional, Union
 from omegaconf import OmegaConf
 
 from orchestrate.checkpoint.keepers.settings import KeeperSettings
+from orchestrate.models import family, family_names
 from orchestrate.models.llama import LlamaConfig
 from orchestrate.parallel.mesh import ParallelDims, ParallelConfigError
 from orchestrate.parallel.sync import STRATEGIES
@@ -242,7 +243,7 @@ class Config:
 START_TIMEOUT_BASE_S, START_TIMEOUT_PER_WORKER_S = 60.0, 4.0
 
 CHOICES = {
-    "model.name": ("llama",),
+    "model.name": family_names(),
     "data.source": ("stdlib", "path"),
     "optim.name": ("adamw",),
     "optim.schedule": ("cosine", "constant"),
@@ -358,10 +359,8 @@ def validate_tensor_and_context(cfg: Config) -> None:
     p = cfg.parallel
     try:
         if p.tp > 1:
-            from orchestrate.parallel.tensor import validate_tp
-
             _require(not cfg.model.tie_embeddings, "model.tie_embeddings=true: not available with parallel.tp > 1")
-            validate_tp(cfg.model, p.tp, cfg.train.seq_len // p.cp if p.sequence_parallel else None)
+            family(cfg.model.name).validate_tp(cfg.model, p.tp, cfg.train.seq_len // p.cp if p.sequence_parallel else None)
         if p.cp > 1 or p.cp_impl not in ("ring", "ulysses"):
             from orchestrate.parallel.context import validate_cp
 

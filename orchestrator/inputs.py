@@ -10,7 +10,7 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Collection, Iterable
 
-from orchestrate.checkpoint.hf_import import read_hf_llama
+from orchestrate.models import family
 from orchestrate.checkpoint.universal import CheckpointError
 from orchestrate.config import Config, ConfigError, derive
 from orchestrate.data import DataError, inspect_data
@@ -33,7 +33,7 @@ def apply_init_from(cfg: Config, explicit: Collection[str]) -> Config:
     if not cfg.model.init_from:
         return cfg
     try:
-        source = read_hf_llama(cfg.model.init_from)
+        source = family(cfg.model.name).read_hf(cfg.model.init_from)
     except CheckpointError as err:
         raise ConfigError(str(err)) from None
     changes = {"model.init_from": str(source.folder)}

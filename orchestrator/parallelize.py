@@ -16,6 +16,7 @@ from torch.distributed.tensor.parallel import loss_parallel
 
 from orchestrate.config import Config
 from orchestrate.parallel.context import apply_cp, bind_sequence_positions, shard_sequence
+from orchestrate.parallel.model_parts import ModelParts
 from orchestrate.parallel.pipeline import Pipeline, build_pipeline
 from orchestrate.parallel.tensor import apply_tp, loss_context, tp_loss
 from orchestrate.parallel.sync import SyncStrategy
@@ -73,10 +74,10 @@ class PipelineRunner:
     vocabulary-sharded logits the whole schedule runs inside ``loss_parallel``: torch computes each microbatch's
     loss and its backward inside the schedule, so the context must span both."""
 
-    def __init__(self, pipeline: Pipeline, sync: SyncStrategy, pp_group, vocab_sharded: bool = False,
-                 cp_rank: int = 0, cp: int = 1, reports_loss: bool = True):
+    def __init__(self, pipeline: Pipeline, parts: ModelParts, sync: SyncStrategy, pp_group,
+                 vocab_sharded: bool = False, cp_rank: int = 0, cp: int = 1, reports_loss: bool = True):
         self.pipeline = pipeline
-        sync.wrap_model(merge_stages(pipeline.stage_modules))
+        sync.wrap_model(merge_stages(pipeline.stage_modules, parts))
         self.reports_loss = pipeline.is_last_stage and reports_loss
         self.pp_group = pp_group
         self.loss_context = loss_parallel if vocab_sharded else contextlib.nullcontext
@@ -111,43 +112,45 @@ class PipelineRunner:
         return {"pp_compute_s": timing.compute_s, "pp_wait_s": timing.wait_s}
 
 
-def merge_stages(stage_modules: list[nn.Module]) -> nn.Module:
+def merge_stages(stage_modules: list[nn.Module], parts: ModelParts) -> nn.Module:
     """One module over this rank's stages whose parameter names are the global ones (``layers.5.*``), for sync
     strategies that key their state by parameter name. It shares the stages' parameters; it is never run."""
     merged = nn.Module()
-    merged.layers = nn.ModuleDict()
+    blocks = nn.ModuleDict()
+    setattr(merged, parts.blocks, blocks)
     for stage in stage_modules:
-        for name in ("tok_embeddings", "norm", "output"):
+        for name in (*parts.first, *parts.last):
             if getattr(stage, name, None) is not None:
                 setattr(merged, name, getattr(stage, name))
-        merged.layers.update(stage.layers)
+        blocks.update(parts.blocks_of(stage))
     return merged
 
 
-def build_runner(cfg: Config, mesh: DeviceMesh, coords: dict[str, int], model: nn.Module, sync: SyncStrategy,
-                 loss_fn: LossFn):
+def build_runner(cfg: Config, mesh: DeviceMesh, coords: dict[str, int], model: nn.Module, parts: ModelParts,
+                 sync: SyncStrategy, loss_fn: LossFn):
     """Apply tp and cp to the model (in place), or cut it into pipeline stages; the sync strategy wraps last.
+    ``parts``: how the parallel mechanisms apply to this model (its family's ``PARTS``).
 
     The loss is reported by tp rank 0 of every (dp, cp) replica part; the controller averages them."""
     p = cfg.parallel
     if p.pp == 1:
-        apply_tp(model, mesh["tp"], p.sequence_parallel, p.loss_parallel)
-        apply_cp(model, mesh["cp"], p.cp_impl)
+        apply_tp(model, parts, mesh["tp"], p.sequence_parallel, p.loss_parallel)
+        apply_cp(model, parts, mesh["cp"], p.cp_impl)
         return WholeModelRunner(model, sync, coords["cp"], p.cp, reports_loss=coords["tp"] == 0)
 
     def parallelize_stage(stage: nn.Module) -> nn.Module:
-        apply_tp(stage, mesh["tp"], p.sequence_parallel, p.loss_parallel)
+        apply_tp(stage, parts, mesh["tp"], p.sequence_parallel, p.loss_parallel)
         bind_sequence_positions(stage, cfg.train.seq_len, coords["cp"], p.cp)
-        return apply_cp(stage, mesh["cp"], p.cp_impl)
+        return apply_cp(stage, parts, mesh["cp"], p.cp_impl)
 
     per_replica_batch = cfg.train.global_batch_size // p.dp
     local_seq = cfg.train.seq_len // p.cp
     # Stages exchange the hidden states each rank holds: with sequence parallelism, its sequence shard.
     boundary_seq = local_seq // p.tp if p.sequence_parallel else local_seq
     pipeline = build_pipeline(
-        model, mesh["pp"], p.pp_schedule, p.microbatches, (per_replica_batch // p.microbatches, local_seq),
+        model, parts, mesh["pp"], p.pp_schedule, p.microbatches, (per_replica_batch // p.microbatches, local_seq),
         tp_loss if p.tp > 1 else loss_fn, virtual_stages=p.pp_virtual_stages,
         split=list(p.pp_split) if p.pp_split else None, parallelize_stage=parallelize_stage,
         boundary_seq_len=boundary_seq)
-    return PipelineRunner(pipeline, sync, mesh["pp"].get_group(), vocab_sharded=p.tp > 1 and p.loss_parallel,
+    return PipelineRunner(pipeline, parts, sync, mesh["pp"].get_group(), vocab_sharded=p.tp > 1 and p.loss_parallel,
                           cp_rank=coords["cp"], cp=p.cp, reports_loss=coords["tp"] == 0)

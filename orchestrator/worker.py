@@ -9,14 +9,13 @@ from typing import Optional
 
 import torch
 
-from orchestrate.checkpoint.hf_import import load_hf_into
 from orchestrate.checkpoint.universal import CheckpointError, TrainerState
 from orchestrate.cluster.worker_base import DistributedWorker
 from orchestrate.checkpointing import TrainerCheckpointer
 from orchestrate.config import Config
 from orchestrate.fault_injection import record_fired
 from orchestrate.data import ResumableSampler, WindowedTokens, eval_window_ids, load_tokens
-from orchestrate.models import build_llama, cross_entropy_loss
+from orchestrate.models import family
 from orchestrate.parallelize import build_runner
 from orchestrate.step_report import StepReport
 from orchestrate.trainer import StepMetrics, Trainer, build_lr_scheduler, build_optimizer
@@ -70,15 +69,18 @@ class TrainWorker(DistributedWorker):
         dims = cfg.dims
         self.coords = dims.coordinates(self.rank)
         device = torch.device(self.device_type)
-        model = build_llama(cfg.model, seed=cfg.train.seed, max_seq_len=cfg.train.seq_len)
+        model_family = family(cfg.model.name)
+        model = model_family.build(cfg.model, seed=cfg.train.seed, max_seq_len=cfg.train.seq_len)
         if cfg.model.init_from and restore is None and not cfg.checkpoint.resume_from:
-            load_hf_into(model, cfg.model.init_from)  # before parallelizing: every layout shards it from here
+            # before parallelizing: every layout shards it from here
+            model_family.load_hf_into(model, cfg.model.init_from)
         model = model.to(device)
         with self.collective_connections():  # the groups of the mesh and of the replica dimension connect here
             mesh = build_mesh(dims, self.device_type)
             sync = build_sync(cfg.sync.name, mesh, cfg.dims, cfg.sync.options(),
                               stages_driven_by_schedule=cfg.parallel.pp > 1)
-            runner = build_runner(cfg, mesh, self.coords, model, sync, cross_entropy_loss)
+            runner = build_runner(cfg, mesh, self.coords, model, model_family.PARTS, sync,
+                                  model_family.cross_entropy_loss)
         optimizer = sync.build_optimizer(runner.parameters(), lambda _params: build_optimizer(cfg.optim, runner))
         scheduler = build_lr_scheduler(cfg.optim, cfg.train.steps, optimizer)
         data = self._load_data(cfg)

@@ -25,6 +25,7 @@ from torch import nn
 from torch.distributed.device_mesh import DeviceMesh
 
 from orchestrate.parallel.mesh import ParallelConfigError
+from orchestrate.parallel.model_parts import ModelParts
 
 CP_IMPLS = ("ring", "ulysses")
 
@@ -43,7 +44,7 @@ def sequence_positions(seq_len: int, cp_rank: int, cp: int, load_balance: bool =
 
 
 def shard_sequence(tokens: torch.Tensor, targets: torch.Tensor, cp_rank: int, cp: int, load_balance: bool = True):
-    """This rank's part of a [B, T] batch: (tokens, targets, positions); pass positions to ``Llama.forward``."""
+    """This rank's part of a [B, T] batch: (tokens, targets, positions); pass positions to the model's forward."""
     positions = sequence_positions(tokens.shape[1], cp_rank, cp, load_balance)
     return tokens[:, positions], targets[:, positions], positions
 
@@ -242,8 +243,10 @@ def build_attention_core(impl: str, group, load_balance: bool = True):
     raise ParallelConfigError(f"parallel.cp_impl={impl}: unknown (valid: {', '.join(CP_IMPLS)})")
 
 
-def apply_cp(model: nn.Module, cp_mesh: DeviceMesh, impl: str, load_balance: bool = True) -> nn.Module:
-    """Install the context-parallel attention core on every layer of ``model`` (in place; returns it).
+def apply_cp(model: nn.Module, parts: ModelParts, cp_mesh: DeviceMesh, impl: str,
+             load_balance: bool = True) -> nn.Module:
+    """Install the context-parallel attention core in the attention of every block of ``model`` (in place;
+    returns it); ``parts`` says where a block's attention is.
 
     ``cp_mesh`` is the 1-D ``mesh["cp"]``. Composes with ``apply_tp`` in either order: the core sees the heads
     of this tp rank. A cp degree of 1 leaves the model unchanged.
@@ -253,8 +256,8 @@ def apply_cp(model: nn.Module, cp_mesh: DeviceMesh, impl: str, load_balance: boo
     if cp_mesh.size() == 1:
         return model
     core = build_attention_core(impl, cp_mesh.get_group(), load_balance)
-    for layer in model.layers.values():
-        layer.attention.attention_core = core
+    for attention in parts.attentions(model):
+        attention.attention_core = core
     return model
 
 

@@ -1,4 +1,7 @@
-"""Pipeline parallelism: split a Llama into stages by counted cost and run them with torch's schedules.
+"""Pipeline parallelism: split a model into stages by counted cost and run them with torch's schedules.
+
+The model says which parts are blocks and which only the first or last stage keeps (``ModelParts``, from its
+folder under orchestrate.models).
 
 Built on ``torch.distributed.pipelining`` (PipelineStage + schedules). What this module adds:
 
@@ -34,6 +37,8 @@ from torch.distributed.pipelining import (
     ScheduleLoopedBFS,
     ScheduleZBVZeroBubble,
 )
+
+from orchestrate.parallel.model_parts import ModelParts
 
 PIPELINE_SCHEDULES = {
     "gpipe": ScheduleGPipe,
@@ -108,8 +113,8 @@ def validate_pp(n_layers: int, pp: int, schedule: str, microbatches: int, virtua
 
 # ------------------------------------------------------------------------------------------------ stage splitting
 
-def build_stage_costs(model: nn.Module) -> tuple[int, list[int], int]:
-    """(embedding, per-layer, head) parameter counts of a Llama-shaped model (a meta-device model will do).
+def build_stage_costs(model: nn.Module, parts: ModelParts) -> tuple[int, list[int], int]:
+    """(first-stage parts, per-block, last-stage parts) parameter counts (a meta-device model will do).
 
     Parameters measure a stage: they set the memory of weights, gradients and optimizer state, and every dense
     part except the embedding lookup costs 2 FLOPs per parameter per token.
@@ -117,8 +122,9 @@ def build_stage_costs(model: nn.Module) -> tuple[int, list[int], int]:
     def count(module: Optional[nn.Module]) -> int:
         return sum(p.numel() for p in module.parameters()) if module is not None else 0
 
-    layers = [count(layer) for layer in model.layers.values()]
-    return count(model.tok_embeddings), layers, count(model.norm) + count(model.output)
+    layers = [count(layer) for layer in parts.blocks_of(model).values()]
+    return (sum(count(getattr(model, name)) for name in parts.first), layers,
+            sum(count(getattr(model, name)) for name in parts.last))
 
 
 def _min_partition(segment_cost: Callable[[int, int, int], float], n_layers: int, n_stages: int,
@@ -172,7 +178,8 @@ def _validate_explicit_cuts(cuts: Sequence[int], n_layers: int, n_stages: int) -
     return cuts
 
 
-def split_points(model: nn.Module, n_stages: int, explicit: Optional[Sequence[int]] = None) -> list[int]:
+def split_points(model: nn.Module, parts: ModelParts, n_stages: int,
+                 explicit: Optional[Sequence[int]] = None) -> list[int]:
     """First global layer index of each stage after stage 0 (``n_stages - 1`` increasing indices).
 
     ``model`` is the full model (build it on the meta device to plan without memory: ``parallel`` never imports
@@ -180,35 +187,37 @@ def split_points(model: nn.Module, n_stages: int, explicit: Optional[Sequence[in
     balanced by parameter count with the embedding charged to the first stage and the final norm + output head
     to the last.
     """
-    n_layers = len(model.layers)
+    n_layers = len(parts.blocks_of(model))
     if n_stages > n_layers:
         raise ValueError(f"parallel.pp: {n_stages} stages is more than model.n_layers={n_layers}")
     if explicit is not None:
         return _validate_explicit_cuts(explicit, n_layers, n_stages)
-    embedding, layers, head = build_stage_costs(model)
+    embedding, layers, head = build_stage_costs(model, parts)
     return _balanced_cuts(embedding, layers, head, n_stages)
 
 
-def build_stage_modules(model: nn.Module, stage_ids: Sequence[int], cuts: Sequence[int]) -> list[nn.Module]:
-    """One pruned copy of ``model`` per stage id; layers keep their global keys, unowned parts become None."""
-    n_layers = len(model.layers)
+def build_stage_modules(model: nn.Module, parts: ModelParts, stage_ids: Sequence[int],
+                        cuts: Sequence[int]) -> list[nn.Module]:
+    """One pruned copy of ``model`` per stage id; blocks keep their global keys, unowned parts become None."""
+    blocks = parts.blocks_of(model)
     n_stages = len(cuts) + 1
-    bounds = [0, *cuts, n_layers]
-    if getattr(model.cfg, "tie_embeddings", False) and n_stages > 1:
+    bounds = [0, *cuts, len(blocks)]
+    if parts.tied(model) and n_stages > 1:
         raise ValueError("model.tie_embeddings=true: not supported with parallel.pp>1 (the embedding and the "
                          "output head live on different stages)")
     stage_modules = []
     for stage_id in stage_ids:
         owned = {str(i) for i in range(bounds[stage_id], bounds[stage_id + 1])}
-        unowned = [layer for key, layer in model.layers.items() if key not in owned]
+        unowned = [layer for key, layer in blocks.items() if key not in owned]
         if stage_id != 0:
-            unowned.append(model.tok_embeddings)
+            unowned += [getattr(model, name) for name in parts.first]
         if stage_id != n_stages - 1:
-            unowned += [model.norm, model.output]
+            unowned += [getattr(model, name) for name in parts.last]
         # A deepcopy memo entry maps a module to None: unowned parts are never copied (no full-model peak).
-        stage = copy.deepcopy(model, memo={id(module): None for module in unowned})
-        for key in [key for key in stage.layers.keys() if key not in owned]:
-            del stage.layers[key]
+        stage = copy.deepcopy(model, memo={id(module): None for module in unowned if module is not None})
+        stage_blocks = parts.blocks_of(stage)
+        for key in [key for key in stage_blocks.keys() if key not in owned]:
+            del stage_blocks[key]
         stage_modules.append(stage)
     return stage_modules
 
@@ -385,12 +394,13 @@ def _owning(loss_fn: Callable[[torch.Tensor, torch.Tensor], torch.Tensor]):
     return loss
 
 
-def build_pipeline(model: nn.Module, pp_group, schedule_name: str, microbatches: int,
+def build_pipeline(model: nn.Module, parts: ModelParts, pp_group, schedule_name: str, microbatches: int,
                    microbatch_shape: tuple[int, int], loss_fn: Callable[[torch.Tensor, torch.Tensor], torch.Tensor],
                    virtual_stages: int = 1, split: Optional[Sequence[int]] = None,
                    parallelize_stage: Optional[Callable[[nn.Module], nn.Module]] = None,
                    boundary_seq_len: Optional[int] = None) -> Pipeline:
-    """Cut ``model`` into stages, keep this rank's, and wrap them in the named torch schedule.
+    """Cut ``model`` into stages (``parts``: what the model is made of), keep this rank's, and wrap them in the
+    named torch schedule.
 
     ``pp_group``: the pipeline process group (or a 1-d DeviceMesh such as ``mesh["pp"]``).
     ``microbatch_shape``: (sequences per microbatch, sequence length this rank feeds in); the per-replica batch
@@ -403,12 +413,12 @@ def build_pipeline(model: nn.Module, pp_group, schedule_name: str, microbatches:
     if isinstance(pp_group, DeviceMesh):
         pp_group = pp_group.get_group()
     pp, pp_rank = dist.get_world_size(pp_group), dist.get_rank(pp_group)
-    cfg = model.cfg
-    validate_pp(cfg.n_layers, pp, schedule_name, microbatches, virtual_stages, microbatches * microbatch_shape[0])
+    hidden, vocab = parts.widths(model)
+    validate_pp(len(parts.blocks_of(model)), pp, schedule_name, microbatches, virtual_stages, microbatches * microbatch_shape[0])
     if schedule_name in V_SCHEDULES:
         virtual_stages = 2
     n_stages = pp * virtual_stages
-    cuts = split_points(model, n_stages, explicit=split)
+    cuts = split_points(model, parts, n_stages, explicit=split)
     stage_ids = build_stage_ids(schedule_name, pp_rank, pp, virtual_stages)
     owners = [0] * n_stages
     for rank in range(pp):
@@ -417,11 +427,11 @@ def build_pipeline(model: nn.Module, pp_group, schedule_name: str, microbatches:
     param = next(model.parameters())
     stages = []
     boundary_seq_len = boundary_seq_len or microbatch_shape[1]
-    for stage_id, module in zip(stage_ids, build_stage_modules(model, stage_ids, cuts)):
+    for stage_id, module in zip(stage_ids, build_stage_modules(model, parts, stage_ids, cuts)):
         if parallelize_stage is not None:
             module = parallelize_stage(module)
-        inputs, outputs = _stage_io_examples(stage_id, n_stages, microbatch_shape, boundary_seq_len, cfg.dim,
-                                             cfg.vocab_size, param.dtype, param.device)
+        inputs, outputs = _stage_io_examples(stage_id, n_stages, microbatch_shape, boundary_seq_len, hidden,
+                                             vocab, param.dtype, param.device)
         stages.append(InstrumentedStage(module, stage_id, n_stages, param.device, input_args=inputs,
                                         output_args=outputs, group=pp_group))
     schedule_cls = PIPELINE_SCHEDULES[schedule_name]
@@ -431,5 +441,5 @@ def build_pipeline(model: nn.Module, pp_group, schedule_name: str, microbatches:
     timed_loss_fn = functools.partial(last_stage.run_timed, _owning(loss_fn))
     schedule = schedule_cls(stage_arg, n_microbatches=microbatches, loss_fn=timed_loss_fn, scale_grads=True)
     batch = microbatches * microbatch_shape[0]
-    layout = StageLayout(owners, (batch, boundary_seq_len, cfg.dim), param.dtype)
+    layout = StageLayout(owners, (batch, boundary_seq_len, hidden), param.dtype)
     return Pipeline(schedule, stages, (batch, microbatch_shape[1]), loss_fn, layout)

@@ -4,7 +4,7 @@ import pytest
 
 from orchestrate.cli import compose_config, packaged_recipes
 from orchestrate.config import ConfigError, FaultSpec, derive
-from orchestrate.models import LlamaConfig
+from orchestrate.models.llama import LlamaConfig
 
 
 def test_recipes_compose_with_overrides():

@@ -6,8 +6,8 @@ import pytest
 import torch
 from safetensors import safe_open
 
-from orchestrate.checkpoint.export import CONFIG_FILE, WEIGHTS_FILE, export_hf
-from orchestrate.checkpoint.hf_import import load_hf_into
+from orchestrate.models.llama.hf_export import CONFIG_FILE, WEIGHTS_FILE, export_hf
+from orchestrate.models.llama.hf_import import load_hf_into
 from orchestrate.checkpoint.fragments import model_fragments, optimizer_fragments
 from orchestrate.checkpoint.universal import CheckpointError, TrainerState, commit_version, version_dir, write_fragments
 from orchestrate.config import ModelConfig

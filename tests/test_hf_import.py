@@ -6,7 +6,7 @@ import pytest
 import torch
 from safetensors.torch import load_file, save_file
 
-from orchestrate.checkpoint.hf_import import load_hf_into, read_hf_llama
+from orchestrate.models.llama.hf_import import load_hf_into, read_hf_llama
 from orchestrate.checkpoint.universal import CheckpointError
 from orchestrate.models.llama import LlamaConfig, build_llama, cross_entropy_loss
 

@@ -6,7 +6,7 @@ from pathlib import Path
 
 import pytest
 
-from orchestrate.checkpoint.hf_import import read_hf_llama
+from orchestrate.models.llama.hf_import import read_hf_llama
 from tests.support.runs import STEPS, assert_close_curves, orchestrate, records_of, run
 
 

@@ -1,6 +1,6 @@
 import torch
 
-from orchestrate.models import LlamaConfig, build_llama, cross_entropy_loss
+from orchestrate.models.llama import LlamaConfig, build_llama, cross_entropy_loss
 from orchestrate.models.llama import apply_rope, rope_tables
 
 

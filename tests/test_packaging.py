@@ -14,7 +14,7 @@ def test_a_built_wheel_holds_only_the_orchestrate_package(tmp_path):
     [wheel] = tmp_path.glob("orchestrate-*.whl")
     names = zipfile.ZipFile(wheel).namelist()
     assert {name.split("/")[0] for name in names} == {"orchestrate", wheel.name.split("-py")[0] + ".dist-info"}
-    for part in ("orchestrate/__main__.py", "orchestrate/models/llama.py", "orchestrate/parallel/sync/ddp.py",
+    for part in ("orchestrate/__main__.py", "orchestrate/models/llama/model.py", "orchestrate/parallel/sync/ddp.py",
                  "orchestrate/checkpoint/adamw_into_kernel.cpp", "orchestrate/cluster/worker_group.py",
                  "orchestrate/recipes/config.yaml", "orchestrate/recipes/recipe/quickstart.yaml"):
         assert part in names, part

@@ -25,13 +25,13 @@ DP_PP_CASE = ("interleaved_1f1b", 2, 2, None)  # per replica: 4 sequences in 2 m
 
 
 def _run_pipeline(group, case, n_steps, optimizer_name, rows=slice(None), sync_group=None):
-    from orchestrate.models import build_llama, cross_entropy_loss
+    from orchestrate.models.llama import PARTS, build_llama, cross_entropy_loss
     from orchestrate.parallel.pipeline import build_pipeline
     from orchestrate.parallel.sync.ddp import DDPSync
 
     schedule, microbatches, virtual_stages, split = case
     batch_rows = len(range(BATCH)[rows])
-    pipe = build_pipeline(build_llama(model_config(), seed=0), group, schedule, microbatches,
+    pipe = build_pipeline(build_llama(model_config(), seed=0), PARTS, group, schedule, microbatches,
                           (batch_rows // microbatches, SEQ), cross_entropy_loss, virtual_stages=virtual_stages,
                           split=split)
     sync = None
@@ -145,29 +145,31 @@ def _meta_model(**overrides):
 
 
 def test_split_balances_counted_cost():
+    from orchestrate.models.llama import PARTS
     from orchestrate.parallel.pipeline import split_points
 
-    assert split_points(_meta_model(vocab_size=32), 4) == [2, 4, 6]
-    heavy = split_points(_meta_model(vocab_size=2048), 4)
+    assert split_points(_meta_model(vocab_size=32), PARTS, 4) == [2, 4, 6]
+    heavy = split_points(_meta_model(vocab_size=2048), PARTS, 4)
     sizes = [b - a for a, b in zip([0, *heavy], [*heavy, MODEL["n_layers"]])]
     assert sizes[0] < min(sizes[1:-1]) and sizes[-1] < min(sizes[1:-1]), sizes
 
 
 def test_explicit_split_is_honoured_and_checked():
+    from orchestrate.models.llama import PARTS
     from orchestrate.parallel.pipeline import split_points
 
-    assert split_points(_meta_model(), 3, explicit=[1, 7]) == [1, 7]
+    assert split_points(_meta_model(), PARTS, 3, explicit=[1, 7]) == [1, 7]
     for bad in ([4], [3, 3], [0, 4], [4, 8]):
         with pytest.raises(ValueError, match=r"parallel.pp_split=.*strictly increasing layer indices in 1..7"):
-            split_points(_meta_model(), 3, explicit=bad)
+            split_points(_meta_model(), PARTS, 3, explicit=bad)
 
 
 def test_stage_modules_keep_global_names():
-    from orchestrate.models import LlamaConfig, build_llama
+    from orchestrate.models.llama import PARTS, LlamaConfig, build_llama
     from orchestrate.parallel.pipeline import build_stage_modules
 
     model = build_llama(model_config(), seed=0)
-    stages = build_stage_modules(model, [0, 1, 2], [3, 5])
+    stages = build_stage_modules(model, PARTS, [0, 1, 2], [3, 5])
     assert [list(stage.layers.keys()) for stage in stages] == [["0", "1", "2"], ["3", "4"], ["5", "6", "7"]]
     assert stages[0].tok_embeddings is not None and stages[0].output is None and stages[1].norm is None
     assert stages[2].tok_embeddings is None and stages[2].output is not None
@@ -175,7 +177,7 @@ def test_stage_modules_keep_global_names():
     assert sorted(named) == sorted(name for name, _ in model.named_parameters())
     assert all(named[name].data_ptr() != p.data_ptr() for name, p in model.named_parameters())
     with pytest.raises(ValueError, match="model.tie_embeddings"):
-        build_stage_modules(build_llama(LlamaConfig(**MODEL, tie_embeddings=True), seed=0), [0], [4])
+        build_stage_modules(build_llama(LlamaConfig(**MODEL, tie_embeddings=True), seed=0), PARTS, [0], [4])
 
 
 @pytest.mark.parametrize("args, message", [

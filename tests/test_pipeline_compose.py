@@ -46,7 +46,7 @@ def _run_layout(overrides: dict, n_steps: int, optimizer_name: str) -> dict:
     import torch.distributed as dist
     from torch.distributed.tensor import DTensor
 
-    from orchestrate.models import LlamaConfig, build_llama, cross_entropy_loss
+    from orchestrate.models.llama import PARTS, LlamaConfig, build_llama, cross_entropy_loss
     from orchestrate.parallelize import build_runner
     from orchestrate.trainer import clip_grad_norm_
     from orchestrate.parallel.mesh import build_mesh
@@ -55,7 +55,8 @@ def _run_layout(overrides: dict, n_steps: int, optimizer_name: str) -> dict:
     mesh = build_mesh(cfg.dims, "cpu")
     coords = cfg.dims.coordinates(dist.get_rank())
     sync = build_sync("ddp", mesh, cfg.dims, stages_driven_by_schedule=cfg.parallel.pp > 1)
-    runner = build_runner(cfg, mesh, coords, build_llama(LlamaConfig(**MODEL), seed=0), sync, cross_entropy_loss)
+    runner = build_runner(cfg, mesh, coords, build_llama(LlamaConfig(**MODEL), seed=0), PARTS, sync,
+                          cross_entropy_loss)
     optimizer = build_optimizer(optimizer_name, list(runner.parameters()))
     losses, first_grads = [], None
     for step in range(n_steps):
@@ -85,7 +86,7 @@ def _ranks(rank, world, cases):
 
 def _eval_reference(n_steps: int, optimizer_name: str) -> float:
     """The oracle's loss on the evaluation batch after ``n_steps`` optimizer steps."""
-    from orchestrate.models import LlamaConfig, build_llama, cross_entropy_loss
+    from orchestrate.models.llama import LlamaConfig, build_llama, cross_entropy_loss
     model = build_llama(LlamaConfig(**MODEL), seed=0)
     optimizer = build_optimizer(optimizer_name, list(model.parameters()))
     for step in range(n_steps):

@@ -6,7 +6,7 @@ from orchestrate.parallel.local_ranks import run_ranks
 def _ddp_grads(rank, world, use_torch_ddp):
     import torch.distributed as dist
 
-    from orchestrate.models import LlamaConfig, build_llama, cross_entropy_loss
+    from orchestrate.models.llama import LlamaConfig, build_llama, cross_entropy_loss
     from orchestrate.parallel import comm
     from orchestrate.parallel.sync.ddp import DDPSync
 
@@ -23,7 +23,7 @@ def _ddp_grads(rank, world, use_torch_ddp):
 
 
 def _reference_grads():
-    from orchestrate.models import LlamaConfig, build_llama, cross_entropy_loss
+    from orchestrate.models.llama import LlamaConfig, build_llama, cross_entropy_loss
 
     cfg = LlamaConfig(dim=32, n_layers=2, n_heads=4, n_kv_heads=2)
     model = build_llama(cfg, seed=0)
@@ -46,7 +46,7 @@ def test_ddp_gradients_match_full_batch_and_bytes_are_counted():
 def _fsdp_grads(rank, world):
     from torch.distributed.device_mesh import init_device_mesh
 
-    from orchestrate.models import LlamaConfig, build_llama, cross_entropy_loss
+    from orchestrate.models.llama import LlamaConfig, build_llama, cross_entropy_loss
     from orchestrate.parallel.sync.fsdp import FSDPSync
 
     cfg = LlamaConfig(dim=32, n_layers=2, n_heads=4, n_kv_heads=2)

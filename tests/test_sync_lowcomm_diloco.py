@@ -193,7 +193,7 @@ def _checkpoint_in_flight(rank, group):
 
 def _llama_streaming_e3m0(rank, group, world):
     """Streaming DiLoCo with 4-bit Delta trains the Llama model; the peak is one fragment's packed bytes."""
-    from orchestrate.models import LlamaConfig, build_llama, cross_entropy_loss
+    from orchestrate.models.llama import LlamaConfig, build_llama, cross_entropy_loss
     from orchestrate.parallel import comm
     from orchestrate.parallel.quantize import build_quantizer, round_up
     from orchestrate.parallel.sync.streaming_diloco import StreamingDiLoCoConfig, StreamingDiLoCoSync

@@ -27,7 +27,7 @@ def _train(rank: int, world: int, name: str, dp_shard: int) -> dict:
     from torch.distributed.tensor import DTensor
 
     from orchestrate.config import Config, derive
-    from orchestrate.models import build_llama, cross_entropy_loss
+    from orchestrate.models.llama import build_llama, cross_entropy_loss
     from orchestrate.parallel.mesh import build_mesh
     from orchestrate.parallel.sync import build_sync
 

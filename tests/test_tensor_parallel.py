@@ -40,7 +40,7 @@ def test_dp2_tp2_matches_single_process(reference):
 
 
 def test_validate_tp_names_keys_and_valid_values():
-    from orchestrate.parallel.tensor import validate_tp
+    from orchestrate.models.llama import validate_tp
 
     cfg = tiny_config()
     validate_tp(cfg, 1)
@@ -60,6 +60,6 @@ def test_validate_tp_names_keys_and_valid_values():
 
 
 def _with(**changes):
-    from orchestrate.models import LlamaConfig
+    from orchestrate.models.llama import LlamaConfig
 
     return LlamaConfig(**{**MODEL, **changes})

@@ -9,7 +9,7 @@ BATCH, SEQ = 8, 16
 
 
 def model_config():
-    from orchestrate.models import LlamaConfig
+    from orchestrate.models.llama import LlamaConfig
 
     return LlamaConfig(**MODEL)
 
@@ -60,7 +60,7 @@ class Params(list):
 
 @lru_cache(maxsize=None)
 def full_batch_reference(n_steps: int, optimizer_name: str):
-    from orchestrate.models import build_llama, cross_entropy_loss
+    from orchestrate.models.llama import build_llama, cross_entropy_loss
 
     model = build_llama(model_config(), seed=0)
 

@@ -10,7 +10,7 @@ GRAD_TOL, CURVE_TOL = 1e-5, 1e-4
 
 
 def tiny_config():
-    from orchestrate.models import LlamaConfig
+    from orchestrate.models.llama import LlamaConfig
 
     return LlamaConfig(**MODEL)
 
@@ -22,7 +22,7 @@ def global_batch(step: int) -> tuple[torch.Tensor, torch.Tensor]:
 
 def reference_run() -> tuple[list[float], dict[str, torch.Tensor]]:
     """Single process, full batch: the loss of each step and the gradients of the first."""
-    from orchestrate.models import build_llama, cross_entropy_loss
+    from orchestrate.models.llama import build_llama, cross_entropy_loss
 
     model = build_llama(tiny_config(), seed=0)
     optimizer = torch.optim.AdamW(model.parameters(), lr=LR)
@@ -48,7 +48,7 @@ def parallel_run(layout: dict) -> dict:
     import torch.distributed as dist
     from torch.distributed.tensor import DTensor
 
-    from orchestrate.models import build_llama
+    from orchestrate.models.llama import PARTS, build_llama
     from orchestrate.parallel.context import apply_cp, shard_sequence
     from orchestrate.parallel.mesh import ParallelDims, build_mesh, replica_group
     from orchestrate.parallel.sync.ddp import DDPSync
@@ -59,9 +59,9 @@ def parallel_run(layout: dict) -> dict:
     coords = dims.coordinates(dist.get_rank())
     model = build_llama(tiny_config(), seed=0)
     if dims.tp > 1:
-        apply_tp(model, mesh["tp"], layout["sequence_parallel"], layout["loss_parallel"])
+        apply_tp(model, PARTS, mesh["tp"], layout["sequence_parallel"], layout["loss_parallel"])
     if dims.cp > 1:
-        apply_cp(model, mesh["cp"], layout["cp_impl"])
+        apply_cp(model, PARTS, mesh["cp"], layout["cp_impl"])
     replicas = replica_group(mesh)
     sync = DDPSync(replicas)
     wrapped = sync.wrap_model(model)

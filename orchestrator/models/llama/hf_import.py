@@ -1,6 +1,6 @@
 """Read a Hugging Face Llama folder (``config.json`` + safetensors, sharded or not) as our Llama's weights.
 
-The inverse of ``checkpoint.export``: the same name map, and q/k rows reordered back from HF's rotate_half RoPE
+The inverse of ``hf_export``: the same name map, and q/k rows reordered back from HF's rotate_half RoPE
 layout to our interleaved pairs. ``read_hf_llama`` checks the folder without reading a tensor (the config and
 the safetensors headers), so a wrong architecture, a missing tensor or a wrong shape is reported before a run
 starts; ``load_hf_weights`` then reads the tensors (memory-mapped by safetensors) as float32.
@@ -16,7 +16,7 @@ from typing import Any
 import torch
 from safetensors import safe_open
 
-from orchestrate.checkpoint.export import CONFIG_FILE, WEIGHTS_FILE, LlamaHyperParameters, expected_shape, weight_names
+from orchestrate.models.llama.hf_export import CONFIG_FILE, WEIGHTS_FILE, LlamaHyperParameters, expected_shape, weight_names
 from orchestrate.checkpoint.universal import CheckpointError
 
 INDEX_FILE = "model.safetensors.index.json"

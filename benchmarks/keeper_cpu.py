@@ -1,0 +1,116 @@
+"""Where the CPU goes while a run trains, per kind of process: the CPU milliseconds per training step that the
+ranks, the keepers, Ray's own processes and the controller use, for the keeper-overhead configurations of
+``benchmarks/recovery.py --part overhead``. A diagnostic for the step-time ratios there: on 2 cores every
+millisecond a keeper or Ray spends is taken from the ranks.
+
+Each configuration is one ``orchestrate launch`` of ``--steps`` steps; CPU time of every process on this machine
+is read from /proc at two moments in the middle of the run (after ``--warmup`` steps, ``--window`` seconds
+apart) and divided by the steps the run made in between.
+
+    python -m benchmarks.keeper_cpu [--recipe quickstart] [--steps 400] [--warmup 30] [--window 20]
+"""
+from __future__ import annotations
+
+import argparse
+import os
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+CONFIGURATIONS = {  # name -> overrides
+    "no checkpointing": ("checkpoint.every=0", "checkpoint.persist_every=0"),
+    "keepers, snapshot every step, disk every 10 steps": ("checkpoint.keepers=true", "checkpoint.every=1",
+                                                          "checkpoint.persist_every=10"),
+    "keepers, snapshot every step, no disk": ("checkpoint.keepers=true", "checkpoint.every=1",
+                                              "checkpoint.persist_every=0"),
+    "in-process snapshot every step (keepers off), no disk": ("checkpoint.keepers=false", "checkpoint.every=1",
+                                                             "checkpoint.persist_every=0"),
+}
+TICKS = os.sysconf("SC_CLK_TCK")
+
+
+def kind_of(cmdline: str) -> str:
+    if "TrainWorker" in cmdline:
+        return "ranks"
+    if "SnapshotKeeper" in cmdline:
+        return "keepers"
+    if "orchestrate launch" in cmdline or "-m orchestrate" in cmdline:
+        return "controller"
+    if any(name in cmdline for name in ("raylet", "gcs_server", "dashboard", "log_monitor", "runtime_env",
+                                        "ray::IDLE", "default_worker", "monitor.py")):
+        return "ray"
+    return "other"
+
+
+def cpu_seconds() -> dict[int, tuple[str, float]]:
+    """pid -> (kind, user + system CPU seconds) of every process."""
+    found = {}
+    for pid in filter(str.isdigit, os.listdir("/proc")):
+        try:
+            stat = Path(f"/proc/{pid}/stat").read_text()
+            cmdline = Path(f"/proc/{pid}/cmdline").read_bytes().replace(b"\0", b" ").decode(errors="replace")
+        except OSError:
+            continue
+        fields = stat.rsplit(")", 1)[1].split()
+        found[int(pid)] = (kind_of(cmdline), (int(fields[11]) + int(fields[12])) / TICKS)
+    return found
+
+
+def steps_logged(metrics: Path) -> int:
+    try:
+        return sum('"step_time"' in line for line in metrics.read_text().splitlines())
+    except OSError:
+        return 0
+
+
+def measure(recipe: str, steps: int, warmup: int, window_s: float, overrides: tuple[str, ...]) -> dict[str, float]:
+    """CPU milliseconds per step by kind of process, and the step time, in the middle of one run."""
+    with tempfile.TemporaryDirectory() as tmp:
+        metrics = Path(tmp) / "run" / "metrics.jsonl"
+        run = subprocess.Popen([sys.executable, "-m", "orchestrate", "launch", f"recipe={recipe}",
+                                f"train.steps={steps}", f"run.dir={tmp}/run", "logging.progress=false", *overrides],
+                               stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+        try:
+            while steps_logged(metrics) < warmup:
+                if run.poll() is not None:
+                    raise RuntimeError(f"the run ended before step {warmup}: raise --steps")
+                time.sleep(0.2)
+            before, first, start = cpu_seconds(), steps_logged(metrics), time.monotonic()
+            time.sleep(window_s)
+            after, last, end = cpu_seconds(), steps_logged(metrics), time.monotonic()
+        finally:
+            run.terminate()
+            run.wait()
+    if run.returncode not in (0, -15) and last - first <= 0:
+        raise RuntimeError("no steps in the window")
+    per_kind: dict[str, float] = {}
+    for pid, (kind, cpu) in after.items():
+        if pid in before and before[pid][0] == kind:
+            per_kind[kind] = per_kind.get(kind, 0.0) + cpu - before[pid][1]
+    made = last - first
+    return {"step_ms": (end - start) / made * 1e3, **{k: v / made * 1e3 for k, v in per_kind.items()}}
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--recipe", default="quickstart")
+    parser.add_argument("--steps", type=int, default=400)
+    parser.add_argument("--warmup", type=int, default=30)
+    parser.add_argument("--window", type=float, default=20.0)
+    args = parser.parse_args()
+    kinds = ("ranks", "keepers", "ray", "controller", "other")
+    print(f"CPU ms per step by process, recipe {args.recipe}, {args.window:g} s in the middle of "
+          f"{args.steps}-step runs\n")
+    print("| configuration | wall ms per step | " + " | ".join(kinds) + " | all |")
+    print("|---|---|" + "---|" * (len(kinds) + 1))
+    for name, overrides in CONFIGURATIONS.items():
+        row = measure(args.recipe, args.steps, args.warmup, args.window, overrides)
+        total = sum(row.get(k, 0.0) for k in kinds)
+        print(f"| {name} | {row['step_ms']:.1f} | " + " | ".join(f"{row.get(k, 0.0):.1f}" for k in kinds) +
+              f" | {total:.1f} |", flush=True)
+
+
+if __name__ == "__main__":
+    main()

@@ -91,7 +91,7 @@ class ToyTask:
         return x, self.teacher(x).argmax(-1)
 
     def model(self) -> nn.Module:
-        """32-128-10 MLP; blocks are named ``layers.<i>`` so Streaming DiLoCo can fragment them."""
+        """32-128-10 MLP; its two blocks (``layers``) are what Streaming DiLoCo fragments."""
         torch.manual_seed(0)
         return _Student(nn.ModuleDict({"0": nn.Linear(self.INPUTS, self.HIDDEN),
                                        "1": nn.Linear(self.HIDDEN, self.CLASSES)}))
@@ -106,8 +106,8 @@ class ToyTask:
     def loss(self, output, target):
         return nn.functional.cross_entropy(output, target)
 
-    def evaluate(self, model: nn.Module, params: dict) -> float:
-        logits = torch.func.functional_call(model, params, (self.eval_set[0],))
+    def evaluate(self, model: nn.Module) -> float:
+        logits = model(self.eval_set[0])
         return self.loss(logits, self.eval_set[1]).item()
 
 
@@ -158,8 +158,8 @@ class LlamaTask:
 
         return cross_entropy_loss(output, target)
 
-    def evaluate(self, model: nn.Module, params: dict) -> float:
-        logits = torch.func.functional_call(model, params, (self.eval_set[0],))
+    def evaluate(self, model: nn.Module) -> float:
+        logits = model(self.eval_set[0])
         return self.loss(logits, self.eval_set[1]).item()
 
 
@@ -168,9 +168,8 @@ GRAD_CLIP = {"toy": 0.0, "toy-lr3e-3": 0.0, "llama": 1.0, "llama-long": 1.0}
 
 def evaluate_run(run: Run, sync, model: nn.Module, task) -> float:
     """Held-out loss of this replica: Streaming DiLoCo on its outer parameters, the others on the live ones."""
-    params = sync.evaluation_parameters(model)
-    with torch.no_grad():
-        return task.evaluate(model, params)
+    with torch.no_grad(), sync.evaluating():
+        return task.evaluate(model)
 
 
 def _train(run: Run, task, task_name: str, steps: int, rank: int, eval_every: int = 0) -> dict:
@@ -185,7 +184,7 @@ def _train(run: Run, task, task_name: str, steps: int, rank: int, eval_every: in
     group = singletons[rank] if run.single_worker else dist.group.WORLD
     model = task.model()
     sync = build_strategy(run.sync, group, options=run.options)
-    wrapped = sync.wrap_model(model)
+    wrapped = sync.wrap_model(model, model.layers)  # the blocks: Streaming DiLoCo fragments them
     build_default, build_scheduler = task.optimizer(model)
     optimizer = sync.build_optimizer(model.parameters(), build_default)
     scheduler = build_scheduler(optimizer) if build_scheduler else None

@@ -173,7 +173,8 @@ def compose_resume_config(ckpt: str, overrides: Sequence[str]) -> Config:
 
 def export_command(args: Sequence[str]) -> int:
     from orchestrate.checkpoint.universal import CheckpointError, read_manifest, resolve_version_dir
-    from orchestrate.models import family, family_names
+    from orchestrate.config import ConfigError, check_choice
+    from orchestrate.models import family
 
     values = dict(a.split("=", 1) for a in args if "=" in a)
     unknown = sorted(set(values) - {"ckpt", "out"}) + [a for a in args if "=" not in a]
@@ -182,10 +183,10 @@ def export_command(args: Sequence[str]) -> int:
     try:
         saved = read_manifest(resolve_version_dir(values["ckpt"])).trainer_state.config
         name = (saved.get("model") or {}).get("name", "llama")
-        if name not in family_names():
-            raise CheckpointError(f"{values['ckpt']}: model.name={name!r} has no model folder (valid: "
-                                  f"{', '.join(family_names())})")
+        check_choice("model.name", name)
         out = family(name).export_hf(values["ckpt"], values["out"], tokenizer_file(saved.get("data") or {}))
+    except ConfigError as err:
+        return fail(f"{values['ckpt']}: {err}")
     except CheckpointError as err:
         return fail(str(err))
     print(f"exported a Hugging Face Llama folder to {out}")

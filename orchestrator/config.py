@@ -17,7 +17,7 @@ from omegaconf import OmegaConf
 
 from orchestrate.checkpoint.keepers.settings import KeeperSettings
 from orchestrate.models import family, family_names
-from orchestrate.models.llama import LlamaConfig
+from orchestrate.models import llama
 from orchestrate.parallel.mesh import ParallelDims, ParallelConfigError
 from orchestrate.parallel.sync import STRATEGIES
 
@@ -34,8 +34,9 @@ class RunConfig:
 
 
 @dataclass(frozen=True)
-class ModelConfig(LlamaConfig):
-    """The model's own hyper-parameters (LlamaConfig), and which model and weights to start from."""
+class ModelConfig(llama.Config):
+    """The model's own hyper-parameters (the family's ``Config``: Llama's is the one family today), and which
+    model and weights to start from."""
 
     name: str = "llama"
     # a Hugging Face Llama folder (config.json + safetensors): the model section follows its config.json and
@@ -258,6 +259,12 @@ def _get(cfg: Config, dotted: str):
     return value
 
 
+def check_choice(key: str, value: Any) -> None:
+    """A ConfigError naming ``key``, its ``value`` and the valid ones, unless ``value`` is one (``CHOICES``)."""
+    valid = CHOICES[key]
+    _require(value in valid, f"{key}={value}: unknown; valid: {', '.join(valid)}")
+
+
 def _require(condition: bool, message: str) -> None:
     if not condition:
         raise ConfigError(message)
@@ -271,9 +278,8 @@ def validate(cfg: Config) -> None:
         except AttributeError:
             raise ConfigError(f"run.requires: '{key}' is not a config key") from None
         _require(given, f"{key}: required by recipe {cfg.run.name} ({key}=...)")
-    for key, valid in CHOICES.items():
-        value = _get(cfg, key)
-        _require(value in valid, f"{key}={value}: unknown; valid: {', '.join(valid)}")
+    for key in CHOICES:
+        check_choice(key, _get(cfg, key))
     try:
         cfg.dims.validate(cfg.cluster.num_workers)
     except ParallelConfigError as err:

@@ -22,47 +22,17 @@ from orchestrate.cluster.ray_cluster import ClusterUnreachable, RayRuntime, chec
 from orchestrate.cluster.worker_group import PlacementError, StartTimeout, WorkerGroup, WorkerGroupError
 from orchestrate.checkpoint.keepers.service import KeeperService
 from orchestrate.config import Config, ConfigError, derive
+from orchestrate.failures import HEALTH_CHECK_TIMEOUT_S, dead_ranks, describe_failure, raise_if_failed, stop_survivors
 from orchestrate.fault_injection import FaultPlan, check_node_faults
 from orchestrate.interrupt import InterruptRequests, RunInterrupted, save_held_versions
 from orchestrate.metrics import MetricsLog
 from orchestrate.progress import ProgressLine
-from orchestrate.recovery import (RecoveryPlan, RecoveryRecord, data_parallel_that_fits, failure_time, plan_recovery,
-                                  recovery_source)
+from orchestrate.recovery import (RecoveryPlan, RecoveryRecord, data_parallel_that_fits, failure_time,
+                                  plan_after_failure)
 from orchestrate.step_report import KeeperProgress, StepReport, aggregate_step
 from orchestrate.worker import TrainWorker
 
 POLL_INTERVAL_S = 0.05  # a lost rank takes its unpolled step reports with it: those steps are redone
-DEATH_REPORT_GRACE_S = 3.0
-HEALTH_CHECK_TIMEOUT_S = 5.0
-SURVIVOR_STOP_TIMEOUT_S = 15.0  # a surviving rank still inside its call after this is started anew
-
-
-def _raises(ref) -> bool:
-    import ray
-
-    try:
-        ray.get(ref)
-        return False
-    except Exception:  # noqa: BLE001 - any failure of a rank's call
-        return True
-
-
-class RankDied(WorkerGroupError):
-    def __init__(self, message: str, rank: int, step: int, finished_step: int, node_ids: list[str],
-                 dead_ranks: list[int]):
-        super().__init__(message, rank)
-        self.dead_ranks = dead_ranks  # every rank that died or stopped answering
-        self.step = step  # the step during which it died
-        # the newest step a surviving rank finished (without gradient all-reduce, survivors may run ahead)
-        self.finished_step = finished_step
-        self.node_ids = node_ids  # nodes of the ranks that died or stopped answering
-
-
-def describe_failure(err: WorkerGroupError) -> str:
-    """One line: Ray's actor-death text runs over many lines."""
-    if isinstance(err, RankDied) or err.rank is None:
-        return str(err).strip().splitlines()[0]
-    return f"rank {err.rank} died while the gang started or restored"
 
 
 class RunState(str, enum.Enum):
@@ -214,7 +184,7 @@ class Controller:
         """Plan the recovery from ``err`` into ``attempt`` (or raise when there is nothing to restore from or no
         restart left); returns the config the recovering gang gets."""
         detected, group = time.time(), attempt.group
-        dead = self._dead_ranks(group, err)
+        dead = dead_ranks(group, err)
         self._drop_fired_faults(attempt, progress, metrics, result.steps)
         lost_nodes = await_lost_nodes(getattr(err, "node_ids", []))
         smaller_dp = self._data_parallel_after_node_loss(err) if lost_nodes else None
@@ -224,9 +194,10 @@ class Controller:
         survivors = [] if group is None else [r for r in range(group.world_size) if r not in dead]
         if self.keepers is not None:
             self.keepers.drain()  # no commit frees a version while the survivors are asked
-        held = self._stop_survivors(group, survivors)
+        held = stop_survivors(group, survivors, self._busy)
         dead = sorted(set(dead) | set(survivors) - set(held))
-        plan = self._plan_recovery(dead, held, result.steps, smaller_dp)
+        plan = plan_after_failure(self.cfg.checkpoint.dir, dead, held, result.steps, bool(smaller_dp),
+                                  self._setup_infos, self.keepers.plan_restore if self.keepers else None)
         if attempt.restarts >= self.cfg.fault.max_restarts or plan is None:
             reason = f"fault.max_restarts={self.cfg.fault.max_restarts} used up" if plan else \
                 "no committed checkpoint to restore"
@@ -248,7 +219,8 @@ class Controller:
         if smaller_dp:
             self._shrink_data_parallel(smaller_dp, progress)
             self.faults.drop_ranks_from(self.cfg.world_size)
-        self._prepare_keepers(plan)
+        if self.keepers is not None:
+            self.keepers.prepare_restore(None if plan.disk else plan.version, self.cfg.world_size)
         return derive(self.cfg, {"checkpoint.resume_from": str(plan.disk) if plan.disk else None})
 
     def _drop_fired_faults(self, attempt: "_Attempt", progress: ProgressLine, metrics: MetricsLog,
@@ -270,61 +242,6 @@ class Controller:
                                self.cfg.start_timeout_s, c.collective_timeout_s)
         except PlacementError as err:
             raise ConfigError(f"cluster.cpus_per_worker={c.cpus_per_worker}: {err}") from None
-
-    @staticmethod
-    def _dead_ranks(group: Optional[WorkerGroup], err: WorkerGroupError) -> list[int]:
-        """The ranks to start anew: those the failure report names, else those that do not answer now."""
-        if group is None:
-            return []
-        if isinstance(err, RankDied):
-            return list(err.dead_ranks)
-        dead, unresponsive = group.probe(HEALTH_CHECK_TIMEOUT_S)
-        return sorted({*dead, *unresponsive} | ({err.rank} if err.rank is not None else set()))
-
-    def _stop_survivors(self, group: Optional[WorkerGroup], survivors: list[int]) -> dict[int, list[int]]:
-        """Surviving rank -> versions its memory holds, once it left its running call (training stops at the
-        next step; a collective with a dead rank fails). A survivor that does not get there in time, or dies
-        meanwhile, is left out: it is started anew with the lost ranks."""
-        import ray
-
-        if not survivors:
-            return {}
-        group.call_async("stop_training", ranks=survivors, control=True)
-        busy = [self._busy[r] for r in survivors if r in self._busy]
-        ray.wait(busy, num_returns=len(busy), timeout=SURVIVOR_STOP_TIMEOUT_S)
-        held = {}
-        for rank, ref in zip(survivors, group.call_async("held_versions", ranks=survivors, control=True)):
-            if rank in self._busy and not ray.wait([self._busy[rank]], timeout=0)[0]:
-                continue  # still inside its call: hung
-            try:
-                held[rank] = ray.get(ref, timeout=HEALTH_CHECK_TIMEOUT_S)
-            except Exception:  # noqa: BLE001 - died or hangs: started anew
-                continue
-        return held
-
-    def _plan_recovery(self, dead: list[int], held: dict[int, list[int]], logged_step: int,
-                       smaller_dp: Optional[int]) -> Optional[RecoveryPlan]:
-        def from_disk():
-            return recovery_source(self.cfg.checkpoint.dir, logged_step)
-
-        if smaller_dp:  # another layout restores from the universal format: only disk versions reshard
-            disk = from_disk()
-            return RecoveryPlan("disk", disk=disk) if disk else None
-        coords = [info["coords"] for info in self._setup_infos] if self._setup_infos else []
-        heals = bool(self._setup_infos) and all(info["heals_from_replicas"] for info in self._setup_infos)
-        return plan_recovery(dead, held, coords, logged_step, heals,
-                             lambda: self.keepers.plan_restore(logged_step) if self.keepers else None, from_disk)
-
-    def _prepare_keepers(self, plan: RecoveryPlan) -> None:
-        """Keepers forget what the failed gang handed over after the restored version (or start afresh when the
-        run restores an older version from disk) and a keeper starts on every live node without one."""
-        if self.keepers is None:
-            return
-        if plan.disk is not None:
-            self.keepers.reset(self.cfg.world_size)
-        else:
-            self.keepers.forget_after(plan.version)
-            self.keepers.refresh()
 
     def _data_parallel_after_node_loss(self, err: WorkerGroupError) -> Optional[int]:
         """None if the layout still fits the cluster, else the largest smaller data-parallel degree that does."""
@@ -478,12 +395,12 @@ class Controller:
                 raise self._save_on_interrupt(group, result, progress)
             if unfinished:
                 _, unfinished = ray.wait(unfinished, num_returns=len(unfinished), timeout=POLL_INTERVAL_S)
-                self._raise_if_failed(group, train_refs, result)
+                raise_if_failed(group, train_refs, result.steps)
             poll_refs = group.call_async("poll_metrics", ranks=polled, control=True)
             try:
                 polls = group.gather(poll_refs)
             except WorkerGroupError:
-                self._raise_if_failed(group, train_refs, result, suspect=True)
+                raise_if_failed(group, train_refs, result.steps, suspect=True)
                 raise
             if self.keepers is not None:
                 self._replace_lost_keepers(group, result, progress, metrics)
@@ -522,38 +439,3 @@ class Controller:
         else:
             version = save_held_versions(group, self.cfg.checkpoint, result.steps, HEALTH_CHECK_TIMEOUT_S)
         return RunInterrupted(signum, self.cfg.checkpoint.dir if version is not None else None, version)
-
-    def _raise_if_failed(self, group: WorkerGroup, train_refs: list, result: RunResult,
-                         suspect: bool = False) -> None:
-        """A dead rank is the root cause to report; its neighbours' collective errors are only symptoms.
-        ``suspect``: another call already saw a dead actor, so wait for its training call to report it."""
-        import ray
-
-        failed = [ref for ref in train_refs if ray.wait([ref], timeout=0)[0] and _raises(ref)]
-        if not failed and not suspect:
-            return
-        deadline = time.monotonic() + DEATH_REPORT_GRACE_S
-        while (rank := group.rank_of_failure(train_refs)) is None and time.monotonic() < deadline:
-            time.sleep(0.1)
-        # a lost node's actors are declared dead only once Ray notices the node is gone: ask every rank
-        reported, unresponsive = group.probe(HEALTH_CHECK_TIMEOUT_S)
-        dead = sorted({rank} - {None} | set(reported) | set(unresponsive))
-        if dead:
-            finished, newest = self._survivor_progress(group, dead) or (result.steps, result.steps)
-            alive = set(live_node_ids())  # a rank Ray reports dead on a live node lost its process, not its node
-            suspect_nodes = [group.infos[r]["node_id"] for r in dead
-                             if r in unresponsive or group.infos[r]["node_id"] not in alive]
-            raise RankDied(f"rank {dead[0]} died during step {finished + 1}", rank=dead[0], step=finished + 1,
-                           finished_step=newest, node_ids=suspect_nodes, dead_ranks=dead)
-        if failed:
-            ray.get(failed[0])  # an application error in a rank: surface its message
-
-    def _survivor_progress(self, group: WorkerGroup, dead_ranks: list[int]) -> Optional[tuple[int, int]]:
-        """(newest step every survivor finished, newest step one finished); survivors wait for the dead ranks.
-        None when no rank survived or answered."""
-        survivors = [r for r in range(group.world_size) if r not in dead_ranks]
-        try:
-            finished = group.gather(group.call_async("finished_steps", ranks=survivors, control=True), 10.0)
-        except Exception:  # noqa: BLE001 - best effort: more ranks may be dying
-            return None
-        return (min(finished), max(finished)) if finished else None

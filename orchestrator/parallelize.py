@@ -28,10 +28,10 @@ class WholeModelRunner:
     """All layers on this rank, maybe sharded over tp (DTensor) and holding a part of each sequence (cp); the
     sync strategy may wrap it (DDP, FSDP). The loss is computed on vocabulary-sharded logits under tp."""
 
-    def __init__(self, model: nn.Module, sync: SyncStrategy, cp_rank: int = 0, cp: int = 1,
+    def __init__(self, model: nn.Module, parts: ModelParts, sync: SyncStrategy, cp_rank: int = 0, cp: int = 1,
                  reports_loss: bool = True):
         self.model = model
-        self.module = sync.wrap_model(model)
+        self.module = sync.wrap_model(model, parts.blocks_of(model))
         self.cp_rank, self.cp = cp_rank, cp
         self.reports_loss = reports_loss
         self.pp_group = None
@@ -77,7 +77,8 @@ class PipelineRunner:
     def __init__(self, pipeline: Pipeline, parts: ModelParts, sync: SyncStrategy, pp_group,
                  vocab_sharded: bool = False, cp_rank: int = 0, cp: int = 1, reports_loss: bool = True):
         self.pipeline = pipeline
-        sync.wrap_model(merge_stages(pipeline.stage_modules, parts))
+        merged = merge_stages(pipeline.stage_modules, parts)
+        sync.wrap_model(merged, parts.blocks_of(merged))
         self.reports_loss = pipeline.is_last_stage and reports_loss
         self.pp_group = pp_group
         self.loss_context = loss_parallel if vocab_sharded else contextlib.nullcontext
@@ -136,7 +137,7 @@ def build_runner(cfg: Config, mesh: DeviceMesh, coords: dict[str, int], model: n
     if p.pp == 1:
         apply_tp(model, parts, mesh["tp"], p.sequence_parallel, p.loss_parallel)
         apply_cp(model, parts, mesh["cp"], p.cp_impl)
-        return WholeModelRunner(model, sync, coords["cp"], p.cp, reports_loss=coords["tp"] == 0)
+        return WholeModelRunner(model, parts, sync, coords["cp"], p.cp, reports_loss=coords["tp"] == 0)
 
     def parallelize_stage(stage: nn.Module) -> nn.Module:
         apply_tp(stage, parts, mesh["tp"], p.sequence_parallel, p.loss_parallel)

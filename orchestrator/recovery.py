@@ -96,6 +96,24 @@ def recovery_source(checkpoint_dir: str, logged_step: int) -> Optional[Path]:
     return version_dir(checkpoint_dir, usable[-1])
 
 
+def plan_after_failure(checkpoint_dir: str, lost: list[int], held: dict[int, list[int]], logged_step: int,
+                       elastic: bool, setup_infos: list[dict],
+                       keeper_plan: Optional[Callable[[int], Any]]) -> Optional[RecoveryPlan]:
+    """``plan_recovery`` for the gang the controller started (``setup_infos``: what each rank's setup returned;
+    ``keeper_plan``: the keepers' ``plan_restore``, None without keepers). ``elastic``: the gang restarts on
+    another layout, which only the universal checkpoints on disk can restore."""
+    def from_disk():
+        return recovery_source(checkpoint_dir, logged_step)
+
+    if elastic:
+        disk = from_disk()
+        return RecoveryPlan("disk", disk=disk) if disk else None
+    coords = [info["coords"] for info in setup_infos]
+    heals = bool(setup_infos) and all(info["heals_from_replicas"] for info in setup_infos)
+    return plan_recovery(lost, held, coords, logged_step, heals,
+                         lambda: keeper_plan(logged_step) if keeper_plan else None, from_disk)
+
+
 @dataclass
 class RecoveryRecord:
     """One recovery, as metrics.jsonl records it (``recovery``) at the first step finished after it, or when

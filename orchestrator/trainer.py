@@ -129,7 +129,8 @@ class Trainer:
 
     @torch.no_grad()
     def evaluate(self, window_batches) -> Optional[float]:
-        losses = [self.runner.evaluate(x.to(self.device), y.to(self.device))
-                  for x, y in (self.data.batch(ids) for ids in window_batches)]
+        with self.sync.evaluating():  # e.g. Streaming DiLoCo: the replicas' common (outer) weights
+            losses = [self.runner.evaluate(x.to(self.device), y.to(self.device))
+                      for x, y in (self.data.batch(ids) for ids in window_batches)]
         losses = [float(loss) for loss in losses if loss is not None]
         return sum(losses) / len(losses) if losses else None

@@ -54,7 +54,7 @@ def _fsdp_grads(rank, world):
     tokens = torch.randint(0, 256, (4, 9), generator=torch.Generator().manual_seed(1))
     local = tokens[rank * 2: rank * 2 + 2]
     sync = FSDPSync(init_device_mesh("cpu", (world,)))
-    wrapped = sync.wrap_model(model)
+    wrapped = sync.wrap_model(model, model.layers)  # each block its own unit
     cross_entropy_loss(wrapped(local[:, :-1]), local[:, 1:]).backward()
     sync.before_optimizer(0)
     grads = {n: p.grad.full_tensor() for n, p in model.named_parameters()}

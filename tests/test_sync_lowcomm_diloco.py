@@ -26,7 +26,7 @@ def _streaming(group, config, make_optimizer, n_layers=4):
 
     model = TinyNet(n_layers=n_layers)
     sync = StreamingDiLoCoSync(group, config=config)
-    sync.wrap_model(model)
+    sync.wrap_model(model, model.layers)
     return model, sync, make_optimizer(model)
 
 
@@ -201,7 +201,7 @@ def _llama_streaming_e3m0(rank, group, world):
     model = build_llama(LlamaConfig(dim=32, n_layers=2, n_heads=4, n_kv_heads=2), seed=0)
     sync = StreamingDiLoCoSync(group, config=StreamingDiLoCoConfig(sync_every=6, layers_per_fragment=1,
                                                                    outer_lr=0.7, quant_block=64))
-    sync.wrap_model(model)
+    sync.wrap_model(model, model.layers)
     optimizer = torch.optim.AdamW(model.parameters(), lr=3e-3)
     tokens = torch.randint(0, 64, (4, 17), generator=torch.Generator().manual_seed(rank))
     losses = []
@@ -246,7 +246,7 @@ def _warmup_then(rank, group, sync_class, config_class, outer):
     warmup, steps = 3, 7
     model = TinyNet()
     sync = sync_class(group, config=config_class(ddp_warmup_steps=warmup, **outer))
-    sync.wrap_model(model)
+    sync.wrap_model(model, model.layers)
     optimizer = sgd(model)
     after_warmup = None
     for step in range(warmup + steps):
@@ -260,7 +260,7 @@ def _warmup_then(rank, group, sync_class, config_class, outer):
     for step in range(warmup):
         train_step(reference, ddp, reference_optimizer, step, batch(rank, step))
     fresh = sync_class(group, config=config_class(**outer))
-    fresh.wrap_model(reference)
+    fresh.wrap_model(reference, reference.layers)
     for step in range(steps):
         train_step(reference, fresh, reference_optimizer, step, batch(rank, warmup + step))
     return {"after_warmup": after_warmup, "same_as_reference": flat_params(model).equal(flat_params(reference)),

@@ -51,7 +51,7 @@ def _diloco_on_shards(dp, tp, mesh):
     for name, build in strategies.items():
         model = _sharded_model(mesh["tp"])
         sync = build(mesh["dp"].get_group())
-        sync.wrap_model(model)
+        sync.wrap_model(model, model.layers)
         before = _local_shards(model)
         _perturb(model, 1.0 + dp + 10 * tp)
         sync.after_optimizer(0)

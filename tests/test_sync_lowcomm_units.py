@@ -115,12 +115,12 @@ def test_noloco_groups_partition_and_stability_window():
 
 
 def test_streaming_fragments_strided_and_sequential():
-    names = [f"layers.{i}.attention.wq.weight" for i in range(6)] + ["tok_embeddings.weight", "output.weight"]
-    assert assign_fragments(names, 3, strided=True) == [[0, 2, 4], [1, 3, 5], [6, 7]]
-    assert assign_fragments(names, 3, strided=False) == [[0, 1, 2], [3, 4, 5], [6, 7]]
-    assert assign_fragments(names, 0, strided=True) == [list(range(8))]
-    # a pipeline stage fragments the blocks it holds (layers 2..5 here: ordinals 0..3)
-    assert assign_fragments(names[2:6], 2, strided=True) == [[0, 2], [1, 3]]
+    block_of = [*range(6), None, None]  # six blocks, then the embedding and the output head
+    assert assign_fragments(block_of, 3, strided=True) == [[0, 2, 4], [1, 3, 5], [6, 7]]
+    assert assign_fragments(block_of, 3, strided=False) == [[0, 1, 2], [3, 4, 5], [6, 7]]
+    assert assign_fragments(block_of, 0, strided=True) == [list(range(8))]
+    # a pipeline stage fragments the blocks it holds (blocks 2..5 here: ordinals 0..3)
+    assert assign_fragments(block_of[2:6], 2, strided=True) == [[0, 2], [1, 3]]
 
 
 def test_streaming_schedule_each_fragment_once_per_window():
@@ -140,7 +140,7 @@ def test_streaming_rejects_overlap_beyond_fragment_spacing():
     sync = StreamingDiLoCoSync(None, config=StreamingDiLoCoConfig(sync_every=6, layers_per_fragment=2,
                                                                   overlap_steps=2))
     with pytest.raises(ValueError, match="overlap_steps"):
-        sync.wrap_model(model)
+        sync.wrap_model(model, model.layers)
 
 
 def test_registry_builds_every_strategy_from_options():
@@ -154,3 +154,32 @@ def test_registry_builds_every_strategy_from_options():
     with pytest.raises(TypeError):
         STRATEGIES["diloco"](None, counter, {"no_such_option": 1})
     assert math.isclose(built["diloco"].config.outer_lr, 0.7)
+
+
+def test_streaming_evaluates_on_outer_weights_and_gives_the_live_ones_back(tmp_path):
+    """The trainer evaluates inside ``sync.evaluating()``: Streaming DiLoCo's fragments sync at different steps, so
+    the held-out loss is taken on the outer weights phi, and training goes on from the live weights, bit for bit."""
+    import torch.distributed as dist
+
+    dist.init_process_group("gloo", store=dist.FileStore(str(tmp_path / "store"), 1), rank=0, world_size=1)
+    try:
+        _evaluate_on_outer_weights()
+    finally:
+        dist.destroy_process_group()
+
+
+def _evaluate_on_outer_weights():
+    model = TinyNet(n_layers=4)
+    sync = StreamingDiLoCoSync(None, config=StreamingDiLoCoConfig(sync_every=6, layers_per_fragment=2,
+                                                                  overlap_steps=1))
+    sync.wrap_model(model, model.layers)
+    with torch.no_grad():
+        for param in model.parameters():
+            param.add_(1.0)  # live weights moved away from phi by local steps
+    live = {name: param.detach().clone() for name, param in model.named_parameters()}
+    outer = {name: value.clone() for name, value in sync.outer_parameters().items()}
+    with sync.evaluating():
+        inside = {name: param.detach().clone() for name, param in model.named_parameters()}
+    assert all(inside[name].equal(outer[name]) for name in live)
+    assert all(not inside[name].equal(live[name]) for name in live)
+    assert all(param.equal(live[name]) for name, param in model.named_parameters())

@@ -331,6 +331,16 @@ class KeeperService:
             except Exception as err:  # noqa: BLE001 - a lost keeper holds nothing to forget
                 log.warning("keeper unreachable while forgetting versions after %d: %s", version, err)
 
+    def prepare_restore(self, version: Optional[int], world_size: int) -> None:
+        """Before a recovering gang starts: the keepers forget what the failed gang handed over after the restored
+        ``version`` (None: the run restores from disk a version older than they hold, so they start afresh) and a
+        keeper starts on every live node without one."""
+        if version is None:
+            self.reset(world_size)
+        else:
+            self.forget_after(version)
+            self.refresh()
+
     def reset(self, world_size: int) -> None:
         """Start over with empty keepers (the run restores from disk a version older than they hold, maybe on a
         smaller layout)."""

@@ -11,12 +11,14 @@ Training-step contract (orchestrator/trainer.py):
 """
 from __future__ import annotations
 
-from typing import Callable, Iterable, Optional
+import contextlib
+from typing import Callable, ContextManager, Iterable, Mapping, Optional
 
 import torch
 from torch import nn
 
 from orchestrate.parallel.comm import CommCounter
+from orchestrate.parallel.sync.tensors import parameters_holding
 
 
 class SyncStrategy:
@@ -37,8 +39,10 @@ class SyncStrategy:
         self.model: Optional[nn.Module] = None
         self.optimizer: Optional[torch.optim.Optimizer] = None
 
-    def wrap_model(self, model: nn.Module) -> nn.Module:
-        """Return the module the trainer runs forward/backward on (DDP wraps; most strategies do not)."""
+    def wrap_model(self, model: nn.Module, blocks: Optional[Mapping[str, nn.Module]] = None) -> nn.Module:
+        """Return the module the trainer runs forward/backward on (DDP wraps; most strategies do not).
+        ``blocks``: the model's repeated blocks keyed by their global index (``ModelParts.blocks_of``), for
+        strategies that treat them apart (FSDP2's units, Streaming DiLoCo's fragments); None: no such blocks."""
         self.model = model
         return model
 
@@ -61,6 +65,12 @@ class SyncStrategy:
         """name -> the weights to evaluate this replica on: the live ones, unless the strategy holds the ones
         its replicas agreed on apart from them (Streaming DiLoCo's outer parameters)."""
         return dict(model.named_parameters())
+
+    def evaluating(self) -> ContextManager[None]:
+        """Inside the block the wrapped model holds ``evaluation_parameters``; its live weights come back after."""
+        if self.model is None:
+            return contextlib.nullcontext()
+        return parameters_holding(self.model.named_parameters(), self.evaluation_parameters(self.model))
 
     def state_dict(self) -> dict[str, torch.Tensor]:
         """Tensors with stable logical names (e.g. ``diloco.outer_momentum.layers.0.attention.wq.weight``)."""

@@ -6,7 +6,7 @@ is a pipeline stage, torch DDP does not apply, so gradients are all-reduced in f
 """
 from __future__ import annotations
 
-from typing import Optional
+from typing import Mapping, Optional
 
 import torch
 from torch import nn
@@ -42,7 +42,7 @@ class DDPSync(SyncStrategy):
         self.use_torch_ddp = use_torch_ddp
         self.torch_ddp = False
 
-    def wrap_model(self, model: nn.Module) -> nn.Module:
+    def wrap_model(self, model: nn.Module, blocks: Optional[Mapping[str, nn.Module]] = None) -> nn.Module:
         self.model = model
         world = comm.group_size(self.replica_group)
         has_dtensor = any(isinstance(p, DTensor) for p in model.parameters())

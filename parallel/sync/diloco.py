@@ -23,7 +23,7 @@ phi takes a plain SGD step with ``outer_lr`` (no momentum).
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Optional
+from typing import Mapping, Optional
 
 import torch
 from torch import nn
@@ -272,7 +272,7 @@ class DiLoCoSync(SyncStrategy):
         self.error_feedback: list[ErrorFeedback] = []  # one per fragment with compression=sparseloco, else empty
         self.warmup = DDPSync(replica_group, self.counter, use_torch_ddp=False)  # the first ddp_warmup_steps
 
-    def wrap_model(self, model: nn.Module) -> nn.Module:
+    def wrap_model(self, model: nn.Module, blocks: Optional[Mapping[str, nn.Module]] = None) -> nn.Module:
         self.model = model
         cfg = self.config
         sparse = cfg.compression == "sparseloco"
@@ -280,7 +280,7 @@ class DiLoCoSync(SyncStrategy):
         self.fragments = [Fragment(trainable_parameters(model), cfg.outer_lr, momentum, nesterov)]
         if sparse:
             self.error_feedback = [ErrorFeedback(f.numel, f.global_params.dtype, cfg) for f in self.fragments]
-        self.warmup.wrap_model(model)
+        self.warmup.wrap_model(model, blocks)
         return model
 
     def before_optimizer(self, step: int) -> None:

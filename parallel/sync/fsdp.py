@@ -12,7 +12,7 @@ own ranks (a 1-D mesh) and the strategy syncs the shards across replicas.
 """
 from __future__ import annotations
 
-from typing import Optional
+from typing import Mapping, Optional
 
 from torch import nn
 from torch.distributed.device_mesh import DeviceMesh
@@ -50,9 +50,9 @@ class FSDPSync(SyncStrategy):
         super().__init__(group, counter)
         self.replica_mesh = replica_mesh
 
-    def wrap_model(self, model: nn.Module) -> nn.Module:
-        """Each transformer block is its own FSDP unit (gathered just before use), then the root."""
-        units = [*getattr(model, "layers", {}).values(), model]
+    def wrap_model(self, model: nn.Module, blocks: Optional[Mapping[str, nn.Module]] = None) -> nn.Module:
+        """Each repeated block is its own FSDP unit (gathered just before use), then the root."""
+        units = [*(blocks or {}).values(), model]
         for unit in units:
             fully_shard(unit, mesh=self.replica_mesh)
             unit.set_custom_all_gather(CountingAllGather(self.counter))

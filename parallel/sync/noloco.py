@@ -22,7 +22,7 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
-from typing import Optional
+from typing import Mapping, Optional
 
 import torch
 import torch.distributed as dist
@@ -123,7 +123,7 @@ class NoLoCoSync(SyncStrategy):
     def exchanges_fast_weights_only(self) -> bool:
         return self.config.outer_lr == self.config.consensus_lr
 
-    def wrap_model(self, model: nn.Module) -> nn.Module:
+    def wrap_model(self, model: nn.Module, blocks: Optional[Mapping[str, nn.Module]] = None) -> nn.Module:
         self.model = model
         self.world = comm.group_size(self.replica_group)
         noloco_groups(0, self.world, self.config.group_size)  # validates the divisibility now

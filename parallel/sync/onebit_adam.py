@@ -20,7 +20,7 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
-from typing import Callable, Iterable, Optional
+from typing import Callable, Iterable, Mapping, Optional
 
 import torch
 from torch import nn
@@ -191,10 +191,10 @@ class OneBitAdamSync(SyncStrategy):
         self.momentum_mean: Optional[OneBitAllReduce] = None
         self._names: dict[int, str] = {}
 
-    def wrap_model(self, model: nn.Module) -> nn.Module:
+    def wrap_model(self, model: nn.Module, blocks: Optional[Mapping[str, nn.Module]] = None) -> nn.Module:
         self.model = model
         self._names = {id(param): name for name, param in model.named_parameters()}
-        self._gradient_mean.wrap_model(model)
+        self._gradient_mean.wrap_model(model, blocks)
         return model
 
     @staticmethod

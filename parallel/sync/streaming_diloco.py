@@ -15,9 +15,8 @@ Evaluate and export ``outer_parameters()`` (phi, mixed-age fragments), which bea
 """
 from __future__ import annotations
 
-import re
 from dataclasses import dataclass
-from typing import Optional
+from typing import Mapping, Optional
 
 import torch
 from torch import nn
@@ -25,9 +24,6 @@ from torch import nn
 from orchestrate.parallel import comm
 from orchestrate.parallel.sync.diloco import DiLoCoConfig, DiLoCoSync, Fragment, ReplicaMean, finish_fragment_sync
 from orchestrate.parallel.sync.tensors import trainable_parameters
-
-BLOCK_INDEX = re.compile(r"(?:^|\.)layers\.(\d+)\.")
-
 
 @dataclass(frozen=True)
 class StreamingDiLoCoConfig(DiLoCoConfig):
@@ -47,24 +43,29 @@ class StreamingDiLoCoConfig(DiLoCoConfig):
             raise ValueError(f"merge_alpha={self.merge_alpha}: must be in [0, 1]")
 
 
-def assign_fragments(names: list[str], layers_per_fragment: int, strided: bool) -> list[list[int]]:
-    """Indices into ``names`` per fragment: block fragments in order, then the non-block parameters.
-
-    Blocks are the ``layers.<i>.`` prefixes; P_blocks = ceil(blocks held / layers_per_fragment)."""
+def assign_fragments(block_of: list[Optional[int]], layers_per_fragment: int, strided: bool) -> list[list[int]]:
+    """Indices into ``block_of`` (each parameter's block, None outside the blocks) per fragment: block fragments
+    in order, then the non-block parameters. P_blocks = ceil(blocks held / layers_per_fragment)."""
     if layers_per_fragment <= 0:
-        return [list(range(len(names)))]
-    layers = [int(match.group(1)) if match else None for match in map(BLOCK_INDEX.search, names)]
+        return [list(range(len(block_of)))]
     # Ordinals among the blocks this rank holds: a pipeline stage fragments its own blocks.
-    ordinal = {layer: i for i, layer in enumerate(sorted({layer for layer in layers if layer is not None}))}
+    ordinal = {block: i for i, block in enumerate(sorted({block for block in block_of if block is not None}))}
     num_block_fragments = -(-len(ordinal) // layers_per_fragment)
     fragments: list[list[int]] = [[] for _ in range(num_block_fragments + 1)]
-    for position, layer in enumerate(layers):
-        if layer is None:
+    for position, block in enumerate(block_of):
+        if block is None:
             fragments[-1].append(position)
         else:
-            index = ordinal[layer]
+            index = ordinal[block]
             fragments[index % num_block_fragments if strided else index // layers_per_fragment].append(position)
     return [fragment for fragment in fragments if fragment]
+
+
+def block_of_parameters(named: list[tuple[str, nn.Parameter]],
+                        blocks: Optional[Mapping[str, nn.Module]]) -> list[Optional[int]]:
+    """The global index of the block holding each parameter (None: outside the blocks)."""
+    index_of = {id(param): int(key) for key, block in (blocks or {}).items() for param in block.parameters()}
+    return [index_of.get(id(param)) for _, param in named]
 
 
 @dataclass(frozen=True)
@@ -110,11 +111,11 @@ class StreamingDiLoCoSync(DiLoCoSync):
         self._inflight_step = torch.tensor(-1, dtype=torch.int64)
         self._inflight_delta = torch.zeros(0)
 
-    def wrap_model(self, model: nn.Module) -> nn.Module:
+    def wrap_model(self, model: nn.Module, blocks: Optional[Mapping[str, nn.Module]] = None) -> nn.Module:
         self.model = model
         cfg = self.config
         named = trainable_parameters(model)
-        groups = assign_fragments([name for name, _ in named], cfg.layers_per_fragment, cfg.strided)
+        groups = assign_fragments(block_of_parameters(named, blocks), cfg.layers_per_fragment, cfg.strided)
         self.fragments = [Fragment([named[i] for i in group], cfg.outer_lr, cfg.outer_momentum, cfg.nesterov)
                           for group in groups]
         self.schedule = FragmentSchedule(cfg.sync_every, len(self.fragments))
@@ -123,7 +124,7 @@ class StreamingDiLoCoSync(DiLoCoSync):
                              f"{cfg.sync_every}//{len(self.fragments)} (one fragment in flight at a time)")
         largest = max(fragment.numel for fragment in self.fragments)
         self._inflight_delta = torch.zeros(largest, dtype=self.fragments[0].global_params.dtype)
-        self.warmup.wrap_model(model)
+        self.warmup.wrap_model(model, blocks)
         return model
 
     @property

@@ -2,6 +2,9 @@
 dtype outer updates run in, named shards seen as one flat vector, and copying named state in."""
 from __future__ import annotations
 
+import contextlib
+from typing import Iterable, Iterator, Mapping
+
 import torch
 from torch import nn
 from torch.distributed.tensor import DTensor
@@ -10,6 +13,26 @@ from torch.distributed.tensor import DTensor
 def local_tensor(tensor: torch.Tensor) -> torch.Tensor:
     """This rank's shard of a (possibly DTensor) parameter; in-place writes reach the parameter."""
     return tensor.to_local() if isinstance(tensor, DTensor) else tensor
+
+
+@contextlib.contextmanager
+def parameters_holding(named: Iterable[tuple[str, nn.Parameter]], values: Mapping[str, torch.Tensor]) -> Iterator[None]:
+    """Inside the block each named parameter's local shard holds ``values[name]`` (those not named, or named with
+    the parameter itself, keep theirs); the live values are put back, bit for bit, on the way out."""
+    saved = []
+    with torch.no_grad():
+        for name, param in named:
+            value, local = values.get(name), local_tensor(param)
+            if value is None or value is param or value is local:
+                continue
+            saved.append((local, local.clone()))
+            local.copy_(value)
+    try:
+        yield
+    finally:
+        with torch.no_grad():
+            for local, live in saved:
+                local.copy_(live)
 
 
 def trainable_parameters(model: nn.Module) -> list[tuple[str, nn.Parameter]]:

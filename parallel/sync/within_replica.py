@@ -22,6 +22,8 @@ replica is counted apart in ``within_counter`` (like tp's).
 """
 from __future__ import annotations
 
+from typing import Mapping, Optional
+
 from torch import nn
 from torch.distributed.device_mesh import DeviceMesh
 
@@ -44,10 +46,10 @@ class WithinReplicaSync:
             raise AttributeError(name)
         return getattr(self.strategy, name)
 
-    def wrap_model(self, model: nn.Module) -> nn.Module:
+    def wrap_model(self, model: nn.Module, blocks: Optional[Mapping[str, nn.Module]] = None) -> nn.Module:
         """The replica's own wrapping first (FSDP2 replaces the parameters with their shards), then the strategy,
         which binds to the parameters it finds."""
-        return self.strategy.wrap_model(self.within.wrap_model(model))
+        return self.strategy.wrap_model(self.within.wrap_model(model, blocks), blocks)
 
     def before_optimizer(self, step: int) -> None:
         self.within.before_optimizer(step)

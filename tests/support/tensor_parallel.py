@@ -51,6 +51,7 @@ def parallel_run(layout: dict) -> dict:
     from orchestrate.models.llama import PARTS, build_llama
     from orchestrate.parallel.context import apply_cp, shard_sequence
     from orchestrate.parallel.mesh import ParallelDims, build_mesh, replica_group
+    from orchestrate.parallel.sync.base import sync_step
     from orchestrate.parallel.sync.ddp import DDPSync
     from orchestrate.parallel.tensor import apply_tp, loss_context, tp_loss
 
@@ -67,25 +68,31 @@ def parallel_run(layout: dict) -> dict:
     wrapped = sync.wrap_model(model)
     optimizer = torch.optim.AdamW(model.parameters(), lr=LR)
 
-    losses, first_grads, logits_shape = [], {}, None
-    for step in range(STEPS):
+    losses, first_grads, logits_shape = [], {}, []
+
+    def forward_backward(step: int) -> torch.Tensor:
         tokens, targets = global_batch(step)
         rows = slice(coords["dp"] * BATCH // dims.dp, (coords["dp"] + 1) * BATCH // dims.dp)
         tokens, targets, positions = shard_sequence(tokens[rows], targets[rows], coords["cp"], dims.cp)
         logits = wrapped(tokens, positions if dims.cp > 1 else None)
+        if not logits_shape:
+            logits_shape.extend((logits.to_local() if isinstance(logits, DTensor) else logits).shape)
         with loss_context(logits):
             loss = tp_loss(logits, targets)
             loss.backward()
-        sync.before_optimizer(step)
-        if step == 0:
-            logits_shape = tuple((logits.to_local() if isinstance(logits, DTensor) else logits).shape)
-            first_grads = {name: (p.grad.full_tensor() if isinstance(p.grad, DTensor) else p.grad).clone()
-                           for name, p in model.named_parameters()}
-        optimizer.step()
-        optimizer.zero_grad()
+        return loss
+
+    def keep_first_grads() -> None:
+        if not first_grads:
+            first_grads.update({name: (p.grad.full_tensor() if isinstance(p.grad, DTensor) else p.grad).clone()
+                                for name, p in model.named_parameters()})
+
+    for step in range(STEPS):
+        loss = sync_step(sync, optimizer, step, lambda: forward_backward(step), keep_first_grads)
         reported = loss.detach().clone()
         dist.all_reduce(reported, group=replicas)
         losses.append(reported.item() / dist.get_world_size(replicas))
+    logits_shape = tuple(logits_shape)
     return {"losses": losses, "grads": first_grads, "local_logits_shape": logits_shape}
 
 

@@ -107,8 +107,8 @@ def _fused_group_into(optimizer: torch.optim.Optimizer, group: dict,
     """One group's step with torch's fused arithmetic (its step counts incremented first, as torch does)."""
     params = [p for p in group["params"] if p.grad is not None]
     states = [optimizer.state[p] for p in params]
-    for state in states:
-        state["step"] += 1
+    if states:
+        torch._foreach_add_([state["step"] for state in states], 1)  # one call, as torch's fused step does
     (beta1, beta2), weight_decay = group["betas"], group["weight_decay"]
     if not group.get("decoupled_weight_decay", isinstance(optimizer, torch.optim.AdamW)):
         weight_decay = 0.0  # plain Adam reaches here only without weight decay (``unsupported_reason``)

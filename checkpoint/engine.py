@@ -24,11 +24,12 @@ trainer blocked time in ``stats``.
 from __future__ import annotations
 
 import json
+import operator
 import threading
 import time
 from collections import deque
 from concurrent.futures import Future, ThreadPoolExecutor
-from dataclasses import asdict, dataclass, replace
+from dataclasses import dataclass, fields, replace
 from pathlib import Path
 from typing import Callable, Iterable, Optional, Protocol, Sequence
 
@@ -70,9 +71,21 @@ class SnapshotStats:
     persist_s: Optional[float] = None  # None when this version was not persisted (or not yet)
 
 
-def _frozen(trainer_state: TrainerState) -> TrainerState:
-    """A deep copy taken at snapshot time; the JSON round trip also rejects non-JSON values early."""
-    return TrainerState.from_json(json.loads(json.dumps(asdict(trainer_state))))
+class _StateFreezer:
+    """Deep copies of the trainer state taken at snapshot time; the JSON round trip also rejects non-JSON values
+    early. The run's config (the largest part) is copied once per config object: it does not change during a
+    run, and copying it on every step cost the training thread more than a small model's snapshot."""
+
+    def __init__(self):
+        self._config_source: Optional[dict] = None
+        self._config_copy: dict = {}
+
+    def __call__(self, trainer_state: TrainerState) -> TrainerState:
+        if trainer_state.config is not self._config_source:
+            self._config_source = trainer_state.config
+            self._config_copy = json.loads(json.dumps(trainer_state.config))
+        rest = {f.name: getattr(trainer_state, f.name) for f in fields(trainer_state) if f.name != "config"}
+        return TrainerState.from_json({**json.loads(json.dumps(rest)), "config": self._config_copy})
 
 
 class CheckpointEngine:
@@ -91,6 +104,8 @@ class CheckpointEngine:
         self.copied_version: Optional[int] = None
         self.persisted_version: Optional[int] = None
         self._copier = ThreadPoolExecutor(1, thread_name_prefix="ckpt-copy")
+        self._freeze = _StateFreezer()
+        self._checked: list[FragmentSpec] = []  # the fragments last checked for distinct keys
         self._writer = ThreadPoolExecutor(1, thread_name_prefix="ckpt-persist")
         self._copy: Optional[Future] = None
         self._persist: Optional[Future] = None
@@ -113,11 +128,13 @@ class CheckpointEngine:
         started = time.perf_counter()
         self.wait_until_copied()
         fragments = list(state_fn())
-        if len({fragment.key for fragment in fragments}) != len(fragments):
-            raise CheckpointError(f"snapshot {step}: state_fn returned the same fragment key twice")
+        if not (len(fragments) == len(self._checked) and all(map(operator.is_, fragments, self._checked))):
+            if len({fragment.key for fragment in fragments}) != len(fragments):
+                raise CheckpointError(f"snapshot {step}: state_fn returned the same fragment key twice")
+            self._checked = fragments  # the same fragments again (the caller reuses them): checked already
         stats = SnapshotStats(step)
         self.stats.append(stats)
-        state = _frozen(trainer_state if trainer_state is not None else TrainerState(step=step))
+        state = self._freeze(trainer_state if trainer_state is not None else TrainerState(step=step))
         self._copy = self._copier.submit(self._copy_job, stats, fragments, state, self.will_persist(step))
         stats.blocked_s += time.perf_counter() - started
         return True

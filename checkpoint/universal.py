@@ -36,6 +36,7 @@ import os
 import shutil
 import time
 from dataclasses import asdict, dataclass, field
+from functools import cached_property
 from math import prod
 from pathlib import Path
 from typing import Any, Callable, Iterable, Mapping, Optional, Sequence
@@ -108,7 +109,7 @@ class FragmentSpec:
     def slice(self) -> SliceSpec:
         return SliceSpec(self.global_shape, self.offsets, tuple(self.tensor.shape))
 
-    @property
+    @cached_property  # read for every fragment on every snapshot: a string built once
     def key(self) -> str:
         """Unique per rank even when a rank holds several blocks of one tensor."""
         return f"{self.name}@{','.join(map(str, self.offsets))}"

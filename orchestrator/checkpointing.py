@@ -67,6 +67,8 @@ class TrainerCheckpointer:
         self.writer: Optional[ArenaWriter] = None  # keepers on: L0 is this rank's arena in the keeper's memory
         self._fragments: list[FragmentSpec] = []
         self._fragments_by_signature: dict[tuple, list[FragmentSpec]] = {}
+        # (fragments, a slot's view) -> the optimizer's targets in that slot (``_slot_targets``)
+        self._targets_by_place: dict[tuple[int, int], tuple] = {}
         self.zero_copy = False  # the optimizer writes each version straight into its slot (``use_arena``)
         self._in_arena = False  # parameters and moments live in a slot of the arena (a published version)
         if c.every > 0 and keeper is None:
@@ -81,12 +83,12 @@ class TrainerCheckpointer:
         created its state, a load, a strategy's new buffer): the step updates them in place, and building the
         list costs the training thread more than the copy itself on a small model."""
         sync_state = self.sync.state_dict()
-        signature = (tuple(id(p) for p in self.runner.parameters()),
-                     tuple(id(v) for state in self.optimizer.state.values() for v in state.values()),
+        params = list(self.runner.parameters())
+        moments = [v for state in self.optimizer.state.values() for v in state.values()]
+        signature = (tuple(map(id, params)), tuple(map(id, moments)),
                      tuple((name, id(tensor)) for name, tensor in sync_state.items()))
         if self.zero_copy:  # the same tensors move between slots: one list per place they live in
-            signature += (tuple(p.data_ptr() for p in self.runner.parameters()),
-                          tuple(v.data_ptr() for state in self.optimizer.state.values() for v in state.values()))
+            signature += (tuple(map(torch.Tensor.data_ptr, params)), tuple(map(torch.Tensor.data_ptr, moments)))
         fragments = self._fragments_by_signature.get(signature)
         if fragments is None:
             if len(self._fragments_by_signature) > 2 * self.slots:
@@ -203,8 +205,14 @@ class TrainerCheckpointer:
             return None
         fragments = self.fragments()
         views = self.writer.begin(step, fragments)
-        if views is None:
+        if views is None or not views:
             return None
+        # The same fragments (so the same tensors in the same places) and the same slot's views give the same
+        # targets: worked out once, not on every step (a small model's step is short).
+        slot_view = next(iter(views.values()))
+        cached = self._targets_by_place.get((id(self._fragments), id(slot_view)))
+        if cached is not None and cached[0] is self._fragments and cached[1] is slot_view:
+            return cached[2]
         # each tensor's place in the slot is that of the fragment that refers to its memory
         view_of = {f.tensor.data_ptr(): views.get(f.key) for f in fragments if f.tensor.numel()}
         targets = {}
@@ -214,6 +222,9 @@ class TrainerCheckpointer:
             if any(view is None or view.shape != tensor.shape for view, tensor in zip(slot_views, tensors)):
                 return None
             targets[param] = slot_views
+        if len(self._targets_by_place) > 4 * self.slots:
+            self._targets_by_place.clear()
+        self._targets_by_place[(id(self._fragments), id(slot_view))] = (self._fragments, slot_view, targets)
         return targets
 
     def _leave_arena(self) -> None:

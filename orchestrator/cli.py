@@ -22,7 +22,8 @@ from omegaconf import OmegaConf
 from omegaconf.errors import OmegaConfBaseException
 
 from orchestrate import cluster_commands, job_commands, prepare_data
-from orchestrate.config import Config, ConfigError, SyncConfig, derive, schema, validate
+from orchestrate.config import (DEFAULT_MODEL, Config, ConfigError, ModelSection, SyncConfig, check_choice, derive,
+                                 model_section, schema, validate)
 from orchestrate.inputs import apply_data, explicit_keys, resolve_inputs, tokenizer_file
 from orchestrate.interrupt import InterruptRequests
 
@@ -46,8 +47,9 @@ def _field_names(cls) -> list[str]:
     return [f.name for f in dataclasses.fields(cls)]
 
 
-def check_override_key(key: str) -> None:
-    """The key must name a field of the schema; the error lists the valid keys at the level that went wrong."""
+def check_override_key(key: str, model_type: type = ModelSection) -> None:
+    """The key must name a field of the schema, whose ``model`` section is ``model_type``; the error lists the
+    valid keys at the level that went wrong."""
     node, path = Config, []
     for part in key.split("."):
         if not dataclasses.is_dataclass(node) or part not in _field_names(node):
@@ -55,9 +57,15 @@ def check_override_key(key: str) -> None:
             valid = _field_names(node) if dataclasses.is_dataclass(node) else []
             suffix = f"; valid keys in {where}: {', '.join(valid)}" if valid else f"; {where} has no sub-keys"
             raise ConfigError(f"unknown key '{key}'{suffix}")
-        node = next(f.type for f in dataclasses.fields(node) if f.name == part)
-        node = _resolve_type(node)
+        node = model_type if path == [] and part == "model" else \
+            _resolve_type(next(f.type for f in dataclasses.fields(node) if f.name == part))
         path.append(part)
+
+
+def _is_family_key(key: str) -> bool:
+    """A key of the model family's own hyper-parameters: known only once ``model.name`` is."""
+    head, _, rest = key.partition(".")
+    return head == "model" and rest.split(".")[0] not in _field_names(ModelSection)
 
 
 def _resolve_type(annotation):
@@ -69,12 +77,16 @@ def _resolve_type(annotation):
     return annotation
 
 
-def check_overrides(overrides: Sequence[str], extra_dirs: Sequence[str]) -> None:
+def parse_overrides(overrides: Sequence[str]) -> list:
     try:
-        parsed = OverridesParser.create().parse_overrides(list(overrides))
+        return OverridesParser.create().parse_overrides(list(overrides))
     except HydraException as err:
         raise ConfigError(f"cannot parse overrides {' '.join(overrides)}: {str(err).splitlines()[0]}") from None
-    for override in parsed:
+
+
+def check_overrides(overrides: Sequence[str], extra_dirs: Sequence[str]) -> None:
+    """Every key but the model family's own (``check_model_keys``, once the family is known)."""
+    for override in parse_overrides(overrides):
         key = override.key_or_group
         if override.is_add() or override.is_delete() or override.is_force_add():
             raise ConfigError(f"'{override.input_line}': adding or deleting keys is not allowed; "
@@ -84,7 +96,19 @@ def check_overrides(overrides: Sequence[str], extra_dirs: Sequence[str]) -> None
             if name not in valid:
                 raise ConfigError(f"recipe={name}: unknown recipe; valid: {', '.join(valid)}")
             continue
-        check_override_key(key)
+        if not _is_family_key(key):
+            check_override_key(key)
+
+
+def check_model_keys(model_values, name: str) -> None:
+    """The keys given for the ``model`` section (by a recipe, the command line or a saved config) against those of
+    family ``name``'s section."""
+    check_choice("model.name", name)
+    valid = _field_names(model_section(name))
+    for key in model_values:
+        if key not in valid:
+            raise ConfigError(f"unknown key 'model.{key}' for model.name={name}; valid keys in model: "
+                              f"{', '.join(valid)}")
 
 
 def compose_config(overrides: Sequence[str], extra_dirs: Sequence[str] = (), read_inputs: bool = True) -> Config:
@@ -92,14 +116,17 @@ def compose_config(overrides: Sequence[str], extra_dirs: Sequence[str] = (), rea
     the data, the tokenizer and ``model.init_from`` on this machine and fold them into the config (``submit``
     does not: those paths are the cluster's)."""
     check_overrides(overrides, extra_dirs)
-    ConfigStore.instance().store(name="schema", node=schema())
+    # the model section's keys depend on model.name, which a recipe may set: compose with that section open, then
+    # check it against the chosen family's section
+    ConfigStore.instance().store(name="schema", node=schema(model=None))
     search = [f"hydra.searchpath=[{','.join('file://' + str(Path(d).resolve()) for d in extra_dirs)}]"] \
         if extra_dirs else []
     GlobalHydra.instance().clear()
     try:
         with initialize_config_module(config_module="orchestrate.recipes", version_base="1.3"):
             composed = compose(config_name="config", overrides=search + list(overrides))
-        cfg = to_config(composed)
+        check_model_keys(composed.model, composed.model.name)
+        cfg = to_config(OmegaConf.merge(schema(composed.model.name), OmegaConf.to_container(composed)))
     except (HydraException, OmegaConfBaseException) as err:
         raise ConfigError(_one_line(err)) from None
     validate(cfg)
@@ -153,7 +180,11 @@ def compose_resume_config(ckpt: str, overrides: Sequence[str]) -> Config:
     try:
         version = resolve_version_dir(ckpt)
         manifest = read_manifest(version)
-        merged = OmegaConf.merge(schema(), manifest.trainer_state.config, OmegaConf.from_dotlist(list(overrides)))
+        saved = manifest.trainer_state.config
+        model = (saved.get("model") or {}).get("name", DEFAULT_MODEL)
+        given = OmegaConf.from_dotlist(list(overrides))
+        check_model_keys(given.get("model", {}), model)
+        merged = OmegaConf.merge(schema(model), saved, given)
         # the saved config names the source run's folders: a resumed run writes its own (never over the source's
         # committed versions, which another resume may be reading)
         own_dirs = {key: None for key in ("run.dir", "checkpoint.dir")
@@ -173,7 +204,6 @@ def compose_resume_config(ckpt: str, overrides: Sequence[str]) -> Config:
 
 def export_command(args: Sequence[str]) -> int:
     from orchestrate.checkpoint.universal import CheckpointError, read_manifest, resolve_version_dir
-    from orchestrate.config import ConfigError, check_choice
     from orchestrate.models import family
 
     values = dict(a.split("=", 1) for a in args if "=" in a)
@@ -182,7 +212,7 @@ def export_command(args: Sequence[str]) -> int:
         return fail(f"export takes ckpt=DIR out=DIR (got {' '.join(args) or 'nothing'})")
     try:
         saved = read_manifest(resolve_version_dir(values["ckpt"])).trainer_state.config
-        name = (saved.get("model") or {}).get("name", "llama")
+        name = (saved.get("model") or {}).get("name", DEFAULT_MODEL)
         check_choice("model.name", name)
         out = family(name).export_hf(values["ckpt"], values["out"], tokenizer_file(saved.get("data") or {}))
     except ConfigError as err:

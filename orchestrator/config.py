@@ -1,8 +1,9 @@
 """The typed configuration schema: one dataclass per section, the one place where defaults live.
 
 Hydra composes recipe YAML from the packaged ``recipes/`` over these dataclasses (registered in the ConfigStore
-as ``schema``), so an unknown key or a wrong type fails before anything starts. ``validate`` adds the checks
-that need several keys at once (parallel degrees, batch divisibility).
+as ``schema``), so an unknown key or a wrong type fails before anything starts. The ``model`` section is the
+chosen family's own config type (``model_section``). ``validate`` adds the checks that need several keys at once
+(parallel degrees, batch divisibility).
 
 A Config is frozen: whoever needs another one (the controller after a node loss, a resume) derives it with
 ``derive``, so a config handed to the workers never changes under them.
@@ -10,6 +11,7 @@ A Config is frozen: whoever needs another one (the controller after a node loss,
 from __future__ import annotations
 
 import dataclasses
+import functools
 from dataclasses import dataclass, field
 from typing import Any, List, Optional, Union
 
@@ -17,7 +19,6 @@ from omegaconf import OmegaConf
 
 from orchestrate.checkpoint.keepers.settings import KeeperSettings
 from orchestrate.models import family, family_names
-from orchestrate.models import llama
 from orchestrate.parallel.mesh import ParallelDims, ParallelConfigError
 from orchestrate.parallel.sync import STRATEGIES
 
@@ -33,15 +34,37 @@ class RunConfig:
     requires: List[str] = field(default_factory=list)  # keys a recipe leaves to the command line (e.g. data.path)
 
 
-@dataclass(frozen=True)
-class ModelConfig(llama.Config):
-    """The model's own hyper-parameters (the family's ``Config``: Llama's is the one family today), and which
-    model and weights to start from."""
+DEFAULT_MODEL = "llama"
 
-    name: str = "llama"
-    # a Hugging Face Llama folder (config.json + safetensors): the model section follows its config.json and
-    # training starts from its weights (on any layout)
+
+@dataclass(frozen=True)
+class ModelSection:
+    """What every ``model`` section has: which family (``model.name``) and which weights to start from. The rest
+    of the section is the family's own ``Config`` (``model_section``), so it follows ``model.name``."""
+
+    name: str = DEFAULT_MODEL
+    # a Hugging Face folder (config.json + safetensors): the model section follows its config.json and training
+    # starts from its weights (on any layout)
     init_from: Optional[str] = None
+
+    def __reduce__(self):
+        # the section's class is made per family at run time, so it is rebuilt by name where it is unpickled
+        return _rebuild_section, (self.name, {f.name: getattr(self, f.name) for f in dataclasses.fields(self)})
+
+
+@functools.cache
+def model_section(name: str) -> type:
+    """The ``model`` section's type for family ``name``: the family's ``Config`` with ``name`` and ``init_from``."""
+    return dataclasses.make_dataclass(
+        f"{name.title()}ModelConfig", [("name", str, field(default=name))],
+        bases=(family(name).Config, ModelSection), frozen=True, namespace={"__module__": __name__})
+
+
+def _rebuild_section(name: str, values: dict) -> ModelSection:
+    return model_section(name)(**values)
+
+
+ModelConfig = model_section(DEFAULT_MODEL)
 
 
 @dataclass(frozen=True)
@@ -215,7 +238,7 @@ class FaultConfig:
 @dataclass(frozen=True)
 class Config:
     run: RunConfig = field(default_factory=RunConfig)
-    model: ModelConfig = field(default_factory=ModelConfig)
+    model: ModelSection = field(default_factory=ModelConfig)
     data: DataConfig = field(default_factory=DataConfig)
     train: TrainConfig = field(default_factory=TrainConfig)
     optim: OptimConfig = field(default_factory=OptimConfig)
@@ -284,14 +307,13 @@ def validate(cfg: Config) -> None:
         cfg.dims.validate(cfg.cluster.num_workers)
     except ParallelConfigError as err:
         raise ConfigError(str(err)) from None
-    for key in ("train.steps", "train.global_batch_size", "train.seq_len", "model.dim", "model.n_layers",
-                "model.n_heads", "model.n_kv_heads", "model.vocab_size", "logging.log_every"):
+    for key in ("train.steps", "train.global_batch_size", "train.seq_len", "logging.log_every"):
         _require(_get(cfg, key) > 0, f"{key}={_get(cfg, key)}: must be a positive integer")
     m, t = cfg.model, cfg.train
-    _require(m.dim % m.n_heads == 0, f"model.n_heads={m.n_heads}: must divide model.dim={m.dim}")
-    _require(m.n_heads % m.n_kv_heads == 0,
-             f"model.n_kv_heads={m.n_kv_heads}: must divide model.n_heads={m.n_heads}")
-    _require((m.dim // m.n_heads) % 2 == 0, f"model.dim={m.dim}: head dim dim/n_heads must be even for RoPE")
+    try:
+        m.validate()
+    except ValueError as err:
+        raise ConfigError(str(err)) from None
     _require(m.vocab_size >= 256 or cfg.data.tokenizer != "bytes",
              f"model.vocab_size={m.vocab_size}: the byte tokenizer needs at least 256")
     dp = cfg.parallel.dp
@@ -408,12 +430,18 @@ def derive(cfg, changes: dict[str, Any]):
     return dataclasses.replace(cfg, **direct)
 
 
-def schema():
-    """The schema as an OmegaConf node for recipes, overrides and saved configs to merge into. OmegaConf makes the
-    nodes of frozen dataclasses read-only, which would refuse every merge, so they are opened here; the Config
-    made from the merge (``OmegaConf.to_object``) is frozen again."""
+def schema(model: Optional[str] = DEFAULT_MODEL):
+    """The schema as an OmegaConf node for recipes, overrides and saved configs to merge into, with the ``model``
+    section of family ``model``; None leaves that section open (any keys), to learn ``model.name`` from a recipe
+    before its keys can be checked. OmegaConf makes the nodes of frozen dataclasses read-only, which would refuse
+    every merge, so they are opened here; the Config made from the merge (``OmegaConf.to_object``) is frozen
+    again."""
     node = OmegaConf.structured(Config)
     _open(node)
+    node.model = OmegaConf.structured(model_section(model) if model is not None else ModelSection)
+    _open(node.model)
+    if model is None:
+        OmegaConf.set_struct(node.model, False)
     return node
 
 

@@ -15,10 +15,6 @@ from orchestrate.checkpoint.universal import CheckpointError
 from orchestrate.config import Config, ConfigError, derive
 from orchestrate.data import DataError, inspect_data
 
-# our model.* key -> the field of the folder's hyper-parameters it takes its value from
-MODEL_KEYS_FROM_HF = {"vocab_size": "vocab_size", "dim": "dim", "n_layers": "n_layers", "n_heads": "n_heads",
-                      "n_kv_heads": "n_kv_heads", "ffn_hidden": "hidden_dim", "rope_theta": "rope_theta",
-                      "norm_eps": "norm_eps", "tie_embeddings": "tie_embeddings"}
 HF_TOKENIZER_FILE = "tokenizer.json"
 BYTES = "bytes"
 
@@ -37,8 +33,8 @@ def apply_init_from(cfg: Config, explicit: Collection[str]) -> Config:
     except CheckpointError as err:
         raise ConfigError(str(err)) from None
     changes = {"model.init_from": str(source.folder)}
-    for key, attribute in MODEL_KEYS_FROM_HF.items():
-        theirs, ours = getattr(source.hp, attribute), getattr(cfg.model, key)
+    for key, theirs in source.model_values.items():
+        ours = getattr(cfg.model, key)
         if f"model.{key}" in explicit and ours != theirs:
             raise ConfigError(f"model.{key}={ours}: conflicts with model.init_from={source.folder}, whose "
                               f"config.json gives {theirs}")

@@ -104,3 +104,66 @@ def test_sync_sections_and_names_come_from_the_strategy_registry():
     assert cfg.sync.options()["sync_every"] == 7
     with pytest.raises(ConfigError, match="sync.name"):
         compose_config(["recipe=quickstart", "sync.name=nosuch"])
+
+
+TINY_FAMILY = '''
+from dataclasses import dataclass
+
+
+@dataclass(frozen=True)
+class Config:
+    vocab_size: int = 256
+    width: int = 32
+    n_layers: int = 2
+    n_heads: int = 2
+    tie_embeddings: bool = False
+
+    def validate(self):
+        if self.width <= 0:
+            raise ValueError(f"model.width={self.width}: must be a positive integer")
+'''
+
+
+@pytest.fixture
+def tiny_family(tmp_path, monkeypatch):
+    """A second model family whose hyper-parameters are not Llama's, installed as a folder would be."""
+    import sys
+
+    from orchestrate import config, models
+
+    (tmp_path / "tiny").mkdir()
+    (tmp_path / "tiny" / "__init__.py").write_text(TINY_FAMILY)
+    monkeypatch.setattr(models, "__path__", [*models.__path__, str(tmp_path)])
+    monkeypatch.setitem(config.CHOICES, "model.name", models.family_names())
+    recipes = tmp_path / "recipes" / "recipe"
+    recipes.mkdir(parents=True)
+    (recipes / "tiny_recipe.yaml").write_text("# @package _global_\nmodel:\n  name: tiny\n  width: 40\n")
+    yield tmp_path / "recipes"
+    sys.modules.pop("orchestrate.models.tiny", None)
+    config.model_section.cache_clear()
+
+
+def test_model_section_follows_model_name(tiny_family):
+    """The model section is the chosen family's own config type, chosen by model.name from a recipe or the
+    command line; its keys are checked against that family's fields."""
+    import pickle
+
+    from ray import cloudpickle
+
+    assert tuple(f.name for f in dataclasses.fields(compose_config(["recipe=quickstart"]).model))[:3] == \
+        ("name", "init_from", "vocab_size")
+    cfg = compose_config(["recipe=tiny_recipe", "model.width=48"], [str(tiny_family)], read_inputs=False)
+    assert (cfg.model.name, cfg.model.width, hasattr(cfg.model, "dim")) == ("tiny", 48, False)
+    assert pickle.loads(pickle.dumps(cfg)) == cfg and cloudpickle.loads(cloudpickle.dumps(cfg)) == cfg
+    from_recipe = compose_config(["recipe=tiny_recipe"], [str(tiny_family)], read_inputs=False)
+    assert (from_recipe.model.name, from_recipe.model.width) == ("tiny", 40)
+    unknown_dim = (r"^unknown key 'model.dim' for model.name=tiny; valid keys in model: name, init_from, "
+                   r"vocab_size, width, n_layers, n_heads, tie_embeddings$")
+    with pytest.raises(ConfigError, match=unknown_dim):
+        compose_config(["recipe=tiny_recipe", "model.dim=64"], [str(tiny_family)], read_inputs=False)
+    with pytest.raises(ConfigError, match=unknown_dim):  # a Llama recipe's model section does not fit tiny
+        compose_config(["recipe=quickstart", "model.name=tiny"], read_inputs=False)
+    with pytest.raises(ConfigError, match=r"^model.width=0: must be a positive integer$"):
+        compose_config(["recipe=tiny_recipe", "model.width=0"], [str(tiny_family)], read_inputs=False)
+    with pytest.raises(ConfigError, match=r"^model.name=nosuch: unknown; valid: llama, tiny$"):
+        compose_config(["recipe=quickstart", "model.name=nosuch"], read_inputs=False)

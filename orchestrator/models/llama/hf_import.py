@@ -23,11 +23,22 @@ INDEX_FILE = "model.safetensors.index.json"
 LLAMA_ARCHITECTURE = "LlamaForCausalLM"
 
 
+# our model section's key -> the field of the folder's hyper-parameters it takes its value from
+MODEL_KEYS_FROM_HF = {"vocab_size": "vocab_size", "dim": "dim", "n_layers": "n_layers", "n_heads": "n_heads",
+                      "n_kv_heads": "n_kv_heads", "ffn_hidden": "hidden_dim", "rope_theta": "rope_theta",
+                      "norm_eps": "norm_eps", "tie_embeddings": "tie_embeddings"}
+
+
 @dataclass(frozen=True)
 class HFLlama:
     folder: Path
     hp: LlamaHyperParameters
     files: dict[str, Path]  # HF tensor name -> the safetensors file that holds it
+
+    @property
+    def model_values(self) -> dict[str, Any]:
+        """The run's ``model`` section as this folder's config.json gives it (key -> value)."""
+        return {key: getattr(self.hp, attribute) for key, attribute in MODEL_KEYS_FROM_HF.items()}
 
 
 def _error(folder: Path, problem: str) -> CheckpointError:

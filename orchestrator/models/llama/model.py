@@ -31,6 +31,18 @@ class LlamaConfig:
     tie_embeddings: bool = False
     init_std: float = 0.02
 
+    def validate(self) -> None:
+        """Raise ValueError naming the ``model.*`` key when the shapes do not fit together."""
+        for key in ("vocab_size", "dim", "n_layers", "n_heads", "n_kv_heads"):
+            if getattr(self, key) <= 0:
+                raise ValueError(f"model.{key}={getattr(self, key)}: must be a positive integer")
+        if self.dim % self.n_heads:
+            raise ValueError(f"model.n_heads={self.n_heads}: must divide model.dim={self.dim}")
+        if self.n_heads % self.n_kv_heads:
+            raise ValueError(f"model.n_kv_heads={self.n_kv_heads}: must divide model.n_heads={self.n_heads}")
+        if self.head_dim % 2:
+            raise ValueError(f"model.dim={self.dim}: head dim dim/n_heads must be even for RoPE")
+
     @property
     def head_dim(self) -> int:
         return self.dim // self.n_heads

@@ -5,14 +5,18 @@ millisecond a keeper or Ray spends is taken from the ranks.
 
 Each configuration is one ``orchestrate launch`` of ``--steps`` steps; CPU time of every process on this machine
 is read from /proc at two moments in the middle of the run (after ``--warmup`` steps, ``--window`` seconds
-apart) and divided by the steps the run made in between.
+apart) and divided by the steps the run made in between. A second table gives, over the steps logged in that
+window, the median of each phase of the step (``forward_backward_s``, ``update_s``, ``snapshot_s`` in
+metrics.jsonl, as the rank with the loss saw them) and of the step time.
 
     python -m benchmarks.keeper_cpu [--recipe quickstart] [--steps 400] [--warmup 30] [--window 20]
 """
 from __future__ import annotations
 
 import argparse
+import json
 import os
+import statistics
 import subprocess
 import sys
 import tempfile
@@ -29,6 +33,7 @@ CONFIGURATIONS = {  # name -> overrides
                                                              "checkpoint.persist_every=0"),
 }
 TICKS = os.sysconf("SC_CLK_TCK")
+PHASES = ("forward_backward_s", "update_s", "snapshot_s", "step_time")
 
 
 def kind_of(cmdline: str) -> str:
@@ -58,15 +63,27 @@ def cpu_seconds() -> dict[int, tuple[str, float]]:
     return found
 
 
-def steps_logged(metrics: Path) -> int:
+def step_lines(metrics: Path) -> list[str]:
+    """The step records logged so far, complete lines only (the run may be writing the last one)."""
     try:
-        return sum('"step_time"' in line for line in metrics.read_text().splitlines())
+        return [line for line in metrics.read_text().split("\n")[:-1] if '"step_time"' in line]
     except OSError:
-        return 0
+        return []
+
+
+def steps_logged(metrics: Path) -> int:
+    return len(step_lines(metrics))
+
+
+def phase_medians(lines: list[str], first: int, last: int) -> dict[str, float]:
+    """Median seconds of each phase and of the whole step over the records of steps first+1 .. last."""
+    window = [record for record in map(json.loads, lines) if first < record["step"] <= last]
+    return {key: statistics.median(record[key] for record in window) for key in PHASES}
 
 
 def measure(recipe: str, steps: int, warmup: int, window_s: float, overrides: tuple[str, ...]) -> dict[str, float]:
-    """CPU milliseconds per step by kind of process, and the step time, in the middle of one run."""
+    """CPU milliseconds per step by kind of process, the step time, and the median seconds of the step's phases
+    (``PHASES``), in the middle of one run."""
     with tempfile.TemporaryDirectory() as tmp:
         metrics = Path(tmp) / "run" / "metrics.jsonl"
         run = subprocess.Popen([sys.executable, "-m", "orchestrate", "launch", f"recipe={recipe}",
@@ -79,10 +96,11 @@ def measure(recipe: str, steps: int, warmup: int, window_s: float, overrides: tu
                 time.sleep(0.2)
             before, first, start = cpu_seconds(), steps_logged(metrics), time.monotonic()
             time.sleep(window_s)
-            after, last, end = cpu_seconds(), steps_logged(metrics), time.monotonic()
+            after, lines, end = cpu_seconds(), step_lines(metrics), time.monotonic()
         finally:
             run.terminate()
             run.wait()
+    last = len(lines)
     if run.returncode not in (0, -15) and last - first <= 0:
         raise RuntimeError("no steps in the window")
     per_kind: dict[str, float] = {}
@@ -90,7 +108,8 @@ def measure(recipe: str, steps: int, warmup: int, window_s: float, overrides: tu
         if pid in before and before[pid][0] == kind:
             per_kind[kind] = per_kind.get(kind, 0.0) + cpu - before[pid][1]
     made = last - first
-    return {"step_ms": (end - start) / made * 1e3, **{k: v / made * 1e3 for k, v in per_kind.items()}}
+    return {"step_ms": (end - start) / made * 1e3, **{k: v / made * 1e3 for k, v in per_kind.items()},
+            **phase_medians(lines, first, last)}
 
 
 def main() -> None:
@@ -105,11 +124,18 @@ def main() -> None:
           f"{args.steps}-step runs\n")
     print("| configuration | wall ms per step | " + " | ".join(kinds) + " | all |")
     print("|---|---|" + "---|" * (len(kinds) + 1))
+    rows = {}
     for name, overrides in CONFIGURATIONS.items():
-        row = measure(args.recipe, args.steps, args.warmup, args.window, overrides)
+        row = rows[name] = measure(args.recipe, args.steps, args.warmup, args.window, overrides)
         total = sum(row.get(k, 0.0) for k in kinds)
         print(f"| {name} | {row['step_ms']:.1f} | " + " | ".join(f"{row.get(k, 0.0):.1f}" for k in kinds) +
               f" | {total:.1f} |", flush=True)
+    print("\nMedian ms per step over the same windows: the phases on the rank with the loss, step_time on the "
+          "slowest rank\n")
+    print("| configuration | " + " | ".join(PHASES) + " |")
+    print("|---|" + "---|" * len(PHASES))
+    for name, row in rows.items():
+        print(f"| {name} | " + " | ".join(f"{row[key] * 1e3:.1f}" for key in PHASES) + " |")
 
 
 if __name__ == "__main__":

@@ -40,12 +40,26 @@ class FusedAdamWInto:
         count = len(grads)
         if not count:
             return
-        columns = [[triple[k] for triple in sources] for k in range(3)] + [list(grads)] + [
-            [triple[k] for triple in targets] for k in range(3)]
-        pointers = [(ctypes.c_void_p * count)(*(t.data_ptr() for t in column)) for column in columns]
-        self._step(count, *(ctypes.cast(p, _POINTERS) for p in pointers),
-                   (ctypes.c_int64 * count)(*(g.numel() for g in grads)), (ctypes.c_double * count)(*steps),
-                   lr, beta1, beta2, eps, weight_decay, torch.get_num_threads(), int(self.avx512))
+        columns = (*zip(*sources), *zip(*targets))  # params, exp_avgs, exp_avg_sqs, then their targets
+        addresses = tuple(tuple(t.data_ptr() for t in column) for column in columns)
+        source_pointers, target_pointers, numels = _tensor_arguments(addresses, tuple(p.numel() for p in columns[0]))
+        self._step(count, *source_pointers, _pointers([g.data_ptr() for g in grads]), *target_pointers, numels,
+                   (ctypes.c_double * count)(*steps), lr, beta1, beta2, eps, weight_decay, torch.get_num_threads(),
+                   int(self.avx512))
+
+
+def _pointers(addresses: Sequence[int]):
+    return ctypes.cast((ctypes.c_void_p * len(addresses))(*addresses), _POINTERS)
+
+
+# A run steps the same tensors into the same few slots over and over: their arrays are built once. The arrays are
+# a function of the key (addresses and sizes), so an entry can never be wrong, only unused.
+@functools.lru_cache(maxsize=64)
+def _tensor_arguments(addresses: tuple[tuple[int, ...], ...], numels: tuple[int, ...]) -> tuple:
+    """The kernel's arguments that only depend on which tensors it steps: the pointer arrays of the sources'
+    (param, exp_avg, exp_avg_sq), those of the targets', and the tensors' sizes."""
+    pointers = [_pointers(column) for column in addresses]
+    return pointers[:3], pointers[3:], (ctypes.c_int64 * len(numels))(*numels)
 
 
 @functools.cache

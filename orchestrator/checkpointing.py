@@ -205,11 +205,12 @@ class TrainerCheckpointer:
             return None
         fragments = self.fragments()
         views = self.writer.begin(step, fragments)
-        if views is None or not views:
+        if views is None:
             return None
         # The same fragments (so the same tensors in the same places) and the same slot's views give the same
-        # targets: worked out once, not on every step (a small model's step is short).
-        slot_view = next(iter(views.values()))
+        # targets: worked out once, not on every step (a small model's step is short). An empty layout has no
+        # view to tell its slot by; the check below finds no targets in it.
+        slot_view = next(iter(views.values()), None)
         cached = self._targets_by_place.get((id(self._fragments), id(slot_view)))
         if cached is not None and cached[0] is self._fragments and cached[1] is slot_view:
             return cached[2]

@@ -65,7 +65,7 @@ class StepRecord:
     eval_loss: Optional[float] = None
     copied_bytes: Optional[int] = None  # keepers on: bytes the ranks' snapshot copies moved
     keepers: Optional[KeeperProgress] = None
-    timing: dict = field(default_factory=dict)  # pipeline: compute/wait split of the last stage
+    timing: dict = field(default_factory=dict)  # the loss rank's phases (and pipeline compute/wait split)
 
     def to_metrics(self) -> dict:
         record = {f.name: getattr(self, f.name) for f in dataclasses.fields(self)
@@ -102,5 +102,6 @@ def aggregate_step(reports: list[StepReport], run_start: float, tokens_per_step:
 
 
 def loss_rank_timing(reports: list[StepReport]) -> dict[str, float]:
-    """Pipeline compute/wait split as the last stage (the first rank that has the loss) saw it."""
+    """Where the step went as the first rank that has the loss saw it: its phases (forward_backward_s, update_s,
+    snapshot_s) and, in a pipeline, the last stage's compute/wait split (pp_compute_s, pp_wait_s)."""
     return next((r.metrics.timing for r in reports if r.metrics.loss is not None and r.metrics.timing), {})

@@ -38,7 +38,9 @@ class StepMetrics:
     comm_bytes: int  # cumulative bytes this rank sent across the replica dimension
     comm_peak_bytes: int
     time: float  # wall-clock at the end of the step
-    timing: dict = field(default_factory=dict)  # pipeline ranks: pp_compute_s / pp_wait_s of the step
+    # where the step went: forward_backward_s, update_s (sync hooks, clipping, optimizer), snapshot_s (waiting for
+    # the last copy, starting this one); pipeline ranks also pp_compute_s / pp_wait_s
+    timing: dict = field(default_factory=dict)
     eval_loss: Optional[float] = None  # held-out loss after this step (train.eval_every), on ranks with the loss
 
     def as_dict(self) -> dict:
@@ -97,8 +99,10 @@ class Trainer:
         self.step += 1
         inputs, targets = self.data.batch(self.sampler.next_window_ids())
         loss = self.runner.forward_backward(inputs.to(self.device), targets.to(self.device))
+        computed = time.perf_counter()
         if self.snapshotter is not None:  # before the strategy's hook too: it may update sync state in place
             self.snapshotter.wait_until_copied()
+        copied = time.perf_counter()
         self.sync.before_optimizer(self.step - 1)  # strategies count steps from 0
         if self.grad_clip > 0:
             clip_grad_norm_(self.runner.parameters(), self.grad_clip, self.runner.pp_group)
@@ -110,13 +114,18 @@ class Trainer:
         self.optimizer.zero_grad(set_to_none=True)
         self.scheduler.step()
         self.sync.after_optimizer(self.step - 1)
+        updated = time.perf_counter()
         if self.snapshotter is not None:
             self.snapshotter.snapshot(self.step)
+        end = time.perf_counter()
+        # where the step's time went on this rank (the loss rank's split is logged with each step)
+        phases = {"forward_backward_s": computed - start, "update_s": updated - copied,
+                  "snapshot_s": (copied - computed) + (end - updated)}
         return StepMetrics(
             step=self.step, loss=float(loss) if loss is not None else None, lr=lr,
-            tokens=self.sampler.consumed * self.data.seq_len, step_time=time.perf_counter() - start,
+            tokens=self.sampler.consumed * self.data.seq_len, step_time=end - start,
             comm_bytes=self.sync.counter.total, comm_peak_bytes=self.sync.counter.peak, time=time.time(),
-            timing=self.runner.step_timing())
+            timing={**phases, **self.runner.step_timing()})
 
     def fast_forward(self, step: int, samples_consumed: int) -> None:
         """Continue after a restored version: the step counter, the sample stream and the LR schedule."""

@@ -4,7 +4,7 @@ import pytest
 import torch
 
 from orchestrate.checkpoint.arena import HostArena
-from orchestrate.checkpoint.engine import CheckpointEngine, UniversalPersister
+from orchestrate.checkpoint.engine import CheckpointEngine, UniversalPersister, _StateFreezer
 from orchestrate.checkpoint.fragments import load_model, load_optimizer, model_fragments, optimizer_fragments
 from orchestrate.checkpoint.universal import (CheckpointError, FragmentSpec, TrainerState, committed_versions,
                                   latest_version_dir, read_manifest)
@@ -127,6 +127,20 @@ def test_config_is_validated_with_the_key_name():
         CheckpointEngine(HostArena(), every=0)
     with pytest.raises(CheckpointError, match="needs a persister"):
         CheckpointEngine(HostArena(), persist_every=1)
+
+
+def test_the_trainer_state_s_config_is_frozen_once_per_config_object():
+    """A run passes the same config object with every snapshot: it is copied once, so a change made to that
+    object in place is not seen; another config object is copied anew."""
+    freeze = _StateFreezer()
+    config = {"optim": {"lr": 0.01}}
+    first = freeze(TrainerState(step=1, samples_consumed=5, config=config))
+    config["optim"]["lr"] = 0.02
+    second = freeze(TrainerState(step=2, samples_consumed=10, config=config))
+    assert second.config is first.config and second.config == {"optim": {"lr": 0.01}} and first.config is not config
+    assert (second.step, second.samples_consumed) == (2, 10)  # the rest is copied on every snapshot
+    third = freeze(TrainerState(step=3, config={"optim": {"lr": 0.03}}))
+    assert third.config == {"optim": {"lr": 0.03}} and first.config == {"optim": {"lr": 0.01}}
 
 
 def _mlp():

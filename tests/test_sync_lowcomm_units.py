@@ -12,6 +12,7 @@ from orchestrate.parallel.sync.noloco import (NoLoCoConfig, check_stability, nol
                                   update_velocity_same_rates)
 from orchestrate.parallel.sync.streaming_diloco import (FragmentSchedule, StreamingDiLoCoConfig, StreamingDiLoCoSync,
                                             assign_fragments)
+from orchestrate.parallel.sync.tensors import parameters_holding
 from tests.support.lowcomm import TinyNet
 
 
@@ -182,4 +183,17 @@ def _evaluate_on_outer_weights():
         inside = {name: param.detach().clone() for name, param in model.named_parameters()}
     assert all(inside[name].equal(outer[name]) for name in live)
     assert all(not inside[name].equal(live[name]) for name in live)
+    assert all(param.equal(live[name]) for name, param in model.named_parameters())
+
+
+def test_values_for_no_parameter_are_refused_before_any_weight_changes():
+    """A name that matches no parameter (say, one prefixed by a wrapper) would evaluate that parameter's live
+    weights unnoticed."""
+    model = TinyNet(n_layers=2)
+    live = {name: param.detach().clone() for name, param in model.named_parameters()}
+    values = {name: torch.zeros_like(param) for name, param in model.named_parameters()}
+    values["module.layers.0.weight"] = values.pop("layers.0.weight")
+    with pytest.raises(ValueError, match=r"1 values name no parameter, e.g. \['module.layers.0.weight'\]"):
+        with parameters_holding(model.named_parameters(), values):
+            pass
     assert all(param.equal(live[name]) for name, param in model.named_parameters())

@@ -18,7 +18,13 @@ def local_tensor(tensor: torch.Tensor) -> torch.Tensor:
 @contextlib.contextmanager
 def parameters_holding(named: Iterable[tuple[str, nn.Parameter]], values: Mapping[str, torch.Tensor]) -> Iterator[None]:
     """Inside the block each named parameter's local shard holds ``values[name]`` (those not named, or named with
-    the parameter itself, keep theirs); the live values are put back, bit for bit, on the way out."""
+    the parameter itself, keep theirs); the live values are put back, bit for bit, on the way out. ValueError,
+    before anything changes, when a name in ``values`` is no parameter's: its parameter would keep its live value
+    unnoticed."""
+    named = list(named)
+    unmatched = sorted(set(values) - {name for name, _ in named})
+    if unmatched:
+        raise ValueError(f"{len(unmatched)} values name no parameter, e.g. {unmatched[:3]}")
     saved = []
     with torch.no_grad():
         for name, param in named:

@@ -55,7 +55,13 @@ def _train(rank: int, world: int, name: str, dp_shard: int) -> dict:
         losses.append(float(loss.detach()))
     full = {n: (p.full_tensor() if isinstance(p, DTensor) else p).detach().clone()
             for n, p in model.named_parameters()}
+    evaluations = []  # twice: a forward without backward leaves FSDP2's root unsharded
+    for _ in range(2):
+        with sync.evaluating(), torch.no_grad():
+            evaluations.append(float(cross_entropy_loss(wrapped(tokens[:, :-1]), tokens[:, 1:])))
+    after = {n: (p.full_tensor() if isinstance(p, DTensor) else p) for n, p in model.named_parameters()}
     return {"replica": replica, "losses": losses, "params": full, "bytes": sync.counter.total,
+            "evaluations": evaluations, "live_weights_back": all(after[n].equal(t) for n, t in full.items()),
             "sharded": all(isinstance(p, DTensor) for p in model.parameters()) and dims.dp_shard > 1,
             # FSDP2 gathers each block on its own (the blocks the model's parts name), not the whole model at once
             "per_block_units": all(isinstance(block, FSDPModule) for block in model.layers.values())}
@@ -81,6 +87,12 @@ def test_sharded_replicas_follow_unsharded_replicas(runs, name):
         shards = [r["losses"] for r in sharded if r["replica"] == replica]
         mean = [sum(step) / len(step) for step in zip(*shards)]
         assert max(abs(a - b) for a, b in zip(mean, reference["losses"])) <= 1e-5
+        # evaluating on the strategy's weights (Streaming DiLoCo: the outer ones) gives the unsharded replica's loss
+        evaluations = [r["evaluations"] for r in sharded if r["replica"] == replica]
+        mean = [sum(both) / len(both) for both in zip(*evaluations)]
+        assert max(abs(a - b) for a, b in zip(mean, reference["evaluations"])) <= 1e-5
+        assert reference["evaluations"][0] == reference["evaluations"][1]
+    assert all(r["live_weights_back"] for r in sharded + unsharded)
     if name == "diloco":  # each shard sends its slice across replicas: the two shards send one replica's bytes
         assert sharded[0]["bytes"] + sharded[1]["bytes"] == unsharded[0]["bytes"] > 0
     if name == "ddp":  # HSDP: every replica ends with the same parameters, and its all-reduces are counted

@@ -12,13 +12,13 @@ Training-step contract (orchestrator/trainer.py):
 from __future__ import annotations
 
 import contextlib
-from typing import Callable, ContextManager, Iterable, Mapping, Optional
+from typing import Callable, Iterable, Iterator, Mapping, Optional
 
 import torch
 from torch import nn
 
 from orchestrate.parallel.comm import CommCounter
-from orchestrate.parallel.sync.tensors import parameters_holding
+from orchestrate.parallel.sync.tensors import parameters_holding, reshard
 
 
 class SyncStrategy:
@@ -66,11 +66,20 @@ class SyncStrategy:
         its replicas agreed on apart from them (Streaming DiLoCo's outer parameters)."""
         return dict(model.named_parameters())
 
-    def evaluating(self) -> ContextManager[None]:
+    @contextlib.contextmanager
+    def evaluating(self) -> Iterator[None]:
         """Inside the block the wrapped model holds ``evaluation_parameters``; its live weights come back after."""
         if self.model is None:
-            return contextlib.nullcontext()
-        return parameters_holding(self.model.named_parameters(), self.evaluation_parameters(self.model))
+            yield
+            return
+        # a forward without backward leaves FSDP2's root unsharded (it keeps its parameters for the backward): the
+        # evaluation values and the live weights are the local shards, so swap them while the model is resharded
+        reshard(self.model)
+        with parameters_holding(self.model.named_parameters(), self.evaluation_parameters(self.model)):
+            try:
+                yield
+            finally:
+                reshard(self.model)
 
     def state_dict(self) -> dict[str, torch.Tensor]:
         """Tensors with stable logical names (e.g. ``diloco.outer_momentum.layers.0.attention.wq.weight``)."""

@@ -1,5 +1,5 @@
-"""Tensor helpers the synchronisation strategies share: a parameter's local shard, the trainable parameters, the
-dtype outer updates run in, named shards seen as one flat vector, and copying named state in."""
+"""Tensor helpers the synchronisation strategies share: a parameter's local shard, the trainable parameters, FSDP2
+units back to their shards, the dtype outer updates run in, named shards seen as one flat vector, and copying named state in."""
 from __future__ import annotations
 
 import contextlib
@@ -39,6 +39,15 @@ def parameters_holding(named: Iterable[tuple[str, nn.Parameter]], values: Mappin
         with torch.no_grad():
             for local, live in saved:
                 local.copy_(live)
+
+
+def reshard(model: nn.Module) -> None:
+    """Put every FSDP2 unit of ``model`` back in its sharded state (its parameters are the shards again)."""
+    from torch.distributed.fsdp import FSDPModule
+
+    for module in model.modules():
+        if isinstance(module, FSDPModule):
+            module.reshard()
 
 
 def trainable_parameters(model: nn.Module) -> list[tuple[str, nn.Parameter]]:

@@ -395,6 +395,11 @@ def validate_tensor_and_context(cfg: Config) -> None:
             validate_cp(cfg.train.seq_len, cfg.model.n_heads, p.cp, p.cp_impl, p.tp)
     except ValueError as err:
         raise ConfigError(str(err)) from None
+    if p.pp == 1:  # a pipeline stage's blocks are known once the model's cut is (the worker checks then)
+        try:
+            STRATEGIES[cfg.sync.name].check_blocks(cfg.sync.options(), cfg.model.n_layers)
+        except ValueError as err:
+            raise ConfigError(f"sync.{cfg.sync.name}.{err}") from None
     _require(STRATEGIES[cfg.sync.name].pipeline_with_tp or p.pp == 1 or p.tp == 1,
              f"parallel.pp with parallel.tp: needs sync.name in "
              f"{', '.join(n for n, s in STRATEGIES.items() if s.pipeline_with_tp)} (got {cfg.sync.name})")

@@ -48,6 +48,11 @@ def test_config_is_frozen_and_derived_copies_change_only_their_keys():
     (["sync.diloco.ddp_warmup_steps=-1"], "sync.diloco.ddp_warmup_steps=-1: must be >= 0"),
     (["parallel.dp_shard=2", "sync.name=onebit_adam"], "parallel.dp_shard=2: needs sync.name in ddp, diloco, "
                                                        "streaming_diloco, noloco (got onebit_adam)"),
+    # 4 blocks, 3 per fragment: 2 block fragments and one for the rest
+    (["sync.name=streaming_diloco", "sync.streaming_diloco.sync_every=4"],
+     "sync.streaming_diloco.overlap_steps=1: must be < sync_every // fragments = 4//3"),
+    (["sync.name=streaming_diloco", "sync.streaming_diloco.sync_every=2"],
+     "sync.streaming_diloco.sync_every=2: must be >= the 3 fragments"),
 ])
 def test_bad_input_is_one_line_naming_the_key(overrides, message):
     with pytest.raises(ConfigError) as err:

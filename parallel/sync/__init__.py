@@ -30,6 +30,12 @@ class Strategy:
     sharded_replicas: bool = False  # runs across replicas that FSDP2 shards (parallel.dp_shard)
     pipeline_with_tp: bool = False  # runs with parallel.pp and parallel.tp both > 1
 
+    def check_blocks(self, options: Optional[dict[str, Any]], blocks: int) -> None:
+        """ValueError naming the hyper-parameter when the strategy cannot run on a rank holding ``blocks`` of the
+        model's blocks (a hyper-parameter type's own ``check_blocks``; most have none)."""
+        hyper = self.hyper(**(options or {})) if self.hyper is not None else None
+        getattr(hyper, "check_blocks", lambda blocks: None)(blocks)
+
     def __call__(self, replica_group, counter: Optional[CommCounter] = None,
                  options: Optional[dict[str, Any]] = None) -> SyncStrategy:
         hyper = self.hyper(**(options or {})) if self.hyper is not None else None

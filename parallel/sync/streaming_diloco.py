@@ -42,6 +42,17 @@ class StreamingDiLoCoConfig(DiLoCoConfig):
         if not 0.0 <= self.merge_alpha <= 1.0:
             raise ValueError(f"merge_alpha={self.merge_alpha}: must be in [0, 1]")
 
+    def check_fragments(self, num_fragments: int) -> None:
+        """ValueError naming the key when ``num_fragments`` fragments cannot be scheduled."""
+        spacing = FragmentSchedule(self.sync_every, num_fragments).spacing
+        if self.overlap_steps >= spacing:
+            raise ValueError(f"overlap_steps={self.overlap_steps}: must be < sync_every // fragments = "
+                             f"{self.sync_every}//{num_fragments} (one fragment in flight at a time)")
+
+    def check_blocks(self, blocks: int) -> None:
+        """The check for a rank holding ``blocks`` blocks (and parameters outside them): before a run starts."""
+        self.check_fragments(1 if self.layers_per_fragment <= 0 else -(-blocks // self.layers_per_fragment) + 1)
+
 
 def assign_fragments(block_of: list[Optional[int]], layers_per_fragment: int, strided: bool) -> list[list[int]]:
     """Indices into ``block_of`` (each parameter's block, None outside the blocks) per fragment: block fragments
@@ -78,7 +89,8 @@ class FragmentSchedule:
 
     def __post_init__(self):
         if self.sync_every < self.num_fragments:
-            raise ValueError(f"sync_every={self.sync_every}: must be >= the {self.num_fragments} fragments")
+            raise ValueError(f"sync_every={self.sync_every}: must be >= the {self.num_fragments} fragments (blocks / "
+                             f"layers_per_fragment, and one for the parameters outside the blocks)")
 
     @property
     def spacing(self) -> int:
@@ -118,10 +130,8 @@ class StreamingDiLoCoSync(DiLoCoSync):
         groups = assign_fragments(block_of_parameters(named, blocks), cfg.layers_per_fragment, cfg.strided)
         self.fragments = [Fragment([named[i] for i in group], cfg.outer_lr, cfg.outer_momentum, cfg.nesterov)
                           for group in groups]
+        cfg.check_fragments(len(self.fragments))
         self.schedule = FragmentSchedule(cfg.sync_every, len(self.fragments))
-        if cfg.overlap_steps >= self.schedule.spacing:
-            raise ValueError(f"overlap_steps={cfg.overlap_steps}: must be < sync_every // fragments = "
-                             f"{cfg.sync_every}//{len(self.fragments)} (one fragment in flight at a time)")
         largest = max(fragment.numel for fragment in self.fragments)
         self._inflight_delta = torch.zeros(largest, dtype=self.fragments[0].global_params.dtype)
         self.warmup.wrap_model(model, blocks)

@@ -105,14 +105,14 @@ def pack_into(index: SnapshotIndex, fragments: Sequence[FragmentSpec], out: np.n
     if len(fragments) != len(index.tensors):
         raise CheckpointError(f"pack: {len(fragments)} fragments for an index of {len(index.tensors)}")
     payload = out[:index.nbytes]
-    _zero_gaps(index, payload)
+    zero_gaps(index, payload)
     with torch.no_grad():
         for fragment, view in zip(fragments, tensor_views(index, payload)):
             view.copy_(fragment.tensor.detach())
     return payload
 
 
-def _zero_gaps(index: SnapshotIndex, payload: np.ndarray) -> None:
+def zero_gaps(index: SnapshotIndex, payload: np.ndarray) -> None:
     """Alignment padding is zeroed so that equal snapshots are equal byte for byte."""
     ends = [t.byte_offset + t.nbytes for t in index.tensors]
     starts = [t.byte_offset for t in index.tensors[1:]] + [index.nbytes]

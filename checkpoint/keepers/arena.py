@@ -37,7 +37,7 @@ from typing import Callable, Optional, Sequence
 import numpy as np
 import torch
 
-from orchestrate.checkpoint.snapshot_codec import SnapshotIndex, pack_into, plan_index, tensor_views
+from orchestrate.checkpoint.snapshot_codec import SnapshotIndex, pack_into, plan_index, tensor_views, zero_gaps
 from orchestrate.checkpoint.universal import CheckpointError, FragmentSpec, TrainerState
 
 FREE, WRITING, READY, SEALED, COMMITTED = range(5)
@@ -345,11 +345,12 @@ class ArenaWriter:
         return self._layout
 
     def _slot_views(self, slot: int, index: SnapshotIndex) -> list[torch.Tensor]:
-        """Tensor views of a slot's payload, made once per slot and layout (alignment gaps zeroed then)."""
+        """Tensor views of a slot's payload, made once per slot and layout (alignment gaps zeroed then; the
+        tensors' own bytes are all written by each version, so zeroing them too would be a wasted pass)."""
         views = self._views.get(slot)
         if views is None:
             payload = self.arena.payload(slot, index.nbytes)
-            payload[:] = 0
+            zero_gaps(index, payload)
             views = self._views[slot] = tensor_views(index, payload)
         return views
 

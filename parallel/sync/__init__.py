@@ -29,24 +29,28 @@ class Strategy:
     hyper: Optional[type] = None  # its hyper-parameters: the config section sync.<name> (None: it has none)
     sharded_replicas: bool = False  # runs across replicas that FSDP2 shards (parallel.dp_shard)
     pipeline_with_tp: bool = False  # runs with parallel.pp and parallel.tp both > 1
+    # (hyper-parameters, blocks of the model a rank holds) -> ValueError naming the hyper-parameter when the
+    # strategy cannot run that way (None: any number of blocks will do)
+    blocks_check: Optional[Callable[[Any, int], None]] = None
+
+    def hyper_parameters(self, options: Optional[dict[str, Any]] = None) -> Any:
+        return self.hyper(**(options or {})) if self.hyper is not None else None
 
     def check_blocks(self, options: Optional[dict[str, Any]], blocks: int) -> None:
-        """ValueError naming the hyper-parameter when the strategy cannot run on a rank holding ``blocks`` of the
-        model's blocks (a hyper-parameter type's own ``check_blocks``; most have none)."""
-        hyper = self.hyper(**(options or {})) if self.hyper is not None else None
-        getattr(hyper, "check_blocks", lambda blocks: None)(blocks)
+        if self.blocks_check is not None:
+            self.blocks_check(self.hyper_parameters(options), blocks)
 
     def __call__(self, replica_group, counter: Optional[CommCounter] = None,
                  options: Optional[dict[str, Any]] = None) -> SyncStrategy:
-        hyper = self.hyper(**(options or {})) if self.hyper is not None else None
-        return self.build(replica_group, counter or CommCounter(), hyper)
+        return self.build(replica_group, counter or CommCounter(), self.hyper_parameters(options))
 
 
 # 1-bit and 0/1 Adam replace the optimizer, which FSDP2 would shard: not over sharded replicas
 STRATEGIES: dict[str, Strategy] = {
     "ddp": Strategy(lambda group, counter, _: DDPSync(group, counter), sharded_replicas=True, pipeline_with_tp=True),
     "diloco": Strategy(DiLoCoSync, DiLoCoConfig, sharded_replicas=True),
-    "streaming_diloco": Strategy(StreamingDiLoCoSync, StreamingDiLoCoConfig, sharded_replicas=True),
+    "streaming_diloco": Strategy(StreamingDiLoCoSync, StreamingDiLoCoConfig, sharded_replicas=True,
+                                 blocks_check=StreamingDiLoCoConfig.check_blocks),
     "noloco": Strategy(NoLoCoSync, NoLoCoConfig, sharded_replicas=True),
     "onebit_adam": Strategy(OneBitAdamSync, OneBitAdamConfig),
     "zero_one_adam": Strategy(ZeroOneAdamSync, ZeroOneAdamConfig),

@@ -17,6 +17,8 @@ from typing import Any, Mapping, Optional
 
 import torch
 
+from orchestrate.checkpoint.background_copy import copy_tensor
+
 
 class HostArena:
     """name -> host tensor per slot; a buffer is reallocated only when its shape or dtype changes."""
@@ -75,9 +77,8 @@ class HostArena:
         buffers = self._slots[slot]
         for name in [name for name in buffers if name not in state]:
             del buffers[name]
-        with torch.no_grad():
-            for name, source in state.items():
-                self._buffer_for(buffers, name, source).copy_(source.detach())
+        for name, source in state.items():
+            copy_tensor(self._buffer_for(buffers, name, source), source)
         self._newest = slot
         return self.buffers
 

@@ -20,6 +20,7 @@ from typing import Any, Iterable, Mapping, Optional, Sequence
 import numpy as np
 import torch
 
+from orchestrate.checkpoint.background_copy import copy_tensor
 from orchestrate.checkpoint.universal import CheckpointError, FragmentSpec, Shape, dtype_from_name, dtype_name
 
 FORMAT_NAME = "orchestrate.snapshot"
@@ -106,9 +107,8 @@ def pack_into(index: SnapshotIndex, fragments: Sequence[FragmentSpec], out: np.n
         raise CheckpointError(f"pack: {len(fragments)} fragments for an index of {len(index.tensors)}")
     payload = out[:index.nbytes]
     zero_gaps(index, payload)
-    with torch.no_grad():
-        for fragment, view in zip(fragments, tensor_views(index, payload)):
-            view.copy_(fragment.tensor.detach())
+    for fragment, view in zip(fragments, tensor_views(index, payload)):
+        copy_tensor(view, fragment.tensor)
     return payload
 
 

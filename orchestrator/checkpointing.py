@@ -70,6 +70,10 @@ class TrainerCheckpointer:
         # (fragments, a slot's view) -> the optimizer's targets in that slot (``_slot_targets``)
         self._targets_by_place: dict[tuple[int, int], tuple] = {}
         self.zero_copy = False  # the optimizer writes each version straight into its slot (``use_arena``)
+        # Decided here, on the training thread, not in ``use_arena`` on the control thread: deciding runs torch's
+        # fused AdamW once to check the kernel, and a parallel torch kernel on another thread gives that thread
+        # an OpenMP team of its own, which slows every later step (checkpoint/background_copy.py says why).
+        self._zero_copy_blocker = self._zero_copy_reason() if c.keepers and c.every > 0 else "keepers off"
         self._in_arena = False  # parameters and moments live in a slot of the arena (a published version)
         if c.every > 0 and keeper is None:
             persister = (UniversalPersister(c.dir, rank, tuple(range(dims.world_size)), c.keep)
@@ -147,10 +151,9 @@ class TrainerCheckpointer:
         if self.writer is None:
             self.writer = ArenaWriter(arena, self._reallocate, self.persist_cadence)
             self.engine = CheckpointEngine(self.writer, self.every)
-            reason = self._zero_copy_reason()
-            self.zero_copy = reason is None
-            if reason is not None:
-                log.debug("rank %d: snapshots are copied in the background (%s)", self.rank, reason)
+            self.zero_copy = self._zero_copy_blocker is None
+            if not self.zero_copy:
+                log.debug("rank %d: snapshots are copied in the background (%s)", self.rank, self._zero_copy_blocker)
         else:
             self.writer.replace(arena)
 

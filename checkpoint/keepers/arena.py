@@ -37,6 +37,7 @@ from typing import Callable, Optional, Sequence
 import numpy as np
 import torch
 
+from orchestrate.checkpoint.background_copy import copy_tensor
 from orchestrate.checkpoint.snapshot_codec import SnapshotIndex, pack_into, plan_index, tensor_views, zero_gaps
 from orchestrate.checkpoint.universal import CheckpointError, FragmentSpec, TrainerState
 
@@ -357,11 +358,10 @@ class ArenaWriter:
     def _fill(self, slot: int, index: SnapshotIndex, fragments: list[FragmentSpec]) -> None:
         """Copy the tensors into the slot, except those that already are its views (a step wrote them there)."""
         copied = 0
-        with torch.no_grad():
-            for view, fragment in zip(self._slot_views(slot, index), fragments):
-                if view.data_ptr() != fragment.tensor.data_ptr():
-                    view.copy_(fragment.tensor.detach())
-                    copied += view.nbytes
+        for view, fragment in zip(self._slot_views(slot, index), fragments):
+            if view.data_ptr() != fragment.tensor.data_ptr():
+                copy_tensor(view, fragment.tensor)
+                copied += view.nbytes
         self.copied_bytes = copied
 
     def held_versions(self) -> list[int]:

@@ -5,9 +5,9 @@ and the first parallel region a thread runs gives that thread its own OpenMP tea
 uses), which lives as long as the thread. With two teams in the process GNU OpenMP counts more of its threads
 than cores and, for every team, cuts the time a thread spins at a barrier before it sleeps from 300,000
 iterations to 100: the training thread's workers then fall asleep at nearly every barrier of every kernel and
-have to be woken. Measured with the 1 GiB model of benchmarks/checkpoint.py: after one 16 MB ``copy_`` on a
-pool thread, 8 forward/backward passes on the main thread made ~17,000 voluntary context switches instead of ~5
-and took 1.5-1.6 s each instead of 1.2. numpy's ``copyto`` copies contiguous memory with one ``memcpy`` that
+have to be woken (a one-off check with the 1 GiB model of benchmarks/checkpoint.py, not a committed
+benchmark: after one 16 MB ``copy_`` on a pool thread, 8 forward/backward passes on the main thread made
+~17,000 voluntary context switches instead of ~5 and took 1.5-1.6 s each instead of 1.2). numpy's ``copyto`` copies contiguous memory with one ``memcpy`` that
 releases the GIL and starts no threads (and a background copy should take one core, not every core the
 training uses). The same holds for any parallel torch kernel: code that runs on a worker's other threads (the
 control methods, the copy thread) keeps torch's parallel kernels off them.

@@ -168,6 +168,8 @@ class Controller:
                 try:
                     if attempt.group is None:
                         attempt.group = self._start_group()
+                        if self.keepers is not None:
+                            self.keepers.wait_started()  # they started with the service, alongside the workers
                     elif attempt.lost:
                         attempt.group.replace(attempt.lost)
                     self._run_once(attempt.group, self.faults.for_gang(gang_cfg, attempt.recovering),

@@ -1,7 +1,9 @@
 """The distributed half of every worker actor: rendezvous, process group, liveness. Knows nothing of models."""
 from __future__ import annotations
 
+import faulthandler
 import os
+import signal
 import socket
 from contextlib import contextmanager
 from datetime import timedelta
@@ -52,6 +54,7 @@ class DistributedWorker:
         self.backend, self.device_type = pick_backend()
         self._collective_sockets: dict[int, str] = {}  # fd -> "socket:[inode]" opened by process groups
         self._store_listener: Optional[socket.socket] = None
+        faulthandler.register(signal.SIGUSR1, all_threads=True)  # stacks to the actor's log, as the controller's
 
     def rendezvous_address(self) -> tuple[str, int]:
         """This node's address (as Ray reports it) and the port rank 0's rendezvous store listens on, bound to

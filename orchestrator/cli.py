@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import faulthandler
 import signal
 import sys
 from importlib import resources
@@ -297,4 +298,5 @@ def report_interrupted(result) -> int:
 
 
 def entrypoint() -> None:
+    faulthandler.register(signal.SIGUSR1, all_threads=True)  # `kill -USR1 <pid>`: where a run that hangs waits
     sys.exit(main())

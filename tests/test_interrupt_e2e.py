@@ -1,6 +1,7 @@
 """Ctrl-C and SIGTERM through the CLI: the first saves the newest snapshot as a universal checkpoint and says how
 to resume (exit 130 / 143); the resumed run computes the steps after it exactly as the interrupted run did; a
-second Ctrl-C stops at once."""
+second Ctrl-C stops at once. SIGUSR1 before the interrupt prints where each process is (faulthandler) and changes
+nothing."""
 import re
 import signal
 import subprocess
@@ -9,7 +10,7 @@ import time
 
 import pytest
 
-from tests.support.runs import ENV, orchestrate, ray_processes_of_ours, records_of
+from tests.support.runs import ENV, orchestrate, print_stacks, ray_processes_of_ours, records_of
 
 # a constant learning rate: train.steps does not change the losses, so a resume may stop earlier
 RUN = ["recipe=quickstart", "optim.schedule=constant", "logging.progress=false", "checkpoint.persist_every=0"]
@@ -53,9 +54,14 @@ def test_an_interrupt_saves_the_newest_snapshot_and_the_resume_goes_on_identical
     run_dir = tmp_path / "interrupted"
     process = start(run_dir, f"checkpoint.keepers={keepers}")
     wait_for_step(process, run_dir, 6)
+    print_stacks(process)
     process.send_signal(sig)
     _, stderr = process.communicate(timeout=120)
     assert process.returncode == 128 + sig, stderr[-2000:]
+    dumps = [line for line in stderr.splitlines() if "(most recent call first)" in line]
+    actors = {"TrainWorker"} | ({"SnapshotKeeper"} if keepers == "true" else set())
+    assert {actor for actor in actors for line in dumps if f"({actor} pid=" in line} == actors, stderr[-4000:]
+    assert any("pid=" not in line for line in dumps) and "orchestrator/controller.py" in stderr
     saved = re.search(r"step (\d+) saved in (\S+)\nresume with: orchestrate resume ckpt=(\S+)", stderr)
     assert saved and saved.group(2) == saved.group(3) == str(run_dir / "checkpoints"), stderr[-2000:]
     step = int(saved.group(1))

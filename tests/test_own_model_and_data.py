@@ -63,10 +63,9 @@ def test_prepare_train_export_and_continue_from_the_export(tmp_path):
     assert manifest["vocab_size"] == VOCAB and manifest["val_tokens"] > 0
 
     run_dir = tmp_path / "run"
-    trained = subprocess.run(
-        [sys.executable, "-m", "orchestrate", "launch", "recipe=quickstart", "data.source=path",
-         f"data.path={tokens}", "train.steps=6", "checkpoint.persist_every=6", "logging.wandb.enabled=true",
-         f"run.dir={run_dir}"], capture_output=True, text=True, timeout=300, env={**ENV, "WANDB_MODE": "offline"})
+    trained = orchestrate("launch", "recipe=quickstart", "data.source=path", f"data.path={tokens}", "train.steps=6",
+                          "checkpoint.persist_every=6", "logging.wandb.enabled=true", f"run.dir={run_dir}",
+                          env={**ENV, "WANDB_MODE": "offline"})
     assert trained.returncode == 0, trained.stderr[-3000:]
     config = (run_dir / "config.yaml").read_text()
     assert f"vocab_size: {VOCAB}" in config and f"tokenizer_hash: {manifest['tokenizer_hash']}" in config

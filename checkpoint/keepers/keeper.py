@@ -18,10 +18,12 @@ while serving calls) with no CPU reservation, pinned to its node.
 """
 from __future__ import annotations
 
+import faulthandler
 import functools
 import gc
 import logging
 import os
+import signal
 import threading
 from dataclasses import dataclass, field
 from typing import Any, Optional, Sequence
@@ -97,6 +99,7 @@ class SnapshotKeeper:
         self._spare_parity: list[np.ndarray] = []  # parity buffers of dropped versions, reused
         self._group: Optional[GroupMember] = None
         self._lock = threading.RLock()
+        faulthandler.register(signal.SIGUSR1, all_threads=True)  # stacks to the actor's log, as the controller's
         # Python's full collections walk every object torch and Ray made at import, and parsing the rank indexes of
         # each level-2 write triggers them: ~30 ms of CPU per write, taken from training on this node. Those
         # objects live as long as the process, so they are left out of every collection from here on.

@@ -1,12 +1,15 @@
 """End-to-end runs of the real ``orchestrate`` command in a subprocess (each with an embedded Ray of its own), and
 reading what they leave: metrics records, loss curves, recoveries, shared memory still allocated."""
+import contextlib
 import json
 import os
+import signal
 import subprocess
 import sys
 import tempfile
 import time
 from pathlib import Path
+from typing import Optional
 
 import psutil
 
@@ -20,9 +23,41 @@ COMMON = ["recipe=quickstart", f"train.steps={STEPS}", "checkpoint.persist_every
           "logging.progress=false"]
 
 
-def orchestrate(*args: str, timeout: float = 300) -> subprocess.CompletedProcess:
-    return subprocess.run([sys.executable, "-m", "orchestrate", *args], capture_output=True, text=True,
-                          timeout=timeout, env=ENV)
+def orchestrate(*args: str, timeout: float = 300, env: Optional[dict] = None) -> subprocess.CompletedProcess:
+    """The command's result; one that runs longer than ``timeout`` fails the test with where it waited."""
+    command = [sys.executable, "-m", "orchestrate", *args]
+    process = subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env or ENV)
+    try:
+        stdout, stderr = process.communicate(timeout=timeout)
+    except subprocess.TimeoutExpired:
+        raise AssertionError(f"not finished after {timeout:.0f}s: {stacks_of_hung_run(process)}") from None
+    return subprocess.CompletedProcess(command, process.returncode, stdout, stderr)
+
+
+def print_stacks(process: subprocess.Popen) -> None:
+    """A run's controller (``process``) and the worker and keeper actors on this machine print every thread's
+    stack to their output (SIGUSR1, which they hand to faulthandler) and go on."""
+    for proc in psutil.process_iter(["cmdline"]):
+        if (proc.info["cmdline"] or [""])[0].startswith(("ray::TrainWorker", "ray::SnapshotKeeper")):
+            with contextlib.suppress(psutil.Error):
+                proc.send_signal(signal.SIGUSR1)
+    time.sleep(3)  # the actors' logs reach the controller's output
+    with contextlib.suppress(ProcessLookupError):
+        process.send_signal(signal.SIGUSR1)
+    time.sleep(1)
+
+
+def stacks_of_hung_run(process: subprocess.Popen) -> str:
+    """Where a run that does not finish waits (``print_stacks``), then the run is killed. Returns the
+    controller's innermost frames of its own code, then the tail of the run's output."""
+    print_stacks(process)
+    process.kill()
+    stdout, stderr = process.communicate()
+    own = "\n".join(line for line in stderr.splitlines() if "pid=" not in line)  # not the actors' lines
+    main_thread = own.rpartition("(most recent call first):")[2].split("\n\n")[0].splitlines()  # listed last
+    ours = [line.strip().replace("File ", "") for line in main_thread if line.strip() and "site-packages" not in line]
+    frames = " < ".join(ours[:4])
+    return f"the controller waits in {frames or '?'}\n--- stdout\n{stdout[-4000:]}\n--- stderr\n{stderr[-12000:]}"
 
 
 def run(run_dir: Path, *overrides: str, command: str = "launch") -> dict[int, float]:
@@ -68,7 +103,8 @@ def wait_for_records(run_dir: Path, ready, process, timeout_s: float = 120) -> N
         if ready([json.loads(line) for line in lines[:-1]]):  # the last line may be partial
             return
         time.sleep(0.1)
-    raise AssertionError(f"the run did not get ready before its nodes were to be lost: {process.poll()}")
+    hung = stacks_of_hung_run(process) if process.poll() is None else process.returncode
+    raise AssertionError(f"the run did not get ready before its nodes were to be lost: {hung}")
 
 
 def tmpfs_used_bytes(path) -> int:

@@ -5,6 +5,7 @@ import faulthandler
 import os
 import signal
 import socket
+import tempfile
 from contextlib import contextmanager
 from datetime import timedelta
 from typing import Optional
@@ -118,6 +119,14 @@ class DistributedWorker:
 
     def ping(self) -> int:
         return os.getpid()
+
+    def stacks(self) -> str:
+        """Every thread's stack as faulthandler prints it (the C-level dump also shows a thread blocked in native
+        code, e.g. a collective), headed by this rank and process."""
+        with tempfile.TemporaryFile("w+") as out:
+            faulthandler.dump_traceback(out, all_threads=True)
+            out.seek(0)
+            return f"rank {self.rank}, pid {os.getpid()}\n{out.read()}"
 
     def shutdown(self) -> None:
         if dist.is_initialized():

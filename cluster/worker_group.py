@@ -4,7 +4,7 @@ from __future__ import annotations
 from typing import Any, Optional
 
 import ray
-from ray.exceptions import ActorUnavailableError, GetTimeoutError, RayActorError
+from ray.exceptions import ActorUnavailableError, GetTimeoutError, RayActorError, RayError
 from ray.util.placement_group import placement_group, remove_placement_group
 from ray.util.scheduling_strategies import PlacementGroupSchedulingStrategy
 
@@ -148,6 +148,19 @@ class WorkerGroup:
             except RayActorError:
                 dead.append(rank)
         return dead, unresponsive
+
+    def stacks(self, timeout_s: float = 10.0) -> dict[int, str]:
+        """Rank -> every thread's stack now (asked beside any running call), for the ranks that answer in time."""
+        refs = self.call_async("stacks", control=True)
+        ready, _ = ray.wait(refs, num_returns=len(refs), timeout=timeout_s)
+        found = {}
+        for rank, ref in enumerate(refs):
+            if ref in ready:
+                try:
+                    found[rank] = ray.get(ref)
+                except RayError:  # died meanwhile
+                    continue
+        return found
 
     def shutdown(self, timeout_s: float = 10.0) -> None:
         """Destroy process groups where ranks still answer, then kill every actor and free the placement."""

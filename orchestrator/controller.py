@@ -168,8 +168,6 @@ class Controller:
                 try:
                     if attempt.group is None:
                         attempt.group = self._start_group()
-                        if self.keepers is not None:
-                            self.keepers.wait_started()  # they started with the service, alongside the workers
                     elif attempt.lost:
                         attempt.group.replace(attempt.lost)
                     self._run_once(attempt.group, self.faults.for_gang(gang_cfg, attempt.recovering),
@@ -291,7 +289,11 @@ class Controller:
             self.recovery.restored_step = resumed
         self.state = RunState.RUNNING
         reporters = [info["rank"] for info in infos if info["reports_loss"]]
-        finals = self._stream_training(group, reporters, result, progress, metrics)
+        try:
+            finals = self._stream_training(group, reporters, result, progress, metrics)
+        except RayError:  # a rank's own error, e.g. a collective that timed out: show where every rank was
+            self._write_stacks(group, progress)
+            raise
         if self.keepers is not None:
             self.keepers.commit_final(result.steps)
             result.checkpoint = self.keepers.persisted
@@ -306,6 +308,15 @@ class Controller:
             metrics.log({"step": result.steps, "eval_loss": result.eval_loss})
             progress.message(f"eval loss {result.eval_loss:.4f}")
         self.state = RunState.FINISHED
+
+    def _write_stacks(self, group: WorkerGroup, progress: ProgressLine) -> None:
+        """Every rank's threads now, into ``stacks/rank-N.txt`` of the run dir: after a collective timed out in one
+        rank, the file of the rank it waited for shows where that one was."""
+        directory = Path(self.cfg.run.dir) / "stacks"
+        directory.mkdir(exist_ok=True)
+        for rank, text in group.stacks().items():
+            (directory / f"rank-{rank}.txt").write_text(text)
+        progress.message(f"every rank's threads when the run failed: {directory}")
 
     def _offer_level_one(self, step: int, reports: list[StepReport]) -> KeeperProgress:
         """Offer the keepers the newest version every rank handed over (not newer than ``step``, which is about to

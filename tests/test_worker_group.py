@@ -1,4 +1,5 @@
 import os
+import time
 
 import psutil
 import pytest
@@ -19,6 +20,9 @@ class SumWorker(DistributedWorker):
     def crash(self) -> None:
         os._exit(1)
 
+    def wait_outside_any_collective(self, seconds: float) -> None:
+        time.sleep(seconds)
+
 
 def test_group_rendezvous_runs_on_all_ranks_and_detects_death(local_ray):
     group = WorkerGroup(SumWorker, world_size=3, cpus_per_worker=0.5, collective_timeout_s=20)
@@ -38,6 +42,21 @@ def test_group_rendezvous_runs_on_all_ranks_and_detects_death(local_ray):
         group.shutdown()
     gone, alive = psutil.wait_procs([psutil.Process(pid) for pid in pids if psutil.pid_exists(pid)], timeout=10)
     assert alive == []  # shutdown leaves no worker process behind
+
+
+def test_a_collective_that_times_out_leaves_the_stack_of_the_rank_it_waited_for(local_ray):
+    group = WorkerGroup(SumWorker, world_size=2, cpus_per_worker=0.5, collective_timeout_s=3)
+    try:
+        [waited_for] = group.call_async("wait_outside_any_collective", 60, ranks=[1])
+        [timed_out] = group.call_async("all_reduce_rank", ranks=[0])
+        with pytest.raises(ray.exceptions.RayTaskError, match="[Tt]imed out|timeout"):
+            ray.get(timed_out, timeout=60)
+        stacks = group.stacks()
+        assert stacks[0].startswith("rank 0, pid ") and stacks[1].startswith("rank 1, pid ")
+        assert "wait_outside_any_collective" in stacks[1] and "wait_outside_any_collective" not in stacks[0]
+        assert not ray.wait([waited_for], timeout=0)[0]  # asked beside the running call, which goes on
+    finally:
+        group.shutdown()
 
 
 def test_group_that_cannot_be_placed_fails_fast(local_ray):

@@ -57,9 +57,9 @@ class KeeperService:
         that answers)."""
         self.cfg, self.world_ranks = cfg, list(range(world_size))
         self._live_nodes, self._node_answers = live_nodes, node_answers
-        self.keepers: dict[str, Any] = {}  # node id -> keeper (one that answered)
-        self._starting: dict[str, Any] = {}  # node id -> keeper started, not yet answered (``wait_started``)
+        self.keepers: dict[str, Any] = {}  # node id -> keeper
         self.groups: list[KeeperGroup] = []
+        self.refresh()
         self.committed: Optional[int] = None  # newest L1-committed version
         self.committed_groups: list[KeeperGroup] = []  # the groups it was encoded in
         self.persisted: Optional[int] = None  # newest version the keepers committed to disk
@@ -74,7 +74,6 @@ class KeeperService:
         self._persist_pool = ThreadPoolExecutor(1, thread_name_prefix="l2-from-keepers")
         self._persist: Optional[Future] = None
         self._persist_target: Optional[int] = None  # newest version a level-2 write was started for
-        self.start()  # the keepers' processes start (import torch) while the caller starts its workers
 
     # ------------------------------------------------------------------ membership
 
@@ -86,25 +85,13 @@ class KeeperService:
         dead = [node for node, keeper in self.keepers.items() if not _answers(keeper)]
         for node in dead:
             ray.kill(self.keepers.pop(node), no_restart=True)
-        self.start()
-        started = self.wait_started()
-        if dead and not started:
-            self._form_groups()
-        return started
-
-    def start(self) -> None:
-        """Start a keeper on every live node without one, without waiting for it (``wait_started``). A node that
-        is gone but not declared dead yet would leave its keeper pending, and every commit and group that
-        includes it waiting: only nodes that run a task now get one."""
-        missing = [node for node in self._live_nodes() if node not in self.keepers and node not in self._starting]
-        self._starting.update({node: start_keeper(node, self.cfg.shm_dir, self.cfg.slots)
-                               for node in missing if self._node_answers(node)})
-
-    def wait_started(self) -> list[str]:
-        """Admit the keepers ``start`` started once they answer (the groups are re-formed); returns their nodes."""
-        starting, self._starting = self._starting, {}
+        # a node that is gone but not declared dead yet would leave its keeper pending, and every commit and group
+        # that includes it waiting: only nodes that run a task now get one
+        missing = [node for node in self._live_nodes() if node not in self.keepers]
+        candidates = {node: start_keeper(node, self.cfg.shm_dir, self.cfg.slots)
+                      for node in missing if self._node_answers(node)}
         started = []
-        for node, keeper in starting.items():
+        for node, keeper in candidates.items():
             try:
                 ray.get(keeper.ping.remote(), timeout=KEEPER_START_TIMEOUT_S)
                 self.keepers[node] = keeper
@@ -112,7 +99,7 @@ class KeeperService:
             except ray.exceptions.RayError as err:
                 log.warning("no keeper on node %s: it did not start (%s)", node[:8], type(err).__name__)
                 ray.kill(keeper, no_restart=True)
-        if started:
+        if dead or started:
             self._form_groups()
         return sorted(started)
 
@@ -376,7 +363,7 @@ class KeeperService:
     def shutdown(self) -> None:
         self._pool.shutdown(wait=True)
         self._persist_pool.shutdown(wait=True)
-        for keeper in [*self.keepers.values(), *self._starting.values()]:
+        for keeper in self.keepers.values():
             ray.kill(keeper, no_restart=True)
 
 

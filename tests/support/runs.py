@@ -64,8 +64,14 @@ def run(run_dir: Path, *overrides: str, command: str = "launch") -> dict[int, fl
     """The loss curve of a run that must succeed: quickstart for ``STEPS`` steps plus ``overrides``."""
     args = [*COMMON, *overrides] if command == "launch" else list(overrides)
     result = orchestrate(command, *args, f"run.dir={run_dir}")
-    assert result.returncode == 0, result.stderr[-3000:]
+    assert result.returncode == 0, result.stderr[-3000:] + stacks_of_failed_run(run_dir)
     return curve_of(run_dir)
+
+
+def stacks_of_failed_run(run_dir: Path) -> str:
+    """The stacks every rank's threads had when the run failed (the controller writes them after a rank's error)."""
+    files = sorted((run_dir / "stacks").glob("rank-*.txt"))
+    return "".join(f"\n--- {path.name}\n{path.read_text()[-6000:]}" for path in files)
 
 
 def ray_processes_of_ours() -> set[int]:

@@ -12,7 +12,9 @@ A run's iteration time is the MEAN over steps 3..N (steps 1-2 are warm-up): a sa
 a user pays it, where a median would hide it; the default N=12 puts exactly one every-10 save (step 10) in the
 window. Background writes still running after step N are not counted, on either harness. A row's ratio is the
 median over repeats of its ratio to the same harness's no-checkpointing run of that repeat; every repeat runs
-each method once, one process at a time, in alternating order, so a change in machine load hits all alike.
+each method once, one process at a time, in alternating order, so a change in machine load hits all alike. The
+95% interval of a row's median ratio is distribution-free (order statistics, as a sign test), so it says whether a
+goal is met beyond this machine's run-to-run swings: only an interval wholly under the goal shows it.
 
 Run: ``.venv/bin/python -m benchmarks.checkpoint [--repeats 5] [--steps 12] [--dim 1024] [--layers 8]``
 (``--quick``: a tiny model and 2 repeats, a smoke test; ``--only keepers``: only the orchestrate rows without
@@ -24,6 +26,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import math
 import os
 import signal
 import statistics
@@ -268,6 +271,20 @@ def median_or_none(values) -> Optional[float]:
     return statistics.median(present) if present else None
 
 
+def median_interval(values: list[float], confidence: float = 0.95) -> Optional[tuple[float, float]]:
+    """A distribution-free interval for the median: order statistics k and n+1-k, with k the largest for which
+    Binomial(n, 1/2) puts at most (1 - confidence)/2 below k (as a sign test does). None below 6 values, where
+    no such k exists at 95%."""
+    ordered, n = sorted(values), len(values)
+    k, below = 0, 0.0
+    while True:
+        below += math.comb(n, k) / 2**n  # P(X <= k) after the loop body, with X ~ Binomial(n, 1/2)
+        if below > (1 - confidence) / 2:
+            break
+        k += 1
+    return (ordered[k - 1], ordered[n - k]) if k >= 1 else None
+
+
 def fmt(value: Optional[float]) -> str:
     return "failed" if value is None else f"{value:.3f}"
 
@@ -289,9 +306,9 @@ def table(results: dict[str, MethodResults], args, n_params: int, state_gib: flo
              f"{args.batch} x {args.seq_len} tokens, {CORES} torch threads, {args.steps} steps per run; iteration "
              f"time = mean over steps {WARMUP_STEPS + 1}..{args.steps}; median of {args.repeats} alternating "
              f"repeats.", "",
-             f"| method | iteration time (s) | median step (s) | ratio to no checkpointing | per repeat | "
-             f"repeats <= {GOAL_RATIO} | goal |",
-             "|---|---:|---:|---:|---|---:|---|"]
+             f"| method | iteration time (s) | median step (s) | ratio to no checkpointing | 95% interval | "
+             f"per repeat | repeats <= {GOAL_RATIO} | goal |",
+             "|---|---:|---:|---:|---|---|---:|---|"]
     for label, result in results.items():
         harness = "orchestrate" if label in ORCHESTRATE_METHODS else "plain"
         ratios = paired_ratios(result, results[BASELINE[harness]])
@@ -299,7 +316,9 @@ def table(results: dict[str, MethodResults], args, n_params: int, state_gib: flo
         iteration = median_or_none(result.iteration_s(r) for r in range(args.repeats))
         typical_step = median_or_none(statistics.median(t[WARMUP_STEPS:]) for t in result.step_times if t)
         ratio = median_or_none(ratios)
+        interval = median_interval([r for r in ratios if r is not None])
         lines.append(f"| {label} | {fmt(iteration)} | {fmt(typical_step)} | {fmt(ratio)} | "
+                     f"{'-' if interval is None else '-'.join(map(fmt, interval))} | "
                      f"{', '.join(map(fmt, ratios))} | {within}/{len(ratios)} | "
                      f"{goal(ratio) if label == EVERY_STEP_KEEPERS else '-'} |")
     if BASELINE["plain"] in results:
@@ -322,6 +341,7 @@ def main() -> None:
     parser.add_argument("--only", choices=["all", "keepers"], default="all",
                         help="keepers: only orchestrate with no checkpointing and with keepers every step")
     parser.add_argument("--quick", action="store_true", help="tiny model, 2 repeats: a smoke test")
+    parser.add_argument("--raw", type=Path, help="also write every run's step times here (JSON)")
     parser.add_argument("--plain-worker", help=argparse.SUPPRESS)  # internal: one plain run, JSON request
     args = parser.parse_args()
     if args.plain_worker:
@@ -332,7 +352,10 @@ def main() -> None:
     if args.steps <= WARMUP_STEPS:
         parser.error(f"--steps must be > {WARMUP_STEPS} (warm-up steps are skipped)")
     n_params, state_gib = training_state_size(args)  # also checks the overrides before any run starts
-    print(table(run_all(args), args, n_params, state_gib))
+    results = run_all(args)
+    if args.raw:
+        args.raw.write_text(json.dumps({label: result.step_times for label, result in results.items()}))
+    print(table(results, args, n_params, state_gib))
 
 
 if __name__ == "__main__":

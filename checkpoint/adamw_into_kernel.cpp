@@ -5,9 +5,11 @@
 // and writes the new ones elsewhere (the next snapshot's slot) in the same single pass; with streaming stores
 // its memory traffic is that of the in-place kernel.
 //
-// Bit-identical to torch 2.13's kernel on CPUs where torch runs its AVX-512 code: the same float operations
-// in the same order, including where torch's compiled code fuses a multiply and an add (checked at load time
-// against torch itself, see checkpoint/fused_adamw_into.py; on a mismatch the caller falls back to a copy).
+// Bit-identical to torch 2.13's kernel on CPUs where torch runs its AVX-512 or AVX2 code: the same float
+// operations in the same order, including where torch's compiled code fuses a multiply and an add (checked at
+// load time against torch itself, see checkpoint/fused_adamw_into.py; on a mismatch the caller falls back to a
+// copy). Each operation is correctly rounded lane by lane, so the 16-lane, 8-lane and scalar paths agree; the
+// vector paths matter for speed only (the scalar loop is ~3x slower than torch's in-place step).
 // Per element, with w = 1 - beta1, c2 = 1 - beta2 (all float):
 //   m' = fma(w, g - m, m)                      (torch's lerp; fma(w - 1, g - m, g) when |w| >= 0.5)
 //   v' = fma(c2 * g, g, v * beta2)             elements up to the tensor's last multiple of 8
@@ -76,10 +78,41 @@ __attribute__((target("avx512f"))) void blocks_avx512(const Tensor& t, int64_t b
   _mm_sfence();  // streaming stores are weakly ordered: done before the version is published
 }
 
+// The same as blocks_avx512 with 8 lanes (CPUs without AVX-512; torch's AVX2 level implies FMA too).
+__attribute__((target("avx2,fma"))) void blocks_avx2(const Tensor& t, int64_t begin, int64_t end) {
+  const Coefficients& k = t.k;
+  const __m256 w = _mm256_set1_ps(k.small_weight ? k.w : k.w_minus_one), beta2 = _mm256_set1_ps(k.beta2),
+               c2 = _mm256_set1_ps(k.c2), bc2_sqrt = _mm256_set1_ps(k.bc2_sqrt), eps = _mm256_set1_ps(k.eps),
+               neg_step_size = _mm256_set1_ps(k.neg_step_size), decay = _mm256_set1_ps(k.decay);
+  const bool streaming = t.p_out != t.p && t.m_out != t.m && t.v_out != t.v &&
+                         (reinterpret_cast<uintptr_t>(t.p_out) | reinterpret_cast<uintptr_t>(t.m_out) |
+                          reinterpret_cast<uintptr_t>(t.v_out)) % 32 == 0;
+  for (int64_t i = begin; i < end; i += 8) {
+    __m256 p = _mm256_loadu_ps(t.p + i), g = _mm256_loadu_ps(t.g + i), m = _mm256_loadu_ps(t.m + i),
+           v = _mm256_loadu_ps(t.v + i);
+    m = _mm256_fmadd_ps(w, _mm256_sub_ps(g, m), k.small_weight ? m : g);
+    v = _mm256_fmadd_ps(_mm256_mul_ps(c2, g), g, _mm256_mul_ps(v, beta2));
+    __m256 denom = _mm256_add_ps(_mm256_div_ps(_mm256_sqrt_ps(v), bc2_sqrt), eps);
+    __m256 step = _mm256_div_ps(_mm256_mul_ps(neg_step_size, m), denom);
+    if (k.has_decay) p = _mm256_mul_ps(p, decay);
+    p = _mm256_add_ps(p, step);
+    if (streaming) {
+      _mm256_stream_ps(t.p_out + i, p);
+      _mm256_stream_ps(t.m_out + i, m);
+      _mm256_stream_ps(t.v_out + i, v);
+    } else {
+      _mm256_storeu_ps(t.p_out + i, p);
+      _mm256_storeu_ps(t.m_out + i, m);
+      _mm256_storeu_ps(t.v_out + i, v);
+    }
+  }
+  _mm_sfence();
+}
+
 struct Work {
   const Tensor* tensors;
   int64_t count, first_block, last_block;  // blocks of 16 elements, numbered across all tensors
-  bool avx512;
+  int lanes;  // 16: AVX-512, 8: AVX2 with FMA, else the scalar loop only
 };
 
 void run(const Work& work) {
@@ -90,11 +123,13 @@ void run(const Work& work) {
     int64_t lo = std::max(work.first_block, block) - block, hi = std::min(work.last_block, block + blocks) - block;
     block += blocks;
     if (lo >= hi) continue;
-    int64_t begin = lo * 16, end = std::min(hi * 16, t.numel), full = t.numel - t.numel % 16;
-    int64_t vector_end = std::min(end, full);
-    if (work.avx512 && begin < vector_end) {
-      blocks_avx512(t, begin, vector_end);
-      begin = vector_end;
+    int64_t begin = lo * 16, end = std::min(hi * 16, t.numel);
+    if (work.lanes == 16 || work.lanes == 8) {  // begin is a multiple of 16: whole vectors up to vector_end
+      int64_t vector_end = std::min(end, t.numel - t.numel % work.lanes);
+      if (begin < vector_end) {
+        (work.lanes == 16 ? blocks_avx512 : blocks_avx2)(t, begin, vector_end);
+        begin = vector_end;
+      }
     }
     int64_t remainder_start = t.numel - t.numel % 8;
     for (int64_t i = begin; i < end; ++i) element(t, i, i >= remainder_start);
@@ -116,7 +151,7 @@ extern "C" {
 void orchestrate_adamw_into(int64_t count, const float* const* p, const float* const* m, const float* const* v,
                            const float* const* g, float* const* p_out, float* const* m_out, float* const* v_out,
                            const int64_t* numel, const double* steps, double lr, double beta1, double beta2,
-                           double eps, double weight_decay, int threads, int avx512) {
+                           double eps, double weight_decay, int threads, int lanes) {
   if (count <= 0) return;
   Tensor* tensors = new Tensor[count];
   int64_t blocks = 0;
@@ -136,7 +171,7 @@ void orchestrate_adamw_into(int64_t count, const float* const* p, const float* c
   Work* works = new Work[threads];
   pthread_t* ids = new pthread_t[threads];
   for (int k = 0; k < threads; ++k)
-    works[k] = Work{tensors, count, blocks * k / threads, blocks * (k + 1) / threads, avx512 != 0};
+    works[k] = Work{tensors, count, blocks * k / threads, blocks * (k + 1) / threads, lanes};
   int started = 1;
   for (; started < threads; ++started)
     if (pthread_create(&ids[started], nullptr, run_thread, &works[started]) != 0) break;

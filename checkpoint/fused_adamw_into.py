@@ -25,12 +25,12 @@ _POINTERS = ctypes.POINTER(ctypes.c_void_p)
 class FusedAdamWInto:
     """The loaded kernel: one call steps a parameter group's float32 tensors."""
 
-    def __init__(self, library: ctypes.CDLL, avx512: bool):
+    def __init__(self, library: ctypes.CDLL, lanes: int):
         self._step = library.orchestrate_adamw_into
         self._step.restype = None
         self._step.argtypes = ([ctypes.c_int64] + [_POINTERS] * 7 + [ctypes.POINTER(ctypes.c_int64),
                                ctypes.POINTER(ctypes.c_double)] + [ctypes.c_double] * 5 + [ctypes.c_int] * 2)
-        self.avx512 = avx512
+        self.lanes = lanes  # floats per vector operation (16: AVX-512, 8: AVX2, 0: scalar)
 
     def step(self, sources: Sequence[tuple[torch.Tensor, torch.Tensor, torch.Tensor]], grads: Sequence[torch.Tensor],
              targets: Sequence[tuple[torch.Tensor, torch.Tensor, torch.Tensor]], steps: Sequence[float], *,
@@ -45,7 +45,7 @@ class FusedAdamWInto:
         source_pointers, target_pointers, numels = _tensor_arguments(addresses, tuple(p.numel() for p in columns[0]))
         self._step(count, *source_pointers, _pointers([g.data_ptr() for g in grads]), *target_pointers, numels,
                    (ctypes.c_double * count)(*steps), lr, beta1, beta2, eps, weight_decay, torch.get_num_threads(),
-                   int(self.avx512))
+                   self.lanes)
 
 
 def _pointers(addresses: Sequence[int]):
@@ -72,7 +72,7 @@ def kernel() -> Optional[FusedAdamWInto]:
         _put_ninja_on_path()
         path = cpp_extension.load(name="orchestrate_adamw_into", sources=[str(SOURCE)], is_python_module=False,
                                   extra_cflags=["-O3", "-ffp-contract=off", "-fno-math-errno"])
-        candidate = FusedAdamWInto(ctypes.CDLL(path), torch.backends.cpu.get_cpu_capability() == "AVX512")
+        candidate = FusedAdamWInto(ctypes.CDLL(path), vector_lanes())
     except Exception as err:  # noqa: BLE001 - no compiler or no ninja: snapshots fall back to a copy
         log.info("fused AdamW into snapshot slots unavailable (%s: %s); snapshots copy the state",
                  type(err).__name__, err)
@@ -83,6 +83,11 @@ def kernel() -> Optional[FusedAdamWInto]:
                  "state", mismatch)
         return None
     return candidate
+
+
+def vector_lanes() -> int:
+    """The widest vector code torch itself runs on this CPU (its AVX2 level requires FMA as well), in floats."""
+    return {"AVX512": 16, "AVX2": 8}.get(torch.backends.cpu.get_cpu_capability(), 0)
 
 
 def _put_ninja_on_path() -> None:

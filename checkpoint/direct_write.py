@@ -43,8 +43,8 @@ from typing import Any, Iterable, Mapping, Sequence
 
 import numpy as np
 
-from orchestrate.checkpoint.snapshot_codec import PackedTensor, SnapshotIndex, tensor_views
-from orchestrate.checkpoint.universal import CheckpointError, RankIndex, SliceSpec, checksum, writes_block
+from orchestrate.checkpoint.snapshot_index import PackedTensor, SnapshotIndex, entry_bytes
+from orchestrate.checkpoint.universal import CheckpointError, RankIndex, SliceSpec, checksum_bytes, writes_block
 
 log = logging.getLogger(__name__)
 
@@ -95,10 +95,10 @@ def write_packed(directory: str | os.PathLike, rank: int, index: SnapshotIndex |
     index = index if isinstance(index, SnapshotIndex) else SnapshotIndex.from_json(index)
     rank_index = RankIndex(directory, rank)
     entries = []
-    for entry, view in zip(index.tensors, tensor_views(index, payload)):  # tensor_views checks the layout
+    for entry, data in zip(index.tensors, entry_bytes(index, payload)):  # entry_bytes checks the layout
         block = SliceSpec(entry.global_shape, entry.offsets, entry.shape)
         if writes_block(entry.replica_id, block):
-            rank_index.add(entry.name, entry.key, block, entry.dtype, checksum(view))
+            rank_index.add(entry.name, entry.key, block, entry.dtype, checksum_bytes(data))
             entries.append(entry)
     layout = plan_file(entries, index.nbytes)
     return rank_index.commit(lambda tmp: _timed_write(tmp, layout, np.asarray(payload)))

@@ -35,7 +35,8 @@ from typing import Callable, Iterable, Optional, Protocol, Sequence
 
 from orchestrate.checkpoint.arena import HostArena
 from orchestrate.checkpoint.universal import (CheckpointError, FragmentSpec, TrainerState, commit_version, version_dir,
-                                  wait_for_ranks, write_fragments)
+                                              wait_for_ranks)
+from orchestrate.checkpoint.universal_tensors import write_fragments
 
 StateFn = Callable[[], Iterable[FragmentSpec]]
 

@@ -25,7 +25,8 @@ from torch import nn
 from torch.distributed.tensor import DTensor, Shard
 
 from orchestrate.checkpoint.reshard import load_into
-from orchestrate.checkpoint.universal import CheckpointError, FragmentSpec, Manifest, dtype_from_name, read_manifest
+from orchestrate.checkpoint.universal import CheckpointError, FragmentSpec, Manifest, read_manifest
+from orchestrate.checkpoint.universal_tensors import dtype_from_name
 
 try:
     from torch.distributed.tensor._utils import compute_local_shape_and_global_offset

@@ -15,7 +15,8 @@ import torch
 from safetensors import SafetensorError, safe_open
 
 from orchestrate.checkpoint.universal import (CheckpointError, FragmentRecord, FragmentSpec, Manifest, SliceSpec,
-                                  block_overlap, checksum, dtype_from_name, read_manifest)
+                                              block_overlap, read_manifest)
+from orchestrate.checkpoint.universal_tensors import checksum, dtype_from_name
 
 
 @dataclass(frozen=True)

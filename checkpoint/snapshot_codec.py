@@ -8,73 +8,21 @@ shape, dtype, replica id, byte offset and length. Unpacking returns tensors that
 
 Every block starts on a 64-byte boundary and the payload length is a multiple of 64: ``Tensor.view(dtype)`` needs
 element-aligned offsets, and keepers concatenate payloads and cut them into erasure-coding chunks, which stay
-aligned that way.
+aligned that way. The index and the payload's layout are in checkpoint/snapshot_index.py, which does not import
+torch (the keepers use it); this module is the tensors' side.
 """
 from __future__ import annotations
 
 import warnings
-from dataclasses import asdict, dataclass, field
-from math import prod
 from typing import Any, Iterable, Mapping, Optional, Sequence
 
 import numpy as np
 import torch
 
 from orchestrate.checkpoint.background_copy import copy_tensor
-from orchestrate.checkpoint.universal import CheckpointError, FragmentSpec, Shape, dtype_from_name, dtype_name
-
-FORMAT_NAME = "orchestrate.snapshot"
-FORMAT_VERSION = 1
-ALIGNMENT = 64
-
-
-def align(nbytes: int) -> int:
-    return -(-nbytes // ALIGNMENT) * ALIGNMENT
-
-
-@dataclass(frozen=True)
-class PackedTensor:
-    """Where one fragment's bytes sit in the payload, and which block of which logical tensor it is."""
-
-    name: str
-    global_shape: Shape
-    offsets: Shape
-    shape: Shape
-    dtype: str
-    replica_id: int
-    byte_offset: int
-    nbytes: int
-
-    @classmethod
-    def from_json(cls, data: Mapping[str, Any]) -> "PackedTensor":
-        return cls(data["name"], tuple(data["global_shape"]), tuple(data["offsets"]), tuple(data["shape"]),
-                   data["dtype"], int(data["replica_id"]), int(data["byte_offset"]), int(data["nbytes"]))
-
-    @property
-    def key(self) -> str:
-        return f"{self.name}@{','.join(map(str, self.offsets))}"
-
-
-@dataclass(frozen=True)
-class SnapshotIndex:
-    """The layout of a packed payload. ``meta`` is free JSON that travels with it (e.g. the trainer state)."""
-
-    tensors: tuple[PackedTensor, ...]
-    nbytes: int
-    meta: dict[str, Any] = field(default_factory=dict)
-
-    def to_json(self) -> dict[str, Any]:
-        return {"format": FORMAT_NAME, "format_version": FORMAT_VERSION, "nbytes": self.nbytes,
-                "meta": self.meta, "tensors": [asdict(t) for t in self.tensors]}
-
-    @classmethod
-    def from_json(cls, data: Mapping[str, Any]) -> "SnapshotIndex":
-        if data.get("format") != FORMAT_NAME or data.get("format_version") != FORMAT_VERSION:
-            raise CheckpointError(f"not an {FORMAT_NAME} v{FORMAT_VERSION} index "
-                                  f"(format={data.get('format')!r}, version={data.get('format_version')!r})")
-        return cls(tuple(PackedTensor.from_json(t) for t in data["tensors"]), int(data["nbytes"]),
-                   dict(data.get("meta") or {}))
-
+from orchestrate.checkpoint.snapshot_index import PackedTensor, SnapshotIndex, align, check_layout, zero_gaps
+from orchestrate.checkpoint.universal import CheckpointError, FragmentSpec, dtype_name
+from orchestrate.checkpoint.universal_tensors import dtype_from_name
 
 def plan_index(fragments: Sequence[FragmentSpec], meta: Optional[Mapping[str, Any]] = None) -> SnapshotIndex:
     """The layout the fragments would be packed into; nothing is copied."""
@@ -112,40 +60,17 @@ def pack_into(index: SnapshotIndex, fragments: Sequence[FragmentSpec], out: np.n
     return payload
 
 
-def zero_gaps(index: SnapshotIndex, payload: np.ndarray) -> None:
-    """Alignment padding is zeroed so that equal snapshots are equal byte for byte."""
-    ends = [t.byte_offset + t.nbytes for t in index.tensors]
-    starts = [t.byte_offset for t in index.tensors[1:]] + [index.nbytes]
-    for end, start in zip(ends, starts):
-        payload[end:start] = 0
-
-
-def _as_payload(index: SnapshotIndex, payload) -> np.ndarray:
-    array = np.asarray(payload)
-    if array.dtype != np.uint8 or array.ndim != 1 or not array.flags.c_contiguous:
-        raise CheckpointError("snapshot payload must be a contiguous 1-D uint8 array")
-    if array.nbytes != index.nbytes:
-        raise CheckpointError(f"snapshot payload holds {array.nbytes} bytes, its index says {index.nbytes}")
-    return array
-
-
 def tensor_views(index: SnapshotIndex, payload) -> list[torch.Tensor]:
     """One tensor per index entry, each a view of the payload (no copy).
 
     A read-only payload (e.g. from ``ray.get``) gives read-only memory: copy out of these tensors, never into them.
     """
-    array = _as_payload(index, payload)
+    array = check_layout(index, payload)
     with warnings.catch_warnings():
         warnings.filterwarnings("ignore", message="The given NumPy array is not writable")
         flat = torch.from_numpy(array)
     views = []
     for entry in index.tensors:
-        if entry.nbytes != prod(entry.shape) * dtype_from_name(entry.dtype).itemsize:
-            raise CheckpointError(f"snapshot: tensor {entry.key!r} claims {entry.nbytes} bytes for "
-                                  f"{entry.dtype}{list(entry.shape)}")
-        if entry.byte_offset % ALIGNMENT or entry.byte_offset + entry.nbytes > array.nbytes:
-            raise CheckpointError(f"snapshot: tensor {entry.key!r} at byte {entry.byte_offset} does not fit "
-                                  f"the {array.nbytes}-byte payload")
         raw = flat[entry.byte_offset:entry.byte_offset + entry.nbytes]
         views.append(raw.view(dtype_from_name(entry.dtype)).reshape(entry.shape))
     return views

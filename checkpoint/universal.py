@@ -16,8 +16,8 @@ logical name, for the block the new layout needs and reads only the overlapping 
 any other.
 
 Commit protocol (no process group needed, only a shared directory):
-  1. every rank calls ``write_fragments(version_dir, rank, fragments)`` (or a keeper, from a packed snapshot,
-     checkpoint/direct_write.py's ``write_packed``): it writes its data file to a temp name, fsyncs, renames,
+  1. every rank calls ``write_fragments(version_dir, rank, fragments)`` (checkpoint/universal_tensors.py; or
+     a keeper, from a packed snapshot, checkpoint/direct_write.py's ``write_packed``): it writes its data file to a temp name, fsyncs, renames,
      then writes its index the same way. An existing index means "this rank's part is durable".
   2. one coordinator (rank 0, or the controller) calls ``commit_version`` once every rank's index exists
      (``wait_for_ranks`` polls for them). It checks that the fragments tile every tensor exactly, writes
@@ -28,6 +28,9 @@ the coordinator calls ``discard_uncommitted(root)`` so leftovers of a crashed at
 
 Checksums are xxh3-64 of each fragment's bytes: ~30 GiB/s on one core here (crc32 ~4, sha256 ~1.6), so
 verification costs far less than reading the data; the threat is torn or flipped bytes, not an adversary.
+
+This module does not import torch (the SnapshotKeeper actors use it and move only bytes); what takes or makes
+tensors is in checkpoint/universal_tensors.py.
 """
 from __future__ import annotations
 
@@ -39,11 +42,13 @@ from dataclasses import dataclass, field, fields
 from functools import cached_property
 from math import prod
 from pathlib import Path
-from typing import Any, Callable, Iterable, Mapping, Optional, Sequence
+from typing import TYPE_CHECKING, Any, Callable, Mapping, Optional, Sequence
 
-import torch
+import numpy as np
 import xxhash
-from safetensors.torch import save_file
+
+if TYPE_CHECKING:  # torch only in annotations: the keepers import this module and never load torch
+    import torch
 
 FORMAT_NAME = "orchestrate.universal"
 FORMAT_VERSION = 1
@@ -201,15 +206,21 @@ def dtype_name(dtype: torch.dtype) -> str:
     return str(dtype).removeprefix("torch.")
 
 
-def dtype_from_name(name: str) -> torch.dtype:
-    dtype = getattr(torch, name, None)
-    if not isinstance(dtype, torch.dtype):
+DTYPE_BYTES = {  # bytes per element of every dtype name a checkpoint may hold (dtype_name of a torch dtype)
+    "float64": 8, "float32": 4, "float16": 2, "bfloat16": 2,
+    "float8_e4m3fn": 1, "float8_e4m3fnuz": 1, "float8_e5m2": 1, "float8_e5m2fnuz": 1, "complex64": 8, "bool": 1,
+    "int64": 8, "int32": 4, "int16": 2, "int8": 1, "uint64": 8, "uint32": 4, "uint16": 2, "uint8": 1,
+}
+
+
+def element_bytes(name: str) -> int:
+    if name not in DTYPE_BYTES:
         raise CheckpointError(f"unknown dtype {name!r}")
-    return dtype
+    return DTYPE_BYTES[name]
 
 
-def checksum(tensor: torch.Tensor) -> str:
-    data = tensor.detach().contiguous().reshape(-1).view(torch.uint8).numpy()
+def checksum_bytes(data: np.ndarray) -> str:
+    """The checksum of a fragment's bytes (a contiguous uint8 array)."""
     return f"{xxhash.xxh3_64_intdigest(data):016x}"
 
 
@@ -297,19 +308,6 @@ class RankIndex:
         index_path = _rank_index_path(self.directory, self.rank)
         _atomic_write_text(index_path, json.dumps(index))
         return index_path
-
-
-def write_fragments(directory: str | os.PathLike, rank: int, fragments: Iterable[FragmentSpec]) -> Path:
-    """Write this rank's replica-0 fragments and then its index, both durable. Returns the index path."""
-    index = RankIndex(directory, rank)
-    tensors: dict[str, torch.Tensor] = {}
-    for fragment in fragments:
-        if not writes_block(fragment.replica_id, fragment.slice):
-            continue
-        local = fragment.tensor.detach().contiguous()
-        index.add(fragment.name, fragment.key, fragment.slice, dtype_name(local.dtype), checksum(local))
-        tensors[fragment.key] = local
-    return index.commit(lambda tmp: save_file(tensors, str(tmp)))
 
 
 def missing_ranks(directory: str | os.PathLike, world_ranks: Sequence[int]) -> list[int]:

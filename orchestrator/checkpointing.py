@@ -28,8 +28,10 @@ from torch.distributed.tensor import DTensor
 from orchestrate.checkpoint import adamw_into
 from orchestrate.checkpoint.engine import CheckpointEngine, UniversalPersister
 from orchestrate.checkpoint.arena import HostArena
-from orchestrate.checkpoint.keepers.arena import TRAINER_STATE_META, ArenaHandle, ArenaWriter, estimate_meta_capacity
-from orchestrate.checkpoint.snapshot_codec import SnapshotIndex, copy_into, pack, plan_index
+from orchestrate.checkpoint.keepers.arena import TRAINER_STATE_META, ArenaHandle, estimate_meta_capacity
+from orchestrate.checkpoint.keepers.arena_writer import ArenaWriter
+from orchestrate.checkpoint.snapshot_codec import copy_into, pack, plan_index
+from orchestrate.checkpoint.snapshot_index import SnapshotIndex
 from orchestrate.checkpoint.fragments import (OPTIM_PREFIX, init_optimizer_state, load_model, load_optimizer, model_fragments,
                                   optimizer_fragments, tensor_fragment)
 from orchestrate.checkpoint.reshard import load_into

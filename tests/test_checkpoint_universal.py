@@ -13,7 +13,8 @@ from orchestrate.checkpoint.fragments import load_model, load_optimizer, model_f
 from orchestrate.checkpoint.reshard import load_slices, plan_load
 from orchestrate.checkpoint.universal import (FORMAT_VERSION, MANIFEST_FILE, CheckpointError, FragmentSpec, SliceSpec,
                                   TrainerState, commit_version, committed_versions, discard_uncommitted,
-                                  latest_version_dir, read_manifest, version_dir, write_fragments)
+                                  latest_version_dir, read_manifest, version_dir)
+from orchestrate.checkpoint.universal_tensors import write_fragments
 from orchestrate.parallel.local_ranks import run_ranks
 
 REPO = Path(__file__).resolve().parent.parent
@@ -63,6 +64,16 @@ def test_round_trip_restores_tensors_dtypes_and_trainer_state(saved):
     for name, tensor in tensors.items():
         assert loaded[name].dtype == tensor.dtype
         assert torch.equal(loaded[name], tensor), name
+
+
+def test_dtype_names_and_sizes_match_torch():
+    from orchestrate.checkpoint.direct_write import SAFETENSORS_DTYPES
+    from orchestrate.checkpoint.universal import DTYPE_BYTES, dtype_name
+    from orchestrate.checkpoint.universal_tensors import dtype_from_name
+
+    assert DTYPE_BYTES.keys() == SAFETENSORS_DTYPES.keys()
+    for name, nbytes in DTYPE_BYTES.items():
+        assert dtype_name(dtype_from_name(name)) == name and dtype_from_name(name).itemsize == nbytes, name
 
 
 def test_only_replica_zero_is_written(saved):
@@ -176,7 +187,8 @@ def test_keep_prunes_old_versions_and_discard_removes_uncommitted(tmp_path):
 
 CRASHING_WRITER = """
 import sys, torch
-from orchestrate.checkpoint.universal import FragmentSpec, TrainerState, commit_version, version_dir, write_fragments
+from orchestrate.checkpoint.universal import FragmentSpec, TrainerState, commit_version, version_dir
+from orchestrate.checkpoint.universal_tensors import write_fragments
 root, n = sys.argv[1], 4 * 1024 * 1024
 
 def fragments(version, rank):

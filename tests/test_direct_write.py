@@ -17,9 +17,10 @@ from orchestrate.checkpoint import direct_write
 from orchestrate.checkpoint.direct_write import BUFFERED, DIRECT, PAD_PREFIX, PAGE, plan_file, write_packed, write_safetensors
 from orchestrate.checkpoint.reshard import load_slices
 from orchestrate.checkpoint.keepers.arena import HELD, Arena, ArenaLayout, estimate_meta_capacity
+from orchestrate.checkpoint.keepers.arena_writer import write_snapshot
 from orchestrate.checkpoint.snapshot_codec import pack_into, plan_index, unpack
-from orchestrate.checkpoint.universal import (FragmentSpec, SliceSpec, TrainerState, commit_version, version_dir,
-                                  write_fragments, writes_block)
+from orchestrate.checkpoint.universal import FragmentSpec, SliceSpec, TrainerState, commit_version, version_dir, writes_block
+from orchestrate.checkpoint.universal_tensors import write_fragments
 
 SHM = Path("/dev/shm")
 
@@ -162,7 +163,7 @@ def test_a_keeper_arena_slot_is_written_with_o_direct(shm_dir, disk, record_writ
     index = plan_index(fragments)
     arena = Arena.create(str(shm_dir), ArenaLayout(2, index.nbytes, estimate_meta_capacity(index)), "test arena")
     try:
-        assert arena.write(5, index, fragments)
+        assert write_snapshot(arena, 5, index, fragments)
         slot_index, payload = arena.read(arena.slots_in(HELD)[5])
         assert payload.ctypes.data % PAGE == 0
         write_packed(disk / "keeper", 0, slot_index, payload)

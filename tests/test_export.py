@@ -9,7 +9,8 @@ from safetensors import safe_open
 from orchestrate.models.llama.hf_export import CONFIG_FILE, WEIGHTS_FILE, export_hf
 from orchestrate.models.llama.hf_import import load_hf_into
 from orchestrate.checkpoint.fragments import model_fragments, optimizer_fragments
-from orchestrate.checkpoint.universal import CheckpointError, TrainerState, commit_version, version_dir, write_fragments
+from orchestrate.checkpoint.universal import CheckpointError, TrainerState, commit_version, version_dir
+from orchestrate.checkpoint.universal_tensors import write_fragments
 from orchestrate.config import ModelConfig
 from orchestrate.models.llama import build_llama
 

@@ -10,6 +10,7 @@ from dataclasses import replace
 import warnings
 
 import numpy as np
+import psutil
 import pytest
 import ray
 import torch
@@ -22,9 +23,11 @@ from orchestrate.checkpoint.keepers.keeper import SnapshotKeeper, start_keeper
 from orchestrate.checkpoint.keepers.group import (GroupLostError, KeeperGroup, L1CommitError, NotHeldError, StripeLayout,
                                      persist_l2)
 from orchestrate.checkpoint.reshard import load_slices
-from orchestrate.checkpoint.keepers.arena import (FREE, READY, WRITING, Arena, ArenaHandle, ArenaWriter, ShmSpaceError,
-                                  estimate_meta_capacity)
-from orchestrate.checkpoint.snapshot_codec import ALIGNMENT, SnapshotIndex, copy_into, pack, pack_into, plan_index, unpack
+from orchestrate.checkpoint.keepers.arena import (FREE, READY, WRITING, Arena, ArenaHandle, ShmSpaceError,
+                                                  estimate_meta_capacity)
+from orchestrate.checkpoint.keepers.arena_writer import ArenaWriter, write_snapshot
+from orchestrate.checkpoint.snapshot_codec import copy_into, pack, pack_into, plan_index, unpack
+from orchestrate.checkpoint.snapshot_index import ALIGNMENT, SnapshotIndex
 from orchestrate.checkpoint.universal import (CheckpointError, FragmentSpec, SliceSpec, TrainerState, latest_version_dir,
                                   read_manifest)
 
@@ -84,7 +87,7 @@ def arena_sizes(rank):
 def write_version(arena, version, rank):
     """What a trainer's engine does: pack one version straight into a slot of its arena."""
     fragments = rank_fragments(version, rank)
-    return arena.write(version, plan_index(fragments, {"trainer_state": trainer_state(version)}), fragments)
+    return write_snapshot(arena, version, plan_index(fragments, {"trainer_state": trainer_state(version)}), fragments)
 
 
 def node_ranks(node_index):
@@ -227,7 +230,7 @@ def test_a_version_due_on_disk_is_not_overwritten_before_a_commit(keeper_and_are
     fragments = {v: rank_fragments(v, 0) for v in range(10, 14)}
     for version, parts in fragments.items():
         index = plan_index(parts, {"trainer_state": trainer_state(version)})
-        assert arenas[0].write(version, index, parts, keep_every=10)
+        assert write_snapshot(arenas[0], version, index, parts, keep_every=10)
     assert keeper.held_ranks() == {10: [0], 12: [0], 13: [0]}  # 11 made room, not 10
     commit_alone(keeper, 13)
     assert keeper.versions() == [13]  # a newer commit frees it all the same
@@ -354,6 +357,16 @@ def test_persist_from_keepers_loads_back_in_the_universal_format(keepers, tmp_pa
     model = nn.Linear(COLUMNS, row_start(len(WORLD)))
     load_model(directory, model)
     assert torch.equal(model.weight.detach(), full["weight"]) and torch.equal(model.bias.detach(), full["bias"])
+    # the keepers held, encoded and wrote all of it without loading torch (each would cost ~180 MiB and seconds)
+    assert keeper_processes() and not [p.pid for p in keeper_processes() if loads_torch(p)]
+
+
+def keeper_processes() -> list[psutil.Process]:
+    return [p for p in psutil.process_iter(["cmdline"]) if (p.info["cmdline"] or [""])[0] == "ray::SnapshotKeeper"]
+
+
+def loads_torch(process: psutil.Process) -> bool:
+    return any("libtorch" in m.path for m in process.memory_maps())
 
 
 @pytest.mark.parametrize("parity", [1, 2])

@@ -8,7 +8,7 @@ space is reserved with posix_fallocate when it is created: a tmpfs that is too s
 training starts, never a SIGBUS in the middle of a step. The slots are reused for every version.
 
 File layout: a header page, then ``slots`` slots, each a metadata area (JSON: the snapshot index, which carries
-the trainer state) followed by a payload area (the packed tensors, checkpoint/snapshot_codec.py's layout).
+the trainer state) followed by a payload area (the packed tensors, checkpoint/snapshot_index.py's layout).
 
 The header holds three int64 per slot: state, version, metadata length. The handover is the state change, not an
 RPC. Who moves a slot between states:
@@ -28,18 +28,14 @@ import contextlib
 import fcntl
 import json
 import mmap
-import operator
 import os
-import threading
-from dataclasses import asdict, dataclass, fields
+from dataclasses import asdict, dataclass
 from typing import Callable, Optional, Sequence
 
 import numpy as np
-import torch
 
-from orchestrate.checkpoint.background_copy import copy_tensor
-from orchestrate.checkpoint.snapshot_codec import SnapshotIndex, pack_into, plan_index, tensor_views, zero_gaps
-from orchestrate.checkpoint.universal import CheckpointError, FragmentSpec, TrainerState
+from orchestrate.checkpoint.snapshot_index import SnapshotIndex
+from orchestrate.checkpoint.universal import CheckpointError
 
 FREE, WRITING, READY, SEALED, COMMITTED = range(5)
 HELD = (READY, SEALED, COMMITTED)  # states in which a slot holds a complete version
@@ -209,13 +205,6 @@ class Arena:
 
     # ------------------------------------------------------------------ trainer side
 
-    def write(self, version: int, index: SnapshotIndex, fragments: Sequence[FragmentSpec],
-              keep_every: int = 0) -> bool:
-        """Pack ``fragments`` (laid out by ``index``) as ``version``; see ``publish``."""
-        meta = json.dumps(index.to_json()).encode()
-        return self.publish(version, index.nbytes, meta,
-                            lambda slot: pack_into(index, fragments, self.payload(slot, index.nbytes)), keep_every)
-
     def publish(self, version: int, nbytes: int, meta: bytes, fill: Callable[[int], None], keep_every: int = 0
                 ) -> bool:
         """Take a FREE slot, else the oldest READY one, ``fill(slot)`` its payload, write ``meta`` and publish it
@@ -261,138 +250,6 @@ class Arena:
     @property
     def nbytes(self) -> int:
         return self.layout.nbytes
-
-
-class ArenaWriter:
-    """The checkpoint engine's level-0 target when keepers are on: each version is packed straight into a slot of
-    this rank's arena. ``reallocate(payload_nbytes, meta_nbytes) -> ArenaHandle`` asks the keeper for a larger
-    arena when a snapshot outgrows the slots (state that appears late, e.g. an outer optimizer's momentum).
-    ``keep_every``: versions that are multiples of it go to disk; they are not overwritten before a commit."""
-
-    def __init__(self, handle: ArenaHandle, reallocate=None, keep_every: int = 0):
-        self.arena = Arena.attach(handle)
-        self.reallocate, self.keep_every = reallocate, keep_every
-        self.handed_version: Optional[int] = None
-        self.skipped = 0
-        self.copied_bytes = 0  # bytes the last version's copy moved (what the step did not write in place)
-        self._lock = threading.Lock()  # the copy thread writes while the control thread may switch arenas
-        self._layout: Optional[_CachedLayout] = None
-        self._fragments: list[FragmentSpec] = []  # those the layout was checked against
-        self._views: dict[int, list[torch.Tensor]] = {}  # slot -> tensor views of its payload
-        self._begun: Optional[tuple[int, int, _CachedLayout]] = None  # (version, slot, layout) taken by ``begin``
-
-    def replace(self, handle: ArenaHandle) -> None:
-        """Write into another arena from the next version on (this node's keeper was replaced)."""
-        with self._lock:
-            self.arena.close()
-            self.arena, self._views, self._begun = Arena.attach(handle), {}, None
-
-    def begin(self, version: int, fragments: list[FragmentSpec]) -> Optional[dict[str, torch.Tensor]]:
-        """Take the slot ``version`` will be published in before its state exists, laid out for ``fragments`` (the
-        state as it is now: the same tensors the step is about to update): fragment key -> tensor view of that
-        slot. A step that writes its results into these views makes them the snapshot (``copy_version`` then
-        copies only the other tensors). None when a slot is not free or the layout does not fit the arena."""
-        layout = self._layout_of(fragments)
-        with self._lock:
-            if layout.index.nbytes > self.arena.layout.payload_capacity:
-                return None
-            slot = self.arena.take_slot(version, self.keep_every)
-            if slot is None:
-                return None
-            self._begun = (version, slot, layout)
-            return dict(zip(layout.keys, self._slot_views(slot, layout.index)))
-
-    def copy_version(self, version: int, fragments: list[FragmentSpec], trainer_state: TrainerState) -> bool:
-        """Pack ``version`` into a slot (the one ``begin`` took for it, if any); False when it is skipped (every
-        slot claimed by the keeper). Fragments that already are the slot's views are not copied."""
-        layout = self._layout_of(fragments)
-        meta = layout.meta_json({TRAINER_STATE_META: {f.name: getattr(trainer_state, f.name)
-                                                      for f in fields(trainer_state)}})
-        with self._lock:
-            begun, self._begun = self._begun, None
-            slot = None
-            if begun is not None and begun[0] == version:
-                if begun[2] is not layout:
-                    # the step wrote into the views of a layout this version no longer has
-                    raise CheckpointError(f"version {version}: the snapshot's tensors changed after the step began")
-                slot = begun[1]
-            elif layout.index.nbytes > self.arena.layout.payload_capacity and self.reallocate is not None:
-                handle = self.reallocate(layout.index.nbytes, self.arena.layout.meta_capacity)
-                self.arena.close()
-                self.arena, self._views = Arena.attach(handle), {}
-            self.arena.check_fits(version, layout.index.nbytes, meta)
-            if slot is None:
-                slot = self.arena.take_slot(version, self.keep_every)
-            if slot is not None:
-                self._fill(slot, layout.index, fragments)
-                self.arena.publish_slot(slot, meta)
-        if slot is None:
-            self.skipped += 1
-            return False
-        self.handed_version = version
-        return True
-
-    def _layout_of(self, fragments: list[FragmentSpec]) -> "_CachedLayout":
-        """The packed layout, planned again only when the tensors' names, shapes or dtypes change: planning and
-        JSON-encoding it every step cost more CPU than copying a small model's state."""
-        if self._layout is not None and len(fragments) == len(self._fragments) and all(
-                map(operator.is_, fragments, self._fragments)):
-            return self._layout  # the very same fragments as last time (the caller reuses them)
-        signature = tuple((f.key, f.global_shape, tuple(f.tensor.shape), f.tensor.dtype, f.replica_id)
-                          for f in fragments)
-        self._fragments = list(fragments)
-        if self._layout is None or self._layout.signature != signature:
-            self._layout, self._views = _CachedLayout(signature, plan_index(fragments)), {}
-        return self._layout
-
-    def _slot_views(self, slot: int, index: SnapshotIndex) -> list[torch.Tensor]:
-        """Tensor views of a slot's payload, made once per slot and layout (alignment gaps zeroed then; the
-        tensors' own bytes are all written by each version, so zeroing them too would be a wasted pass)."""
-        views = self._views.get(slot)
-        if views is None:
-            payload = self.arena.payload(slot, index.nbytes)
-            zero_gaps(index, payload)
-            views = self._views[slot] = tensor_views(index, payload)
-        return views
-
-    def _fill(self, slot: int, index: SnapshotIndex, fragments: list[FragmentSpec]) -> None:
-        """Copy the tensors into the slot, except those that already are its views (a step wrote them there)."""
-        copied = 0
-        for view, fragment in zip(self._slot_views(slot, index), fragments):
-            if view.data_ptr() != fragment.tensor.data_ptr():
-                copy_tensor(view, fragment.tensor)
-                copied += view.nbytes
-        self.copied_bytes = copied
-
-    def held_versions(self) -> list[int]:
-        """Versions this rank's arena holds complete."""
-        return sorted(self.arena.slots_in(HELD))
-
-    def read(self, version: int) -> tuple[dict, np.ndarray]:
-        """(index JSON, payload view) of a held version: a surviving rank rolls back to it, or sends it."""
-        slot = self.arena.slots_in(HELD).get(version)
-        if slot is None:
-            raise CheckpointError(f"version {version} is not in this rank's arena (it holds "
-                                  f"{self.held_versions()})")
-        return self.arena.read(slot)
-
-    def close(self) -> None:
-        self.arena.close()
-
-
-class _CachedLayout:
-    """A planned index and its JSON without the per-version meta, spliced around it for each version."""
-
-    def __init__(self, signature: tuple, index: SnapshotIndex):
-        self.signature, self.index = signature, index
-        self.keys = [entry.key for entry in index.tensors]
-        document = index.to_json()
-        head = {key: document[key] for key in ("format", "format_version", "nbytes")}
-        self._head = json.dumps(head)[:-1]
-        self._tail = f', "tensors": {json.dumps(document["tensors"])}}}'
-
-    def meta_json(self, meta: dict) -> bytes:
-        return f'{self._head}, "meta": {json.dumps(meta)}{self._tail}'.encode()
 
 
 def estimate_meta_capacity(index: SnapshotIndex) -> int:

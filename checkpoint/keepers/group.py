@@ -26,7 +26,7 @@ import ray
 from ray.exceptions import GetTimeoutError, ObjectLostError, RayActorError
 
 from orchestrate.checkpoint.erasure import ReedSolomon
-from orchestrate.checkpoint.snapshot_codec import align
+from orchestrate.checkpoint.snapshot_index import align
 
 ShardFetch = Callable[[int], np.ndarray]  # stripe -> this member's shard of it
 # a member (or the node holding its reply) is gone or does not answer

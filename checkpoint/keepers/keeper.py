@@ -37,7 +37,7 @@ from orchestrate.checkpoint.direct_write import write_packed
 from orchestrate.checkpoint.keepers.group import GroupMember, NotHeldError
 from orchestrate.checkpoint.keepers.arena import (COMMITTED, FREE, HELD, READY, SEALED, TRAINER_STATE_META, WRITING, Arena,
                                   ArenaLayout, ShmSpaceError, free_bytes, human_bytes)
-from orchestrate.checkpoint.snapshot_codec import SnapshotIndex
+from orchestrate.checkpoint.snapshot_index import SnapshotIndex
 from orchestrate.checkpoint.universal import CheckpointError, TrainerState, commit_version, version_dir, wait_for_ranks
 
 log = logging.getLogger(__name__)

@@ -22,7 +22,7 @@ from orchestrate.checkpoint.keepers.settings import KeeperSettings
 
 log = logging.getLogger(__name__)
 PING_TIMEOUT_S = 5.0
-KEEPER_START_TIMEOUT_S = 60.0  # a keeper imports torch when it starts: seconds on a busy node
+KEEPER_START_TIMEOUT_S = 60.0  # a new actor process: seconds on a busy node
 KEEPER_CHECK_INTERVAL_S = 2.0
 
 

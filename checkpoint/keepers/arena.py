@@ -9,6 +9,8 @@ training starts, never a SIGBUS in the middle of a step. The slots are reused fo
 
 File layout: a header page, then ``slots`` slots, each a metadata area (JSON: the snapshot index, which carries
 the trainer state) followed by a payload area (the packed tensors, checkpoint/snapshot_index.py's layout).
+This module does not import torch (the keepers, which only move bytes, use it); the trainer packs its tensors
+into a slot through checkpoint/keepers/arena_writer.py.
 
 The header holds three int64 per slot: state, version, metadata length. The handover is the state change, not an
 RPC. Who moves a slot between states:

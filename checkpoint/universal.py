@@ -17,8 +17,9 @@ any other.
 
 Commit protocol (no process group needed, only a shared directory):
   1. every rank calls ``write_fragments(version_dir, rank, fragments)`` (checkpoint/universal_tensors.py; or
-     a keeper, from a packed snapshot, checkpoint/direct_write.py's ``write_packed``): it writes its data file to a temp name, fsyncs, renames,
-     then writes its index the same way. An existing index means "this rank's part is durable".
+     a keeper, from a packed snapshot, checkpoint/direct_write.py's ``write_packed``): it writes its data file
+     to a temp name, fsyncs, renames, then writes its index the same way. An existing index means "this rank's
+     part is durable".
   2. one coordinator (rank 0, or the controller) calls ``commit_version`` once every rank's index exists
      (``wait_for_ranks`` polls for them). It checks that the fragments tile every tensor exactly, writes
      manifest.json (temp + fsync + rename), then atomically replaces ``latest`` and prunes old versions.

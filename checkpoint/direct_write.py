@@ -44,7 +44,7 @@ from typing import Any, Iterable, Mapping, Sequence
 import numpy as np
 
 from orchestrate.checkpoint.snapshot_index import PackedTensor, SnapshotIndex, entry_bytes
-from orchestrate.checkpoint.universal import CheckpointError, RankIndex, SliceSpec, checksum_bytes, writes_block
+from orchestrate.checkpoint.universal import DTYPES, CheckpointError, RankIndex, SliceSpec, checksum_bytes, writes_block
 
 log = logging.getLogger(__name__)
 
@@ -54,13 +54,6 @@ PAD_PREFIX = "__pad__."  # names of the filler entries; a fragment key always co
 DIRECT, BUFFERED = "O_DIRECT", "buffered"  # how a file was written
 O_DIRECT = getattr(os, "O_DIRECT", 0)  # 0 where the platform has none: always buffered
 
-SAFETENSORS_DTYPES = {  # our dtype names (universal.dtype_name) -> safetensors header dtypes
-    "float64": "F64", "float32": "F32", "float16": "F16", "bfloat16": "BF16",
-    "float8_e4m3fn": "F8_E4M3", "float8_e4m3fnuz": "F8_E4M3FNUZ", "float8_e5m2": "F8_E5M2",
-    "float8_e5m2fnuz": "F8_E5M2FNUZ", "complex64": "C64", "bool": "BOOL",
-    "int64": "I64", "int32": "I32", "int16": "I16", "int8": "I8",
-    "uint64": "U64", "uint32": "U32", "uint16": "U16", "uint8": "U8",
-}
 
 Extent = tuple[int, int]  # [start, end) bytes of the payload
 
@@ -166,7 +159,7 @@ def padding_entries(spans: Iterable[Extent], data_nbytes: int) -> dict[str, dict
 
 def safetensors_dtype(entry: PackedTensor) -> str:
     try:
-        return SAFETENSORS_DTYPES[entry.dtype]
+        return DTYPES[entry.dtype][1]
     except KeyError:
         raise CheckpointError(f"snapshot: tensor {entry.key!r} has dtype {entry.dtype}, which safetensors "
                               f"cannot store") from None

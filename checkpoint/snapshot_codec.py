@@ -24,6 +24,7 @@ from orchestrate.checkpoint.snapshot_index import PackedTensor, SnapshotIndex, a
 from orchestrate.checkpoint.universal import CheckpointError, FragmentSpec, dtype_name
 from orchestrate.checkpoint.universal_tensors import dtype_from_name
 
+
 def plan_index(fragments: Sequence[FragmentSpec], meta: Optional[Mapping[str, Any]] = None) -> SnapshotIndex:
     """The layout the fragments would be packed into; nothing is copied."""
     packed, offset, keys = [], 0, set()

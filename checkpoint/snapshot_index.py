@@ -72,7 +72,7 @@ def zero_gaps(index: SnapshotIndex, payload: np.ndarray) -> None:
         payload[end:start] = 0
 
 
-def as_payload(index: SnapshotIndex, payload) -> np.ndarray:
+def _as_payload(index: SnapshotIndex, payload) -> np.ndarray:
     array = np.asarray(payload)
     if array.dtype != np.uint8 or array.ndim != 1 or not array.flags.c_contiguous:
         raise CheckpointError("snapshot payload must be a contiguous 1-D uint8 array")
@@ -83,7 +83,7 @@ def as_payload(index: SnapshotIndex, payload) -> np.ndarray:
 
 def check_layout(index: SnapshotIndex, payload) -> np.ndarray:
     """The payload as a 1-D uint8 array, once every entry of the index is checked to fit it."""
-    array = as_payload(index, payload)
+    array = _as_payload(index, payload)
     for entry in index.tensors:
         if entry.nbytes != prod(entry.shape) * element_bytes(entry.dtype):
             raise CheckpointError(f"snapshot: tensor {entry.key!r} claims {entry.nbytes} bytes for "

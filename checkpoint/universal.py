@@ -207,17 +207,20 @@ def dtype_name(dtype: torch.dtype) -> str:
     return str(dtype).removeprefix("torch.")
 
 
-DTYPE_BYTES = {  # bytes per element of every dtype name a checkpoint may hold (dtype_name of a torch dtype)
-    "float64": 8, "float32": 4, "float16": 2, "bfloat16": 2,
-    "float8_e4m3fn": 1, "float8_e4m3fnuz": 1, "float8_e5m2": 1, "float8_e5m2fnuz": 1, "complex64": 8, "bool": 1,
-    "int64": 8, "int32": 4, "int16": 2, "int8": 1, "uint64": 8, "uint32": 4, "uint16": 2, "uint8": 1,
+DTYPES = {  # every dtype name a checkpoint may hold (dtype_name of a torch dtype) -> (bytes per element, its
+    # dtype in a safetensors header)
+    "float64": (8, "F64"), "float32": (4, "F32"), "float16": (2, "F16"), "bfloat16": (2, "BF16"),
+    "float8_e4m3fn": (1, "F8_E4M3"), "float8_e4m3fnuz": (1, "F8_E4M3FNUZ"), "float8_e5m2": (1, "F8_E5M2"),
+    "float8_e5m2fnuz": (1, "F8_E5M2FNUZ"), "complex64": (8, "C64"), "bool": (1, "BOOL"),
+    "int64": (8, "I64"), "int32": (4, "I32"), "int16": (2, "I16"), "int8": (1, "I8"),
+    "uint64": (8, "U64"), "uint32": (4, "U32"), "uint16": (2, "U16"), "uint8": (1, "U8"),
 }
 
 
 def element_bytes(name: str) -> int:
-    if name not in DTYPE_BYTES:
+    if name not in DTYPES:
         raise CheckpointError(f"unknown dtype {name!r}")
-    return DTYPE_BYTES[name]
+    return DTYPES[name][0]
 
 
 def checksum_bytes(data: np.ndarray) -> str:

@@ -67,12 +67,10 @@ def test_round_trip_restores_tensors_dtypes_and_trainer_state(saved):
 
 
 def test_dtype_names_and_sizes_match_torch():
-    from orchestrate.checkpoint.direct_write import SAFETENSORS_DTYPES
-    from orchestrate.checkpoint.universal import DTYPE_BYTES, dtype_name
+    from orchestrate.checkpoint.universal import DTYPES, dtype_name
     from orchestrate.checkpoint.universal_tensors import dtype_from_name
 
-    assert DTYPE_BYTES.keys() == SAFETENSORS_DTYPES.keys()
-    for name, nbytes in DTYPE_BYTES.items():
+    for name, (nbytes, _) in DTYPES.items():
         assert dtype_name(dtype_from_name(name)) == name and dtype_from_name(name).itemsize == nbytes, name
 
 

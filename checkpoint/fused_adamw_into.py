@@ -6,7 +6,9 @@ against torch itself on this machine before returning it: losses must not depend
 """
 from __future__ import annotations
 
+import contextlib
 import ctypes
+import fcntl
 import functools
 import logging
 import os
@@ -70,9 +72,10 @@ def kernel() -> Optional[FusedAdamWInto]:
         from torch.utils import cpp_extension
 
         _put_ninja_on_path()
-        path = cpp_extension.load(name="orchestrate_adamw_into", sources=[str(SOURCE)], is_python_module=False,
-                                  extra_cflags=["-O3", "-ffp-contract=off", "-fno-math-errno"])
-        candidate = FusedAdamWInto(ctypes.CDLL(path), vector_lanes())
+        build_directory = build_directory_here(cpp_extension)
+        with _only_builder_here(build_directory):
+            library = _load_or_clear(_build(cpp_extension, build_directory), build_directory)
+        candidate = FusedAdamWInto(library, vector_lanes())
     except Exception as err:  # noqa: BLE001 - no compiler or no ninja: snapshots fall back to a copy
         log.info("fused AdamW into snapshot slots unavailable (%s: %s); snapshots copy the state",
                  type(err).__name__, err)
@@ -83,6 +86,46 @@ def kernel() -> Optional[FusedAdamWInto]:
                  "state", mismatch)
         return None
     return candidate
+
+
+def build_directory_here(cpp_extension) -> Path:
+    """Where the kernel is built on this machine: under torch's extension root, one directory per torch version
+    (the kernel is compiled against its headers)."""
+    root = os.environ.get("TORCH_EXTENSIONS_DIR") or cpp_extension.get_default_build_root()
+    directory = Path(root) / f"orchestrate_adamw_into-torch{torch.__version__}"
+    directory.mkdir(parents=True, exist_ok=True)
+    return directory
+
+
+@contextlib.contextmanager
+def _only_builder_here(build_directory: Path):
+    """Hold the machine's build lock. Why not only torch's: its builder marks a build with a ``lock`` file that
+    a process killed mid-build (a fault, a test's SIGKILL, a cancelled run) leaves behind, and every later load
+    then waits on it forever. This lock is the kernel's own ``flock``, which the kernel releases when its holder
+    dies; while held no other process of ours is in torch's builder, so a ``lock`` file found then is stale."""
+    with open(build_directory / "orchestrate.lock", "a") as lock_file:
+        fcntl.flock(lock_file, fcntl.LOCK_EX)
+        (build_directory / "lock").unlink(missing_ok=True)
+        yield
+
+
+def _build(cpp_extension, build_directory: Path) -> str:
+    """The kernel's shared library, built if its source or flags changed since the last build here."""
+    return cpp_extension.load(name="orchestrate_adamw_into", sources=[str(SOURCE)], is_python_module=False,
+                              build_directory=str(build_directory),
+                              extra_cflags=["-O3", "-ffp-contract=off", "-fno-math-errno"])
+
+
+def _load_or_clear(path: str, build_directory: Path) -> ctypes.CDLL:
+    """The built library; one that does not load (left half-linked by a builder killed mid-link) is removed with
+    the rest of the build, so that the next process builds it anew (this one's builder already counts it built)."""
+    try:
+        return ctypes.CDLL(path)
+    except OSError:
+        for entry in build_directory.iterdir():
+            if entry.name != "orchestrate.lock":
+                shutil.rmtree(entry) if entry.is_dir() else entry.unlink()
+        raise
 
 
 def vector_lanes() -> int:

@@ -1,9 +1,14 @@
 """The AdamW step that writes into the next snapshot's slot: bit-identical to ``optimizer.step()``."""
 import copy
+import os
+import subprocess
+import sys
+import time
 
 import numpy as np
 import pytest
 import torch
+from torch.utils import cpp_extension
 
 from orchestrate.checkpoint import fused_adamw_into
 from orchestrate.checkpoint.adamw_into import step_into, unsupported_reason
@@ -91,3 +96,25 @@ def test_the_fused_kernel_runs_torch_s_vector_width_and_every_width_it_has_match
         candidate = copy.copy(kernel)
         candidate.lanes = lanes
         assert fused_adamw_into.mismatch_with_torch(candidate) is None, f"{lanes} lanes"
+
+
+_LOAD_KERNEL = "from orchestrate.checkpoint import fused_adamw_into; print(fused_adamw_into.kernel().lanes)"
+
+
+def test_a_builder_killed_mid_build_does_not_stall_the_next_one(tmp_path, monkeypatch):
+    """A worker SIGKILLed while it builds the kernel (a fault, a cancelled run) leaves torch's build marker
+    behind; the next process to load the kernel builds and loads it instead of waiting on the marker forever."""
+    monkeypatch.setenv("TORCH_EXTENSIONS_DIR", str(tmp_path))
+    env = dict(os.environ)
+    marker = fused_adamw_into.build_directory_here(cpp_extension) / "lock"
+    builder = subprocess.Popen([sys.executable, "-c", _LOAD_KERNEL], env=env)
+    deadline = time.monotonic() + 120
+    while not marker.exists() and builder.poll() is None and time.monotonic() < deadline:
+        time.sleep(0.005)
+    builder.kill()
+    builder.wait()
+    assert marker.exists(), "the builder finished before it could be killed mid-build"
+    loaded = subprocess.run([sys.executable, "-c", _LOAD_KERNEL], env=env, capture_output=True, text=True,
+                            timeout=120)
+    assert loaded.returncode == 0, loaded.stderr
+    assert int(loaded.stdout) == fused_adamw_into.vector_lanes()

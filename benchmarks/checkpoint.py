@@ -26,7 +26,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import math
 import os
 import signal
 import statistics
@@ -45,6 +44,7 @@ import torch.distributed.checkpoint as dcp
 from torch.distributed.checkpoint.staging import DefaultStager, StagingOptions
 from torch.distributed.checkpoint.state_dict import get_state_dict
 
+from benchmarks.stats import median_interval
 from orchestrate.cli import compose_config
 from orchestrate.data import ResumableSampler
 from orchestrate.models.llama import Llama, build_llama, cross_entropy_loss
@@ -269,20 +269,6 @@ def training_state_size(args) -> tuple[int, float]:
 def median_or_none(values) -> Optional[float]:
     present = [v for v in values if v is not None]
     return statistics.median(present) if present else None
-
-
-def median_interval(values: list[float], confidence: float = 0.95) -> Optional[tuple[float, float]]:
-    """A distribution-free interval for the median: order statistics k and n+1-k, with k the largest for which
-    Binomial(n, 1/2) puts at most (1 - confidence)/2 below k (as a sign test does). None below 6 values, where
-    no such k exists at 95%."""
-    ordered, n = sorted(values), len(values)
-    k, below = 0, 0.0
-    while True:
-        below += math.comb(n, k) / 2**n  # P(X <= k) after the loop body, with X ~ Binomial(n, 1/2)
-        if below > (1 - confidence) / 2:
-            break
-        k += 1
-    return (ordered[k - 1], ordered[n - k]) if k >= 1 else None
 
 
 def fmt(value: Optional[float]) -> str:

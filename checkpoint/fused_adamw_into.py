@@ -101,8 +101,8 @@ def build_directory_here(cpp_extension) -> Path:
 def _only_builder_here(build_directory: Path):
     """Hold the machine's build lock. Why not only torch's: its builder marks a build with a ``lock`` file that
     a process killed mid-build (a fault, a test's SIGKILL, a cancelled run) leaves behind, and every later load
-    then waits on it forever. This lock is the kernel's own ``flock``, which the kernel releases when its holder
-    dies; while held no other process of ours is in torch's builder, so a ``lock`` file found then is stale."""
+    then waits on it forever. This lock is an ``flock`` of our own, which the operating system releases when its
+    holder dies; while we hold it no other process of ours is in torch's builder, so a ``lock`` file is stale."""
     with open(build_directory / "orchestrate.lock", "a") as lock_file:
         fcntl.flock(lock_file, fcntl.LOCK_EX)
         (build_directory / "lock").unlink(missing_ok=True)

@@ -26,6 +26,11 @@ class StartTimeout(RuntimeError):
     """Ranks did not start (or join the process group) within the start timeout; not a failure to recover from."""
 
 
+class SetupTimeout(StartTimeout):
+    """Ranks did not finish their setup within the setup timeout: a hang (a lock, a filesystem) that starting them
+    again would meet again, so not a failure to recover from either."""
+
+
 class WorkerGroup:
     def __init__(self, worker_cls: type, world_size: int, cpus_per_worker: float, gpus_per_worker: float = 0.0,
                  start_timeout_s: float = 60.0, collective_timeout_s: float = 120.0,
@@ -72,7 +77,7 @@ class WorkerGroup:
         missing = [rank for rank, ref in enumerate(refs) if ref not in ready]
         where = self.bundle_addresses()
         nodes = sorted({where.get(rank, "unplaced") for rank in missing})
-        ranks = f"rank{'s' if len(missing) > 1 else ''} {_ranges(missing)}"
+        ranks = f"rank{'s' if len(missing) > 1 else ''} {rank_ranges(missing)}"
         raise StartTimeout(
             f"{self.world_size - len(missing)} of {self.world_size} ranks {what} within {self.start_timeout_s:.0f}s; "
             f"not yet: {ranks} on {', '.join(nodes)}; raise cluster.start_timeout_s (now "
@@ -171,7 +176,7 @@ class WorkerGroup:
         remove_placement_group(self.placement_group)
 
 
-def _ranges(ranks: list[int]) -> str:
+def rank_ranges(ranks: list[int]) -> str:
     """[0, 1, 2, 5] -> "0-2, 5"."""
     spans: list[list[int]] = []
     for rank in sorted(ranks):

@@ -187,6 +187,9 @@ class ClusterConfig:
     # and join one by one, so a large gang on small nodes needs longer)
     start_timeout_s: Optional[float] = None
     collective_timeout_s: float = 120.0
+    # for every rank's setup (model, data, restoring a checkpoint, the snapshot kernel): a rank still in it then
+    # fails the run with every rank's threads written out, not a wait without end
+    setup_timeout_s: float = 900.0
 
 
 @dataclass(frozen=True)
@@ -324,6 +327,7 @@ def validate(cfg: Config) -> None:
     _require(0.0 <= cfg.data.val_fraction < 0.5, f"data.val_fraction={cfg.data.val_fraction}: valid: [0, 0.5)")
     _require(cfg.cluster.start_timeout_s is None or cfg.cluster.start_timeout_s > 0,
              f"cluster.start_timeout_s={cfg.cluster.start_timeout_s}: must be > 0 (leave it unset for the default)")
+    _require(cfg.cluster.setup_timeout_s > 0, f"cluster.setup_timeout_s={cfg.cluster.setup_timeout_s}: must be > 0")
     _require(cfg.cluster.cpus_per_worker > 0,
              f"cluster.cpus_per_worker={cfg.cluster.cpus_per_worker}: must be > 0")
     for key in ("checkpoint.every", "checkpoint.persist_every", "train.eval_batches", "train.eval_every"):

@@ -14,12 +14,13 @@ from pathlib import Path
 from typing import Optional
 
 from omegaconf import OmegaConf
-from ray.exceptions import RayError
+from ray.exceptions import GetTimeoutError, RayError
 
 from orchestrate.checkpoint.universal import CheckpointError, discard_uncommitted
 from orchestrate.cluster.health import await_lost_nodes, live_node_ids, node_answers, worker_slots
 from orchestrate.cluster.ray_cluster import ClusterUnreachable, RayRuntime, check_cluster_answers, local_capacity
-from orchestrate.cluster.worker_group import PlacementError, StartTimeout, WorkerGroup, WorkerGroupError
+from orchestrate.cluster.worker_group import (PlacementError, SetupTimeout, StartTimeout, WorkerGroup, WorkerGroupError,
+                                             rank_ranges)
 from orchestrate.checkpoint.keepers.service import KeeperService
 from orchestrate.config import Config, ConfigError, derive
 from orchestrate.failures import HEALTH_CHECK_TIMEOUT_S, dead_ranks, describe_failure, raise_if_failed, stop_survivors
@@ -265,7 +266,7 @@ class Controller:
                   progress: ProgressLine, metrics: MetricsLog) -> None:
         cfg = self.cfg
         try:
-            infos = self._gather_busy(group, self._setup_calls(group, gang_cfg, plan))
+            infos = self._gather_setup(group, self._setup_calls(group, gang_cfg, plan), progress)
         except RayError as err:  # a layout the component rejects once built (e.g. fragments vs sync_every)
             if isinstance(err, ValueError) and not isinstance(err, CheckpointError):
                 raise ConfigError(str(err).strip().splitlines()[-1]) from None
@@ -309,7 +310,7 @@ class Controller:
             progress.message(f"eval loss {result.eval_loss:.4f}")
         self.state = RunState.FINISHED
 
-    def _write_stacks(self, group: WorkerGroup, progress: ProgressLine) -> None:
+    def _write_stacks(self, group: WorkerGroup, progress: ProgressLine) -> Path:
         """Every rank's threads now, into ``stacks/rank-N.txt`` of the run dir: after a collective timed out in one
         rank, the file of the rank it waited for shows where that one was."""
         directory = Path(self.cfg.run.dir) / "stacks"
@@ -317,6 +318,7 @@ class Controller:
         for rank, text in group.stacks().items():
             (directory / f"rank-{rank}.txt").write_text(text)
         progress.message(f"every rank's threads when the run failed: {directory}")
+        return directory
 
     def _offer_level_one(self, step: int, reports: list[StepReport]) -> KeeperProgress:
         """Offer the keepers the newest version every rank handed over (not newer than ``step``, which is about to
@@ -342,11 +344,23 @@ class Controller:
             refs.append(actor.setup.remote(gang_cfg, keeper, restore))
         return refs
 
-    def _gather_busy(self, group: WorkerGroup, refs: list) -> list:
-        """Gather per-rank calls of the default group, remembered until they finish: a recovery waits for a
-        surviving rank's running call before it asks what the rank holds."""
+    def _gather_setup(self, group: WorkerGroup, refs: list, progress: ProgressLine) -> list:
+        """Every rank's setup call, remembered until they finish (a recovery waits for a surviving rank's running
+        call before it asks what the rank holds). Ranks still in setup after ``cluster.setup_timeout_s`` fail the
+        run, their threads written out."""
+        import ray
+
         self._busy = dict(enumerate(refs))
-        return group.gather(refs)
+        timeout_s = self.cfg.cluster.setup_timeout_s
+        try:
+            return group.gather(refs, timeout_s)
+        except GetTimeoutError:
+            ready, _ = ray.wait(refs, num_returns=len(refs), timeout=0)
+            missing = [rank for rank, ref in enumerate(refs) if ref not in ready]
+            directory = self._write_stacks(group, progress)
+            raise SetupTimeout(f"rank{'s' if len(missing) > 1 else ''} {rank_ranges(missing)} still in setup after "
+                               f"cluster.setup_timeout_s={timeout_s:g}; where each rank was: {directory}; raise "
+                               f"the setting if setup is only slow (a large checkpoint to restore)") from None
 
     def _attach_arenas(self, group: WorkerGroup, ranks: Optional[list[int]] = None) -> None:
         """Every rank (or ``ranks``) gets an arena in shared memory from its node's keeper, checked for space

@@ -1,4 +1,5 @@
 """End-to-end: the real ``orchestrate`` command in a subprocess, with an embedded Ray of its own."""
+import fcntl
 import ipaddress
 import re
 import subprocess
@@ -8,6 +9,7 @@ from pathlib import Path
 
 import psutil
 import pytest
+import torch
 
 from tests.support.runs import ENV, losses, orchestrate, ray_processes_of_ours, records_of, tmpfs_used_bytes
 
@@ -123,3 +125,25 @@ def test_shared_memory_too_small_exits_2_with_one_line_before_training(tmp_path,
     assert "MiB is free; set checkpoint.shm_dir= to a larger tmpfs" in lines[0]
     assert not losses(tmp_path / "run")
     assert not ray_processes_of_ours() and tmpfs_used_bytes(shm) == 0
+
+
+@pytest.mark.slow
+def test_ranks_that_hang_in_setup_fail_the_run_with_where_they_waited(tmp_path):
+    """A real hang: another process on the machine holds the build lock of the snapshot kernel, which every rank
+    loads in its setup. Past ``cluster.setup_timeout_s`` the run fails, naming the ranks and where they were."""
+    extensions = tmp_path / "extensions"
+    build = extensions / f"orchestrate_adamw_into-torch{torch.__version__}"
+    build.mkdir(parents=True)
+    run_dir = tmp_path / "run"
+    with open(build / "orchestrate.lock", "a") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)
+        result = orchestrate("launch", "recipe=quickstart", "train.steps=5", "cluster.setup_timeout_s=20",
+                             "logging.progress=false", f"run.dir={run_dir}",
+                             env={**ENV, "TORCH_EXTENSIONS_DIR": str(extensions)})
+    assert result.returncode == 1, result.stderr[-3000:]
+    assert "SetupTimeout: ranks 0-1 still in setup after cluster.setup_timeout_s=20; where each rank was: " \
+           f"{run_dir / 'stacks'}" in result.stderr, result.stderr[-3000:]
+    for rank in (0, 1):
+        assert "_only_builder_here" in (run_dir / "stacks" / f"rank-{rank}.txt").read_text()
+    assert not losses(run_dir)
+    assert not ray_processes_of_ours()

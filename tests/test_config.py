@@ -37,6 +37,7 @@ def test_config_is_frozen_and_derived_copies_change_only_their_keys():
     (["train.steps=1.5"], "train.steps: Value '1.5' of type 'float' could not be converted to Integer"),
     (["recipe=quikstart"], "recipe=quikstart: unknown recipe; valid: "),
     (["cluster.num_workers=3"], "cluster.num_workers=3: must equal parallel.dp*tp*pp*cp"),
+    (["cluster.setup_timeout_s=0"], "cluster.setup_timeout_s=0.0: must be > 0"),
     (["sync.name=gossip"], "sync.name=gossip: unknown; valid: ddp"),
     (["parallel.dp=3"], "train.global_batch_size=8: must be divisible by parallel.dp=3"),
     (["model.n_heads=3"], "model.n_heads=3: must divide model.dim=128"),

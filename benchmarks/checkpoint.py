@@ -315,15 +315,20 @@ def table(results: dict[str, MethodResults], args, n_params: int, state_gib: flo
     return "\n".join(lines + (["", "Failed runs (last line of stderr):", *failures] if failures else []))
 
 
-def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--repeats", type=int, default=5)
-    parser.add_argument("--steps", type=int, default=12, help="per run; steps 1-2 are warm-up")
+def add_run_arguments(parser: argparse.ArgumentParser, repeats: int, steps: int) -> None:
+    """The model and the runs: what every benchmark of the 1 GiB model takes."""
+    parser.add_argument("--repeats", type=int, default=repeats)
+    parser.add_argument("--steps", type=int, default=steps, help="per run; steps 1-2 are warm-up")
     parser.add_argument("--dim", type=int, default=1024)
     parser.add_argument("--layers", type=int, default=8)
     parser.add_argument("--batch", type=int, default=2, help="train.global_batch_size")
     parser.add_argument("--seq-len", type=int, default=128)
     parser.add_argument("--timeout", type=float, default=900.0, help="seconds per run before it counts as failed")
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    add_run_arguments(parser, repeats=5, steps=12)
     parser.add_argument("--only", choices=["all", "keepers"], default="all",
                         help="keepers: only orchestrate with no checkpointing and with keepers every step")
     parser.add_argument("--quick", action="store_true", help="tiny model, 2 repeats: a smoke test")

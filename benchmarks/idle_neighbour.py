@@ -14,7 +14,7 @@ Ray processes, this benchmark's own driver included; only the idle actor differs
 repeat runs every arm once, in alternating order; a ratio is the median over repeats of the paired ratio to the
 run without checkpointing of that repeat, with its distribution-free 95% interval where the repeats allow one.
 
-    python -m benchmarks.idle_neighbour [--repeats 6] [--steps 32]
+    python -m benchmarks.idle_neighbour [--repeats 6] [--steps 32] [--quick]
 """
 from __future__ import annotations
 
@@ -23,8 +23,9 @@ import os
 import sys
 import time
 
-from benchmarks.checkpoint import (ORCHESTRATE_METHODS, WARMUP_STEPS, MethodResults, fmt, median_or_none,
-                                   paired_ratios, run_orchestrate, shared_overrides, training_state_size)
+from benchmarks.checkpoint import (ORCHESTRATE_METHODS, WARMUP_STEPS, MethodResults, add_run_arguments, fmt,
+                                   median_or_none, paired_ratios, run_orchestrate, shared_overrides,
+                                   training_state_size)
 from benchmarks.stats import median_interval
 from orchestrate.cluster.ray_cluster import RayRuntime
 
@@ -78,14 +79,11 @@ def table(results: dict[str, MethodResults], repeats: int) -> str:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--repeats", type=int, default=6)
-    parser.add_argument("--steps", type=int, default=32, help="per run; steps 1-2 are warm-up")
-    parser.add_argument("--dim", type=int, default=1024)
-    parser.add_argument("--layers", type=int, default=8)
-    parser.add_argument("--batch", type=int, default=2, help="train.global_batch_size")
-    parser.add_argument("--seq-len", type=int, default=128)
-    parser.add_argument("--timeout", type=float, default=900.0, help="seconds per run before it counts as failed")
+    add_run_arguments(parser, repeats=6, steps=32)
+    parser.add_argument("--quick", action="store_true", help="tiny model, 1 repeat of 4 steps: a smoke test")
     args = parser.parse_args()
+    if args.quick:
+        args.dim, args.layers, args.repeats, args.steps = 128, 2, 1, 4
     if args.steps <= WARMUP_STEPS:
         parser.error(f"--steps must be > {WARMUP_STEPS} (warm-up steps are skipped)")
     n_params, state_gib = training_state_size(args)

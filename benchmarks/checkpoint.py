@@ -242,9 +242,14 @@ def method_runs(args) -> dict[str, Callable[[], tuple[Optional[list[float]], str
 
 
 def run_all(args) -> dict[str, MethodResults]:
-    runs = method_runs(args)
+    return run_alternating(method_runs(args), args.repeats)
+
+
+def run_alternating(runs: dict[str, Callable[[], tuple[Optional[list[float]], str]]], repeats: int
+                    ) -> dict[str, MethodResults]:
+    """Every run once per repeat, one at a time, in alternating order (so a change in machine load hits all)."""
     results = {label: MethodResults() for label in runs}
-    for repeat in range(args.repeats):
+    for repeat in range(repeats):
         order = list(runs) if repeat % 2 == 0 else list(reversed(runs))
         for label in order:
             started = time.monotonic()
@@ -253,7 +258,7 @@ def run_all(args) -> dict[str, MethodResults]:
             results[label].step_times.append(times)
             if error:
                 results[label].errors.append(f"repeat {repeat + 1}: {error}")
-            print(f"repeat {repeat + 1}/{args.repeats} {label}: {time.monotonic() - started:.0f} s"
+            print(f"repeat {repeat + 1}/{repeats} {label}: {time.monotonic() - started:.0f} s"
                   f"{' FAILED: ' + error if error else ''}", file=sys.stderr, flush=True)
     return results
 

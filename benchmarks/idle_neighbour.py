@@ -20,12 +20,11 @@ from __future__ import annotations
 
 import argparse
 import os
-import sys
-import time
+from functools import partial
 
 from benchmarks.checkpoint import (ORCHESTRATE_METHODS, WARMUP_STEPS, MethodResults, add_run_arguments, fmt,
-                                   median_or_none, paired_ratios, run_orchestrate, shared_overrides,
-                                   training_state_size)
+                                   median_or_none, paired_ratios, run_alternating, run_orchestrate,
+                                   shared_overrides, training_state_size)
 from benchmarks.stats import median_interval
 from orchestrate.cluster.ray_cluster import RayRuntime
 
@@ -87,21 +86,11 @@ def main() -> None:
     if args.steps <= WARMUP_STEPS:
         parser.error(f"--steps must be > {WARMUP_STEPS} (warm-up steps are skipped)")
     n_params, state_gib = training_state_size(args)
-    results = {arm: MethodResults() for arm in ARMS}
     with RayRuntime(address=None, num_cpus=len(os.sched_getaffinity(0))):
         import ray
 
         overrides = shared_overrides(args) + [f"cluster.address={ray.get_runtime_context().gcs_address}"]
-        for repeat in range(args.repeats):
-            for arm in (list(ARMS) if repeat % 2 == 0 else list(reversed(ARMS))):
-                started = time.monotonic()
-                times, error = run_arm(arm, overrides, args.timeout)
-                os.sync()
-                results[arm].step_times.append(times)
-                if error:
-                    results[arm].errors.append(f"repeat {repeat + 1}: {error}")
-                print(f"repeat {repeat + 1}/{args.repeats} {arm}: {time.monotonic() - started:.0f} s"
-                      f"{' FAILED: ' + error if error else ''}", file=sys.stderr, flush=True)
+        results = run_alternating({arm: partial(run_arm, arm, overrides, args.timeout) for arm in ARMS}, args.repeats)
     print(f"Model: Llama dim {args.dim}, {args.layers} layers, {n_params / 1e6:.1f}M parameters, training state "
           f"{state_gib:.2f} GiB; {args.steps} steps per run, iteration time = mean over steps {WARMUP_STEPS + 1}.."
           f"{args.steps}; median of {args.repeats} alternating repeats; every run joined to one Ray cluster.\n")

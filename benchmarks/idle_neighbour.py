@@ -23,10 +23,9 @@ import os
 from functools import partial
 
 from benchmarks.checkpoint import (ORCHESTRATE_METHODS, WARMUP_STEPS, MethodResults, add_run_arguments, fmt,
-                                   median_or_none, paired_ratios, run_alternating, run_orchestrate,
-                                   shared_overrides, training_state_size)
+                                   median_or_none, one_cluster_for_all_runs, paired_ratios, run_alternating,
+                                   run_orchestrate, shared_overrides, training_state_size)
 from benchmarks.stats import median_interval
-from orchestrate.cluster.ray_cluster import RayRuntime
 
 NONE = "no checkpointing"
 BESIDE_IDLE = "no checkpointing, one idle Ray actor beside"
@@ -86,10 +85,8 @@ def main() -> None:
     if args.steps <= WARMUP_STEPS:
         parser.error(f"--steps must be > {WARMUP_STEPS} (warm-up steps are skipped)")
     n_params, state_gib = training_state_size(args)
-    with RayRuntime(address=None, num_cpus=len(os.sched_getaffinity(0))):
-        import ray
-
-        overrides = shared_overrides(args) + [f"cluster.address={ray.get_runtime_context().gcs_address}"]
+    with one_cluster_for_all_runs() as join:
+        overrides = shared_overrides(args) + [join]
         results = run_alternating({arm: partial(run_arm, arm, overrides, args.timeout) for arm in ARMS}, args.repeats)
     print(f"Model: Llama dim {args.dim}, {args.layers} layers, {n_params / 1e6:.1f}M parameters, training state "
           f"{state_gib:.2f} GiB; {args.steps} steps per run, iteration time = mean over steps {WARMUP_STEPS + 1}.."

@@ -239,7 +239,10 @@ def plain_worker(request: dict) -> list[float]:
     return step_times
 
 
-def method_runs(args, orchestrate_only: Sequence[str] = ()) -> dict[str, Callable[[], tuple[Optional[list[float]], str]]]:
+Run = Callable[[], tuple[Optional[list[float]], str]]  # one run of a method: its step times, or None and an error
+
+
+def method_runs(args, orchestrate_only: Sequence[str] = ()) -> dict[str, Run]:
     """``orchestrate_only``: overrides of the orchestrate runs alone (the plain loop runs no Ray)."""
     overrides = shared_overrides(args)
     runs = {label: partial(run_orchestrate, overrides + list(orchestrate_only) + extra, args.timeout)
@@ -266,8 +269,7 @@ def run_all(args) -> dict[str, MethodResults]:
         return run_alternating(method_runs(args, [join]), args.repeats)
 
 
-def run_alternating(runs: dict[str, Callable[[], tuple[Optional[list[float]], str]]], repeats: int
-                    ) -> dict[str, MethodResults]:
+def run_alternating(runs: dict[str, Run], repeats: int) -> dict[str, MethodResults]:
     """Every run once per repeat, one at a time, in alternating order (so a change in machine load hits all)."""
     results = {label: MethodResults() for label in runs}
     for repeat in range(repeats):

@@ -10,6 +10,10 @@ window, the median of each phase of the step (``forward_backward_s``, ``update_s
 metrics.jsonl, as the rank with the loss saw them) and of the step time.
 
     python -m benchmarks.keeper_cpu [--recipe quickstart] [--steps 400] [--warmup 30] [--window 20]
+    python -m benchmarks.keeper_cpu --model 1gib --steps 60 --warmup 8 --window 30
+
+``--model 1gib`` trains the model of ``benchmarks/checkpoint.py`` instead of the recipe's (its default overrides:
+a training state of 1.04 GiB, one worker using every core).
 """
 from __future__ import annotations
 
@@ -112,21 +116,36 @@ def measure(recipe: str, steps: int, warmup: int, window_s: float, overrides: tu
             **phase_medians(lines, first, last)}
 
 
+def model_overrides(model: str, steps: int) -> tuple[str, ...]:
+    """The recipe's own model (``recipe``), or the 1 GiB model and layout of benchmarks/checkpoint.py."""
+    if model == "recipe":
+        return ()
+    from benchmarks.checkpoint import add_run_arguments, shared_overrides
+
+    defaults = argparse.ArgumentParser()
+    add_run_arguments(defaults, repeats=1, steps=steps)
+    return tuple(o for o in shared_overrides(defaults.parse_args([])) if not o.startswith("train.steps="))
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--recipe", default="quickstart")
+    parser.add_argument("--model", choices=["recipe", "1gib"], default="recipe",
+                        help="1gib: the model of benchmarks/checkpoint.py (training state 1.04 GiB, one worker)")
     parser.add_argument("--steps", type=int, default=400)
     parser.add_argument("--warmup", type=int, default=30)
     parser.add_argument("--window", type=float, default=20.0)
     args = parser.parse_args()
     kinds = ("ranks", "keepers", "ray", "controller", "other")
-    print(f"CPU ms per step by process, recipe {args.recipe}, {args.window:g} s in the middle of "
+    model = model_overrides(args.model, args.steps)
+    print(f"CPU ms per step by process, recipe {args.recipe}"
+          f"{' with the 1 GiB model of benchmarks/checkpoint.py' if model else ''}, {args.window:g} s in the middle of "
           f"{args.steps}-step runs\n")
     print("| configuration | wall ms per step | " + " | ".join(kinds) + " | all |")
     print("|---|---|" + "---|" * (len(kinds) + 1))
     rows = {}
     for name, overrides in CONFIGURATIONS.items():
-        row = rows[name] = measure(args.recipe, args.steps, args.warmup, args.window, overrides)
+        row = rows[name] = measure(args.recipe, args.steps, args.warmup, args.window, model + overrides)
         total = sum(row.get(k, 0.0) for k in kinds)
         print(f"| {name} | {row['step_ms']:.1f} | " + " | ".join(f"{row.get(k, 0.0):.1f}" for k in kinds) +
               f" | {total:.1f} |", flush=True)

@@ -14,7 +14,9 @@ window. Background writes still running after step N are not counted, on either 
 median over repeats of its ratio to the same harness's no-checkpointing run of that repeat; every repeat runs
 each method once, one process at a time, in alternating order, so a change in machine load hits all alike. The
 95% interval of a row's median ratio is distribution-free (order statistics, as a sign test), so it says whether a
-goal is met beyond this machine's run-to-run swings: only an interval wholly under the goal shows it.
+goal is met beyond this machine's run-to-run swings: only an interval wholly under the goal shows it. The last
+column is when step 1 ended, in seconds from the controller's start (orchestrate only; median over repeats): what a
+method adds to the start of a run, e.g. the keepers' shared memory reserved and mapped before the first step.
 
 Run: ``.venv/bin/python -m benchmarks.checkpoint [--repeats 5] [--steps 12] [--dim 1024] [--layers 8]``
 (``--quick``: a tiny model and 2 repeats, a smoke test; ``--only keepers``: only the orchestrate rows without
@@ -40,7 +42,7 @@ import warnings
 from dataclasses import dataclass, field
 from functools import partial
 from pathlib import Path
-from typing import Callable, Optional, Sequence
+from typing import Callable, NamedTuple, Optional, Sequence
 
 import torch
 import torch.distributed.checkpoint as dcp
@@ -84,9 +86,16 @@ ONLY_ROWS = {"keepers": (BASELINE["orchestrate"], EVERY_STEP_KEEPERS,
              "headline": (BASELINE["orchestrate"], EVERY_STEP_KEEPERS)}
 
 
+class RunOutcome(NamedTuple):
+    step_times: Optional[list[float]]  # None: the run failed
+    error: str = ""  # the last line of its stderr when it failed
+    first_step_s: Optional[float] = None  # orchestrate: from the controller's start to the end of step 1
+
+
 @dataclass
 class MethodResults:
     step_times: list[Optional[list[float]]] = field(default_factory=list)  # per repeat; None: that run failed
+    first_step_s: list[Optional[float]] = field(default_factory=list)  # per repeat, where the harness has it
     errors: list[str] = field(default_factory=list)
 
     def iteration_s(self, repeat: int) -> Optional[float]:
@@ -130,26 +139,27 @@ def last_line(text: str) -> str:
     return lines[-1].strip().replace("|", "/") if lines else "(no output)"
 
 
-def run_orchestrate(overrides: list[str], timeout_s: float) -> tuple[Optional[list[float]], str]:
-    """Step times of one ``orchestrate launch``, or None and the last line of its stderr."""
+def run_orchestrate(overrides: list[str], timeout_s: float) -> RunOutcome:
+    """Step times of one ``orchestrate launch`` and when its first step ended (``wall_time``: seconds since the
+    controller started, so Python's start and imports are not in it), or None and the last line of its stderr."""
     with tempfile.TemporaryDirectory(prefix="ckpt-bench-") as tmp:
         done = run_subprocess([sys.executable, "-m", "orchestrate", "launch", *overrides, "logging.progress=false",
                                f"run.dir={tmp}/run"], timeout_s)
         metrics = Path(tmp) / "run" / "metrics.jsonl"
         records = [json.loads(line) for line in metrics.read_text().splitlines()] if metrics.exists() else []
     if done.returncode != 0:
-        return None, last_line(done.stderr)
-    steps = sorted((r["step"], r["step_time"]) for r in records if "step_time" in r)
-    return [seconds for _, seconds in steps], ""
+        return RunOutcome(None, last_line(done.stderr))
+    steps = sorted((r["step"], r["step_time"], r["wall_time"]) for r in records if "step_time" in r)
+    return RunOutcome([seconds for _, seconds, _ in steps], first_step_s=steps[0][2] if steps else None)
 
 
-def run_plain(overrides: list[str], saver: str, every: int, timeout_s: float) -> tuple[Optional[list[float]], str]:
+def run_plain(overrides: list[str], saver: str, every: int, timeout_s: float) -> RunOutcome:
     """Step times of the plain loop, run in a fresh process like the CLI runs (see ``plain_worker``)."""
     request = json.dumps({"overrides": overrides, "saver": saver, "every": every})
     done = run_subprocess([sys.executable, "-m", "benchmarks.checkpoint", "--plain-worker", request], timeout_s)
     if done.returncode != 0:
-        return None, last_line(done.stderr)
-    return json.loads(done.stdout.strip().splitlines()[-1]), ""
+        return RunOutcome(None, last_line(done.stderr))
+    return RunOutcome(json.loads(done.stdout.strip().splitlines()[-1]))
 
 
 class TorchSave:
@@ -239,7 +249,7 @@ def plain_worker(request: dict) -> list[float]:
     return step_times
 
 
-Run = Callable[[], tuple[Optional[list[float]], str]]  # one run of a method: its step times, or None and an error
+Run = Callable[[], RunOutcome]  # one run of a method
 
 
 def method_runs(args, orchestrate_only: Sequence[str] = ()) -> dict[str, Run]:
@@ -276,9 +286,11 @@ def run_alternating(runs: dict[str, Run], repeats: int) -> dict[str, MethodResul
         order = list(runs) if repeat % 2 == 0 else list(reversed(runs))
         for label in order:
             started = time.monotonic()
-            times, error = runs[label]()
+            outcome = runs[label]()
             os.sync()  # write back this run's checkpoints now, not during the next method's run
-            results[label].step_times.append(times)
+            results[label].step_times.append(outcome.step_times)
+            results[label].first_step_s.append(outcome.first_step_s)
+            error = outcome.error
             if error:
                 results[label].errors.append(f"repeat {repeat + 1}: {error}")
             print(f"repeat {repeat + 1}/{repeats} {label}: {time.monotonic() - started:.0f} s"
@@ -308,6 +320,13 @@ def paired_ratios(result: MethodResults, baseline: MethodResults) -> list[Option
     return [None if m is None or b is None else m / b for m, b in pairs]
 
 
+def first_step(result: MethodResults) -> str:
+    """Median seconds from the controller's start to the end of step 1 (orchestrate only: the plain loop has no
+    controller)."""
+    seconds = [s for s in result.first_step_s if s is not None]
+    return f"{statistics.median(seconds):.1f}" if seconds else "-"
+
+
 def goal(ratio: Optional[float], interval: Optional[tuple[float, float]]) -> str:
     """Shown only when the whole interval is at or under the goal; a median under it alone is not enough."""
     if ratio is None:
@@ -328,8 +347,8 @@ def table(results: dict[str, MethodResults], args, n_params: int, state_gib: flo
              f"time = mean over steps {WARMUP_STEPS + 1}..{args.steps}; median of {args.repeats} alternating "
              f"repeats.", "",
              f"| method | iteration time (s) | median step (s) | ratio to no checkpointing | 95% interval | "
-             f"per repeat | repeats <= {GOAL_RATIO} | goal |",
-             "|---|---:|---:|---:|---|---|---:|---|"]
+             f"per repeat | repeats <= {GOAL_RATIO} | goal | first step ends at (s) |",
+             "|---|---:|---:|---:|---|---|---:|---|---:|"]
     for label, result in results.items():
         harness = "orchestrate" if label in ORCHESTRATE_METHODS else "plain"
         ratios = paired_ratios(result, results[BASELINE[harness]])
@@ -341,7 +360,8 @@ def table(results: dict[str, MethodResults], args, n_params: int, state_gib: flo
         lines.append(f"| {label} | {fmt(iteration)} | {fmt(typical_step)} | {fmt(ratio)} | "
                      f"{'-' if interval is None else '-'.join(map(fmt, interval))} | "
                      f"{', '.join(map(fmt, ratios))} | {within}/{len(ratios)} | "
-                     f"{goal(ratio, interval) if label == EVERY_STEP_KEEPERS else '-'} |")
+                     f"{goal(ratio, interval) if label == EVERY_STEP_KEEPERS else '-'} | "
+                     f"{first_step(result)} |")
     if BASELINE["plain"] in results:
         framework = paired_ratios(results[BASELINE["orchestrate"]], results[BASELINE["plain"]])
         lines += ["", f"Framework overhead without checkpoints (orchestrate none / plain none): "

@@ -290,11 +290,10 @@ def run_alternating(runs: dict[str, Run], repeats: int) -> dict[str, MethodResul
             os.sync()  # write back this run's checkpoints now, not during the next method's run
             results[label].step_times.append(outcome.step_times)
             results[label].first_step_s.append(outcome.first_step_s)
-            error = outcome.error
-            if error:
-                results[label].errors.append(f"repeat {repeat + 1}: {error}")
+            if outcome.error:
+                results[label].errors.append(f"repeat {repeat + 1}: {outcome.error}")
             print(f"repeat {repeat + 1}/{repeats} {label}: {time.monotonic() - started:.0f} s"
-                  f"{' FAILED: ' + error if error else ''}", file=sys.stderr, flush=True)
+                  f"{' FAILED: ' + outcome.error if outcome.error else ''}", file=sys.stderr, flush=True)
     return results
 
 

@@ -8,8 +8,10 @@ from ray.exceptions import ActorUnavailableError, GetTimeoutError, RayActorError
 from ray.util.placement_group import placement_group, remove_placement_group
 from ray.util.scheduling_strategies import PlacementGroupSchedulingStrategy
 
-# Liveness and metric polls run in their own concurrency group so they answer while a rank is training.
+# Control calls (liveness, stop, what a rank holds) run in their own concurrency group so they answer while a
+# rank is training; long polls that wait for a rank's results run in another, so a waiting poll delays neither.
 CONTROL_GROUP = "control"
+REPORTS_GROUP = "reports"
 
 
 class WorkerGroupError(RuntimeError):
@@ -45,7 +47,7 @@ class WorkerGroup:
                 f"cannot place {world_size} workers with {bundle} each within {start_timeout_s:.0f}s; "
                 f"cluster has {ray.cluster_resources()}")
         self.actor_cls = ray.remote(num_cpus=cpus_per_worker, num_gpus=gpus_per_worker, max_restarts=0,
-                                    concurrency_groups={CONTROL_GROUP: 1})(worker_cls)
+                                    concurrency_groups={CONTROL_GROUP: 1, REPORTS_GROUP: 1})(worker_cls)
         self.worker_args, self.start_timeout_s, self.collective_timeout_s = worker_args, start_timeout_s, \
             collective_timeout_s
         self.actors = [self._start_actor(rank) for rank in range(world_size)]

@@ -28,12 +28,11 @@ from orchestrate.fault_injection import FaultPlan, check_node_faults
 from orchestrate.interrupt import InterruptRequests, RunInterrupted, save_held_versions
 from orchestrate.metrics import MetricsLog
 from orchestrate.progress import ProgressLine
+from orchestrate.report_polls import ReportPolls
 from orchestrate.recovery import (RecoveryPlan, RecoveryRecord, data_parallel_that_fits, failure_time,
                                   plan_after_failure)
 from orchestrate.step_report import KeeperProgress, StepReport, aggregate_step
 from orchestrate.worker import TrainWorker
-
-POLL_INTERVAL_S = 0.05  # a lost rank takes its unpolled step reports with it: those steps are redone
 
 
 class RunState(str, enum.Enum):
@@ -98,6 +97,7 @@ class Controller:
         self._busy: dict[int, object] = {}  # rank -> its running setup or train call
         self._setup_infos: list[dict] = []  # what each rank's setup returned, for planning a recovery
         self._last_report: dict[int, float] = {}  # rank -> wall time at the end of its newest reported step
+        self._streams = 0  # ``train`` calls issued: each call's reports are polled under its number
         self.snapshot_sizes: dict[int, tuple[int, int]] = {}  # rank -> (payload, metadata) bytes of a snapshot
 
     def preflight(self) -> None:
@@ -413,25 +413,31 @@ class Controller:
         # with keepers every rank's handover progress decides what can be committed; faults announce themselves
         everyone = self.keepers is not None or self.cfg.fault.planned()
         polled = list(range(group.world_size)) if everyone else sorted({0, *reporters})
-        train_refs = group.call_async("train", self.cfg.train.steps)
+        self._streams += 1
+        train_refs = group.call_async("train", self.cfg.train.steps, self._streams)
         self._busy = dict(enumerate(train_refs))
         self._last_report = {rank: time.time() for rank in range(group.world_size)}
         unfinished = list(train_refs)
+        polls = ReportPolls(group, polled, self._streams)
         while True:
             if self.interrupts is not None and self.interrupts.requested:
                 raise self._save_on_interrupt(group, result, progress)
+            running = unfinished + polls.outstanding()
+            if running:
+                ray.wait(running, num_returns=1, timeout=polls.wait_s())
+            else:
+                time.sleep(polls.wait_s())
             if unfinished:
-                _, unfinished = ray.wait(unfinished, num_returns=len(unfinished), timeout=POLL_INTERVAL_S)
+                _, unfinished = ray.wait(unfinished, num_returns=len(unfinished), timeout=0)
                 raise_if_failed(group, train_refs, result.steps)
-            poll_refs = group.call_async("poll_metrics", ranks=polled, control=True)
             try:
-                polls = group.gather(poll_refs)
+                answers = polls.collect()
             except WorkerGroupError:
                 raise_if_failed(group, train_refs, result.steps, suspect=True)
                 raise
             if self.keepers is not None:
                 self._replace_lost_keepers(group, result, progress, metrics)
-            for rank, reports in zip(polled, polls):
+            for rank, reports in answers:
                 for report in reports:
                     self._last_report[rank] = report.time
                     pending_by_step.setdefault(report.step, {})[rank] = report
@@ -452,7 +458,7 @@ class Controller:
                 result.steps, result.final_loss = record.step, record.loss
                 if result.first_step_s is None:
                     result.first_step_s = record.wall_time
-            if not unfinished and not pending_by_step:
+            if not unfinished and polls.drained and not pending_by_step:
                 return ray.get(train_refs)
 
     def _save_on_interrupt(self, group: WorkerGroup, result: RunResult, progress: ProgressLine) -> RunInterrupted:

@@ -18,7 +18,7 @@ from orchestrate.data import ResumableSampler, WindowedTokens, eval_window_ids, 
 from orchestrate.models import family
 from orchestrate.parallelize import build_runner
 from orchestrate.step_report import StepReport
-from orchestrate.trainer import StepMetrics, Trainer, build_lr_scheduler, build_optimizer
+from orchestrate.trainer import Trainer, build_lr_scheduler, build_optimizer
 from orchestrate.parallel.mesh import build_mesh
 from orchestrate.parallel.sync import build_sync
 
@@ -46,6 +46,9 @@ class TrainWorker(DistributedWorker):
         self.checkpointer: Optional[TrainerCheckpointer] = None
         self._metrics: list[StepReport] = []
         self._lock = threading.Lock()
+        self._reported = threading.Condition(self._lock)  # a report was published, or a ``train`` call began or ended
+        self._stream = -1  # the controller's id of the newest ``train`` call: its reports go to polls of that id
+        self._training = False
         self._in_step = False
         self._stop = threading.Event()  # set by the controller: leave ``train`` before the next step
         self._data: Optional[tuple[dict, WindowedTokens]] = None  # (data config, tokens): kept across recoveries
@@ -161,8 +164,20 @@ class TrainWorker(DistributedWorker):
                             scheduler={"last_epoch": t.scheduler.last_epoch}, config=self.cfg_dict,
                             extra={"replicas": self.checkpointer.replicas})
 
-    def train(self, until_step: int) -> dict:
-        """Train from the current step up to ``until_step``; then finish outstanding checkpoint writes."""
+    def train(self, until_step: int, stream: int = 0) -> dict:
+        """Train from the current step up to ``until_step``; then finish outstanding checkpoint writes. The step
+        reports go to ``poll_metrics`` calls of the same ``stream`` (the controller's id of this call)."""
+        with self._lock:
+            self._stream, self._training = stream, True
+            self._reported.notify_all()
+        try:
+            return self._train(until_step)
+        finally:
+            with self._lock:
+                self._training = False
+                self._reported.notify_all()
+
+    def _train(self, until_step: int) -> dict:
         self._release_previous()  # every rank of the gang restored: nobody reads the old snapshots any more
         try:
             while self.trainer.step < until_step and not self._stop.is_set():
@@ -172,7 +187,7 @@ class TrainWorker(DistributedWorker):
                 self._in_step = False
                 if self._eval_due(metrics.step):
                     metrics.eval_loss = self.evaluate(self.cfg.train.eval_batches)
-                self._publish(metrics)
+                self._publish(StepReport(metrics, self.checkpointer.versions()))
         except Exception:
             self.leave_process_group()  # a collective failed: the gang is broken, let the others know at once
             raise
@@ -212,10 +227,10 @@ class TrainWorker(DistributedWorker):
                                   self.cfg.parallel.dp)
         return t.evaluate(batches)
 
-    def _publish(self, metrics: StepMetrics) -> None:
-        report = StepReport(metrics, self.checkpointer.versions())
+    def _publish(self, report: StepReport) -> None:
         with self._lock:
             self._metrics.append(report)
+            self._reported.notify_all()
 
     def stop_training(self) -> None:
         """Leave ``train`` before the next step (a recovery is about to roll every rank back)."""
@@ -242,8 +257,14 @@ class TrainWorker(DistributedWorker):
         started = self.trainer.step
         return started - 1 if started and self._in_step else started
 
-    def poll_metrics(self) -> list[StepReport]:
-        """Metrics of the steps finished since the last poll (runs beside train in the control group)."""
+    def poll_metrics(self, stream: int, wait_s: float = 0.0) -> tuple[list[StepReport], bool]:
+        """(reports of the steps of ``train`` call ``stream`` finished since the last poll, whether that call may
+        still report more), waiting up to ``wait_s`` for a report or the call's end (orchestrator/report_polls.py;
+        runs in the reports group, beside ``train`` and the control calls). A poll of an older stream gets nothing."""
         with self._lock:
+            self._reported.wait_for(lambda: self._stream > stream or (
+                self._stream == stream and (self._metrics or not self._training)), timeout=wait_s)
+            if self._stream != stream:
+                return [], self._stream < stream  # the call has not begun yet, or a newer one replaced it
             drained, self._metrics = self._metrics, []
-        return drained
+            return drained, self._training

@@ -9,6 +9,10 @@ import torch.distributed as dist
 
 from orchestrate.cluster.worker_base import DistributedWorker
 from orchestrate.cluster.worker_group import WorkerGroup, WorkerGroupError
+from orchestrate.report_polls import ReportPolls
+from orchestrate.step_report import RankCheckpoint, StepReport
+from orchestrate.trainer import StepMetrics
+from orchestrate.worker import TrainWorker
 
 
 class SumWorker(DistributedWorker):
@@ -82,3 +86,44 @@ def test_ranks_not_started_in_time_are_named_with_their_nodes_and_the_setting(lo
         WorkerGroup(SlowStartWorker, world_size=2, cpus_per_worker=0.5, start_timeout_s=8)
     assert str(raised.value) == ("1 of 2 ranks started within 8s; not yet: rank 1 on 127.0.0.1; raise "
                                  "cluster.start_timeout_s (now 8) if those nodes are only slow to start")
+
+
+STEP_S = 0.3
+
+
+class ReportingWorker(TrainWorker):
+    """A rank whose ``train`` reports a step every ``STEP_S`` without training anything: what is under test is the
+    way its reports reach the controller (the worker's ``train``/``poll_metrics`` and the controller's polls)."""
+
+    def _train(self, until_step: int) -> dict:
+        for step in range(1, until_step + 1):
+            time.sleep(STEP_S)
+            metrics = StepMetrics(step=step, loss=1.0, lr=0.0, tokens=0, step_time=STEP_S, comm_bytes=0,
+                                  comm_peak_bytes=0, time=time.time())
+            self._publish(StepReport(metrics, RankCheckpoint()))
+        return {"step": until_step}
+
+
+def test_step_reports_reach_the_controller_as_their_steps_end_with_about_one_poll_per_step(local_ray):
+    group = WorkerGroup(ReportingWorker, world_size=2, cpus_per_worker=0.5)
+    try:
+        stale = ReportPolls(group, [0, 1], stream=1).outstanding()  # polls of a call that a newer one replaces
+        train = group.call_async("train", 6, 2)
+        polls = ReportPolls(group, [0, 1], stream=2)
+        delays, answers = {0: {}, 1: {}}, 0
+        deadline = time.monotonic() + 60
+        while not polls.drained and time.monotonic() < deadline:
+            running = polls.outstanding()
+            if running:
+                ray.wait(running, num_returns=1, timeout=polls.wait_s())
+            for rank, reports in polls.collect():
+                answers += 1
+                delays[rank].update({report.step: time.time() - report.time for report in reports})
+        assert ray.get(train) == [{"step": 6}, {"step": 6}]
+        assert [sorted(by_step) for by_step in delays.values()] == [[1, 2, 3, 4, 5, 6]] * 2  # each report once
+        assert max(d for by_step in delays.values() for d in by_step.values()) < 0.5  # fetched as its step ended
+        # a poll waits for the step to end: ~one answer per step and rank, not one per 0.05 s (~70 here)
+        assert answers <= 2 * (6 + 3)
+        assert ray.get(stale) == [([], False), ([], False)]  # the older stream's polls took nothing
+    finally:
+        group.shutdown()

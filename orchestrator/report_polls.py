@@ -16,7 +16,7 @@ from orchestrate.cluster.worker_group import REPORTS_GROUP, WorkerGroup, WorkerG
 from orchestrate.step_report import StepReport
 
 POLL_INTERVAL_S = 0.05  # at most this often per rank; a lost rank takes the reports it was not yet asked for
-REPORT_WAIT_S = 1.0  # a poll that finds no report waits this long for one
+REPORT_WAIT_S = 10.0  # a poll that finds no report waits this long for one (it ends sooner when its call ends)
 TICK_S = 0.25  # the controller looks at interrupts and lost keepers at least this often
 
 

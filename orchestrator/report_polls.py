@@ -18,7 +18,9 @@ from orchestrate.step_report import StepReport
 
 POLL_INTERVAL_S = 0.05  # at most this often per rank; a lost rank takes the reports it was not yet asked for
 REPORT_WAIT_S = 10.0  # a poll that finds no report waits this long for one (it ends sooner when its call ends)
-TICK_S = 0.25  # the controller looks at interrupts and lost keepers at least this often
+# The controller wakes at least this often (no call to the ranks, only a look at interrupts and lost keepers):
+# Python runs a signal handler only between Ray's waits, and two Ctrl-C within one wait count as one.
+TICK_S = 0.05
 
 
 class ReportPolls:

@@ -53,9 +53,11 @@ class ReportPolls:
         """(rank, reports) of every poll that has answered; a dead rank's poll raises WorkerGroupError."""
         import ray
 
+        refs = list(self._outstanding.values())
+        ready = set(ray.wait(refs, num_returns=len(refs), timeout=0)[0]) if refs else set()
         answered = []
         for rank, ref in list(self._outstanding.items()):
-            if not ray.wait([ref], timeout=0)[0]:
+            if ref not in ready:
                 continue
             del self._outstanding[rank]
             try:

@@ -257,10 +257,15 @@ class TrainWorker(DistributedWorker):
         started = self.trainer.step
         return started - 1 if started and self._in_step else started
 
-    def poll_metrics(self, stream: int, wait_s: float = 0.0) -> tuple[list[StepReport], bool]:
+    def poll_metrics(self, stream: int, wait_s: float = 0.0, logged_step: Optional[int] = None
+                     ) -> tuple[list[StepReport], bool]:
         """(reports of the steps of ``train`` call ``stream`` finished since the last poll, whether that call may
         still report more), waiting up to ``wait_s`` for a report or the call's end (orchestrator/report_polls.py;
-        runs in the reports group, beside ``train`` and the control calls). A poll of an older stream gets nothing."""
+        runs in the reports group, beside ``train`` and the control calls). A poll of an older stream gets nothing.
+        ``logged_step``: the last step the controller logged, whose version this rank's arena then spares."""
+        checkpointer = self.checkpointer
+        if logged_step is not None and checkpointer is not None:
+            checkpointer.note_logged(logged_step)
         with self._lock:
             self._reported.wait_for(lambda: self._stream > stream or (
                 self._stream == stream and (self._metrics or not self._training)), timeout=wait_s)

@@ -7,8 +7,8 @@ per-tensor ``copy_`` measured faster (into one flat arena: 0.29-0.36 s), and saf
 share storage.
 
 With ``slots`` > 1 the arena keeps that many versions, overwriting the oldest: a recovery can roll every rank
-back to a version older than the newest (the one whose metrics the controller logged, which the arena spares as
-the keepers' arenas do: checkpoint/slot_choice.py).
+back to a version older than the newest (the one whose metrics the controller logged; the arena spares it as the
+keepers' arenas do: checkpoint/slot_choice.py).
 """
 from __future__ import annotations
 
@@ -33,7 +33,7 @@ class HostArena:
         self._states: list[Any] = [None] * slots
         self._newest = 0  # the slot written last
         self._pinned: Optional[int] = None  # a slot the next copies skip (its version is being saved)
-        self.logged_step: Optional[int] = None  # the last step the controller logged: its version is spared
+        self.reported_step: Optional[int] = None  # the newest step whose report the controller took: spared
         self._lock = threading.Lock()
         self.allocations = 0
 
@@ -89,7 +89,7 @@ class HostArena:
         if empty:
             return empty[0]
         candidates = {v: i for i, v in enumerate(self._versions) if i != self._pinned and v is not None}
-        return slot_to_overwrite(candidates, self._versions, self.logged_step) if candidates else self._newest
+        return slot_to_overwrite(candidates, self._versions, self.reported_step) if candidates else self._newest
 
     def copy_version(self, version: int, fragments, trainer_state) -> bool:
         """The checkpoint engine's level-0 target: every version is copied (``buffers`` holds the newest)."""

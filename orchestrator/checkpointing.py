@@ -176,10 +176,10 @@ class TrainerCheckpointer:
 
         return ArenaHandle.from_json(ray.get(self.keeper.allocate.remote(self.rank, payload_nbytes, meta_nbytes)))
 
-    def note_logged(self, step: int) -> None:
-        """The controller logged ``step``: the arena spares the version a recovery would roll back to."""
+    def note_reported(self, step: int) -> None:
+        """The controller took the report of ``step``: a full arena spares its version (``slot_to_overwrite``)."""
         if self.engine is not None:
-            self.engine.arena.logged_step = step
+            self.engine.arena.reported_step = step
 
     def wait_until_copied(self) -> None:
         if self.engine is not None:

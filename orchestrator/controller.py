@@ -427,7 +427,6 @@ class Controller:
         while True:
             if self.interrupts is not None and self.interrupts.requested:
                 raise self._save_on_interrupt(group, result, progress)
-            polls.logged_step = result.steps
             running = unfinished + polls.outstanding()
             if running:
                 ray.wait(running, num_returns=1, timeout=polls.wait_s())

@@ -7,13 +7,12 @@ run's steps of seconds on one machine) instead of 20 a second. On short steps a 
 apart, the reports of the steps in between come together. Each rank answers polls on a thread of its own
 (cluster/worker_group.py's reports group), beside ``train`` and the control calls, so a waiting poll delays
 neither. Reports carry the id of the ``train`` call they belong to (its "stream"): a poll of an older stream
-(a call still in flight when a failure ended that stream) takes nothing from the next one. Each poll tells the
-rank the last step the controller logged: its arena spares that version, the one a recovery rolls back to.
+(a call still in flight when a failure ended that stream) takes nothing from the next one. A rank's arena spares
+the version of the newest step whose report a poll took (orchestrator/worker.py's ``poll_metrics``).
 """
 from __future__ import annotations
 
 import time
-from typing import Optional
 
 from orchestrate.cluster.worker_group import REPORTS_GROUP, WorkerGroup, WorkerGroupError
 from orchestrate.step_report import StepReport
@@ -33,7 +32,6 @@ class ReportPolls:
         self._outstanding: dict[int, object] = {}  # rank -> ref of its running poll
         self._issued_at = {rank: 0.0 for rank in self.ranks}
         self._finished: set[int] = set()  # ranks that answered after their ``train`` call ended
-        self.logged_step: Optional[int] = None  # the controller's last logged step, told to the ranks it polls
 
     def outstanding(self) -> list:
         """Refs of the polls running now, issuing those that are due first."""
@@ -42,7 +40,7 @@ class ReportPolls:
             if rank not in self._outstanding and rank not in self._finished and \
                     now - self._issued_at[rank] >= POLL_INTERVAL_S:
                 self._outstanding[rank] = self.group.actors[rank].poll_metrics.options(
-                    concurrency_group=REPORTS_GROUP).remote(self.stream, REPORT_WAIT_S, self.logged_step)
+                    concurrency_group=REPORTS_GROUP).remote(self.stream, REPORT_WAIT_S)
                 self._issued_at[rank] = now
         return list(self._outstanding.values())
 

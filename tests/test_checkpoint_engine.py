@@ -63,12 +63,12 @@ def test_arena_reuses_buffers_and_reallocates_on_shape_or_dtype_change():
 
 def test_a_full_host_arena_spares_the_version_a_recovery_rolls_back_to():
     arena = HostArena(slots=3)
-    arena.logged_step = 1  # the controller logged step 1, then fell behind
+    arena.reported_step = 1  # the controller took the report of step 1, then fell behind
     for version in range(1, 7):
         arena.copy_version(version, _fragments({"w": torch.full((3,), float(version))}), version)
     assert arena.versions() == [1, 5, 6]
     assert torch.equal(arena.held(1)[0]["w@0"], torch.full((3,), 1.0))
-    arena.logged_step = None  # without a logged step, the oldest makes room
+    arena.reported_step = None  # without one, the oldest makes room
     arena.copy_version(7, _fragments({"w": torch.zeros(3)}), 7)
     assert arena.versions() == [5, 6, 7]
 

@@ -251,15 +251,15 @@ def test_a_rank_skips_a_version_only_while_every_slot_is_claimed(keeper_and_aren
 
 
 def test_a_full_arena_spares_the_version_a_recovery_rolls_back_to(keeper_and_arenas):
-    """The controller logged step 1 and then fell behind while the rank trained on: version 1 stays held (a
-    recovery rolls back to the newest version not newer than the last logged step), the others rotate."""
+    """The controller took the report of step 1 and then fell behind while the rank trained on: version 1 stays
+    held (a recovery rolls back to the newest version not newer than the last logged step), the others rotate."""
     keeper, arenas = keeper_and_arenas
     writer = ArenaWriter(arenas[0].handle())
-    writer.logged_step = 1
+    writer.reported_step = 1
     for version in range(1, 7):
         assert writer.copy_version(version, rank_fragments(version, 0), TrainerState(**trainer_state(version)))
     assert keeper.held_ranks() == {1: [0], 5: [0], 6: [0]}
-    writer.logged_step = 5  # it caught up: 5 is spared now, 1 makes room
+    writer.reported_step = 5  # it caught up: 5 is spared now, 1 makes room
     assert writer.copy_version(7, rank_fragments(7, 0), TrainerState(**trainer_state(7)))
     assert keeper.held_ranks() == {5: [0], 6: [0], 7: [0]}
     assert_snapshots_equal({0: keeper.get(5, 0)}, 5, [0])

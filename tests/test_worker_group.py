@@ -1,4 +1,5 @@
 import os
+from types import SimpleNamespace
 import time
 
 import psutil
@@ -93,7 +94,16 @@ STEP_S = 0.3
 
 class ReportingWorker(TrainWorker):
     """A rank whose ``train`` reports a step every ``STEP_S`` without training anything: what is under test is the
-    way its reports reach the controller (the worker's ``train``/``poll_metrics`` and the controller's polls)."""
+    way its reports reach the controller (the worker's ``train``/``poll_metrics`` and the controller's polls).
+    Its checkpointer only records the steps it is told the controller took (its arena would spare them)."""
+
+    def __init__(self, *args, **kwargs):
+        super().__init__(*args, **kwargs)
+        self.checkpointer = SimpleNamespace(reported=[])
+        self.checkpointer.note_reported = self.checkpointer.reported.append
+
+    def reported_steps(self) -> list[int]:
+        return self.checkpointer.reported
 
     def _train(self, until_step: int) -> dict:
         for step in range(1, until_step + 1):
@@ -125,5 +135,8 @@ def test_step_reports_reach_the_controller_as_their_steps_end_with_about_one_pol
         # a poll waits for the step to end: ~one answer per step and rank, not one per 0.05 s (~70 here)
         assert answers <= 2 * (6 + 3)
         assert ray.get(stale) == [([], False), ([], False)]  # the older stream's polls took nothing
+        for rank, reported in enumerate(group.gather(group.call_async("reported_steps", control=True))):
+            # the newest step of each answer, as the controller took it: the version the rank's arena spares
+            assert reported == sorted(set(reported)) and reported[-1] == 6 and set(reported) <= set(delays[rank])
     finally:
         group.shutdown()

@@ -6,8 +6,9 @@ buffers that were already touched takes ~0.2 s (measured here, 1 GiB of fp32 in 
 per-tensor ``copy_`` measured faster (into one flat arena: 0.29-0.36 s), and safetensors refuses tensors that
 share storage.
 
-With ``slots`` > 1 the arena keeps that many versions, written in turn: a recovery can roll every rank back to
-a version older than the newest (the one whose metrics the controller logged), as the keepers' arenas allow.
+With ``slots`` > 1 the arena keeps that many versions, overwriting the oldest: a recovery can roll every rank
+back to a version older than the newest (the one whose metrics the controller logged; the arena spares it as the
+keepers' arenas do: checkpoint/slot_choice.py).
 """
 from __future__ import annotations
 
@@ -18,6 +19,7 @@ from typing import Any, Mapping, Optional
 import torch
 
 from orchestrate.checkpoint.background_copy import copy_tensor
+from orchestrate.checkpoint.slot_choice import slot_to_overwrite
 
 
 class HostArena:
@@ -31,6 +33,7 @@ class HostArena:
         self._states: list[Any] = [None] * slots
         self._newest = 0  # the slot written last
         self._pinned: Optional[int] = None  # a slot the next copies skip (its version is being saved)
+        self.reported_step: Optional[int] = None  # the newest step whose report the controller took: spared
         self._lock = threading.Lock()
         self.allocations = 0
 
@@ -70,9 +73,7 @@ class HostArena:
     def copy_from(self, state: Mapping[str, torch.Tensor]) -> Mapping[str, torch.Tensor]:
         """Copy every tensor of ``state`` into the next slot's buffers; names no longer present are dropped."""
         with self._lock:
-            slot = (self._newest + 1) % len(self._slots)
-            if slot == self._pinned:
-                slot = self._newest
+            slot = self._slot_to_write()
             self._versions[slot] = None
         buffers = self._slots[slot]
         for name in [name for name in buffers if name not in state]:
@@ -81,6 +82,14 @@ class HostArena:
             copy_tensor(self._buffer_for(buffers, name, source), source)
         self._newest = slot
         return self.buffers
+
+    def _slot_to_write(self) -> int:
+        """An empty slot, else the one ``slot_to_overwrite`` picks among those not pinned."""
+        empty = [i for i, v in enumerate(self._versions) if v is None and i not in (self._newest, self._pinned)]
+        if empty:
+            return empty[0]
+        candidates = {v: i for i, v in enumerate(self._versions) if i != self._pinned and v is not None}
+        return slot_to_overwrite(candidates, self._versions, self.reported_step) if candidates else self._newest
 
     def copy_version(self, version: int, fragments, trainer_state) -> bool:
         """The checkpoint engine's level-0 target: every version is copied (``buffers`` holds the newest)."""

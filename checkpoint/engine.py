@@ -51,6 +51,8 @@ def check_cadence(every: int, persist_every: int) -> None:
 class SnapshotTarget(Protocol):
     """Where level 0 lives: a HostArena in this process, or a keeper's shared-memory arena (ArenaWriter)."""
 
+    reported_step: Optional[int]  # the newest step whose report the controller took: a full arena spares it
+
     def copy_version(self, version: int, fragments: list[FragmentSpec], trainer_state: TrainerState) -> bool: ...
 
 

@@ -176,6 +176,11 @@ class TrainerCheckpointer:
 
         return ArenaHandle.from_json(ray.get(self.keeper.allocate.remote(self.rank, payload_nbytes, meta_nbytes)))
 
+    def note_reported(self, step: int) -> None:
+        """The controller took the report of ``step``: a full arena spares its version (``slot_to_overwrite``)."""
+        if self.engine is not None:
+            self.engine.arena.reported_step = step
+
     def wait_until_copied(self) -> None:
         if self.engine is not None:
             self.engine.wait_until_copied()

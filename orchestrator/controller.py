@@ -375,14 +375,19 @@ class Controller:
 
     def _replace_lost_keepers(self, group: WorkerGroup, result: RunResult, progress: ProgressLine,
                               metrics: MetricsLog) -> None:
-        """After a failed L1 commit: a keeper that died (its node still up) is replaced and its ranks told."""
-        if not self.keepers.lost_keepers():
+        """A keeper found lost (checkpoint/keepers/liveness.py) is replaced and its node's ranks told."""
+        lost = self.keepers.lost_keepers()
+        if not lost:
             return
-        started = set(self.keepers.refresh())
+        started = self.keepers.refresh()
+        dropped = [node for node in lost if node not in self.keepers.keepers]
+        if not dropped and not started:
+            return  # slow, not lost: they answered the refresh's longer wait
         ranks = [rank for rank, info in enumerate(group.infos) if info["node_id"] in started]
         self._attach_arenas(group, ranks)
-        message = f"keeper of node(s) {', '.join(n[:8] for n in sorted(started))} lost; replaced, ranks {ranks} " \
-                  f"hand over to the new one"
+        message = f"keeper of node(s) {', '.join(n[:8] for n in dropped)} lost"
+        if started:
+            message += f"; new keeper on node(s) {', '.join(n[:8] for n in started)}, ranks {ranks} hand over to it"
         progress.message(message)
         metrics.log({"step": result.steps, "event": "keeper_replaced", "ranks": ranks})
 

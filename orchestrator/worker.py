@@ -260,11 +260,16 @@ class TrainWorker(DistributedWorker):
     def poll_metrics(self, stream: int, wait_s: float = 0.0) -> tuple[list[StepReport], bool]:
         """(reports of the steps of ``train`` call ``stream`` finished since the last poll, whether that call may
         still report more), waiting up to ``wait_s`` for a report or the call's end (orchestrator/report_polls.py;
-        runs in the reports group, beside ``train`` and the control calls). A poll of an older stream gets nothing."""
+        runs in the reports group, beside ``train`` and the control calls). A poll of an older stream gets nothing.
+        The controller can log no step after the newest one it took, so this rank's arena spares that version:
+        a recovery rolls back to it (or to an older one) even while the controller has fallen behind."""
         with self._lock:
             self._reported.wait_for(lambda: self._stream > stream or (
                 self._stream == stream and (self._metrics or not self._training)), timeout=wait_s)
             if self._stream != stream:
                 return [], self._stream < stream  # the call has not begun yet, or a newer one replaced it
             drained, self._metrics = self._metrics, []
+            checkpointer = self.checkpointer
+            if drained and checkpointer is not None:
+                checkpointer.note_reported(drained[-1].metrics.step)
             return drained, self._training

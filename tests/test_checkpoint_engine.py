@@ -61,6 +61,18 @@ def test_arena_reuses_buffers_and_reallocates_on_shape_or_dtype_change():
     assert set(arena.buffers) == {"b"} and arena.allocations == 4 and arena.nbytes == 24
 
 
+def test_a_full_host_arena_spares_the_version_a_recovery_rolls_back_to():
+    arena = HostArena(slots=3)
+    arena.reported_step = 1  # the controller took the report of step 1, then fell behind
+    for version in range(1, 7):
+        arena.copy_version(version, _fragments({"w": torch.full((3,), float(version))}), version)
+    assert arena.versions() == [1, 5, 6]
+    assert torch.equal(arena.held(1)[0]["w@0"], torch.full((3,), 1.0))
+    arena.reported_step = None  # without one, the oldest makes room
+    arena.copy_version(7, _fragments({"w": torch.zeros(3)}), 7)
+    assert arena.versions() == [5, 6, 7]
+
+
 def test_snapshot_copies_in_background_and_keeps_the_state_of_snapshot_time():
     live = _state()
     at_snapshot = {name: tensor.clone() for name, tensor in live.items()}

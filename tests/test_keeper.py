@@ -20,6 +20,7 @@ from torch import nn
 from orchestrate.checkpoint.engine import CheckpointEngine
 from orchestrate.checkpoint.fragments import load_model
 from orchestrate.checkpoint.keepers.keeper import SnapshotKeeper, start_keeper
+from orchestrate.checkpoint.keepers.liveness import KeeperWatch
 from orchestrate.checkpoint.keepers.group import (GroupLostError, KeeperGroup, L1CommitError, NotHeldError, StripeLayout,
                                      persist_l2)
 from orchestrate.checkpoint.reshard import load_slices
@@ -247,6 +248,21 @@ def test_a_rank_skips_a_version_only_while_every_slot_is_claimed(keeper_and_aren
     keeper.discard(2)  # that commit failed
     assert write_version(arenas[0], 4, 0)
     assert keeper.held_ranks() == {1: [0], 3: [0], 4: [0]}
+
+
+def test_a_full_arena_spares_the_version_a_recovery_rolls_back_to(keeper_and_arenas):
+    """The controller took the report of step 1 and then fell behind while the rank trained on: version 1 stays
+    held (a recovery rolls back to the newest version not newer than the last logged step), the others rotate."""
+    keeper, arenas = keeper_and_arenas
+    writer = ArenaWriter(arenas[0].handle())
+    writer.reported_step = 1
+    for version in range(1, 7):
+        assert writer.copy_version(version, rank_fragments(version, 0), TrainerState(**trainer_state(version)))
+    assert keeper.held_ranks() == {1: [0], 5: [0], 6: [0]}
+    writer.reported_step = 5  # it caught up: 5 is spared now, 1 makes room
+    assert writer.copy_version(7, rank_fragments(7, 0), TrainerState(**trainer_state(7)))
+    assert keeper.held_ranks() == {5: [0], 6: [0], 7: [0]}
+    assert_snapshots_equal({0: keeper.get(5, 0)}, 5, [0])
 
 
 def test_a_slot_left_half_written_by_a_dead_writer_is_freed_when_its_rank_attaches_again(keeper_and_arenas):
@@ -480,3 +496,40 @@ def test_a_step_that_writes_into_the_begun_slot_is_the_snapshot_and_nothing_is_c
     keeper.seal(8)
     assert writer.begin(9, live) is None  # every slot claimed: nothing to begin, the step updates in place
     assert not writer.copy_version(9, live, TrainerState(step=9)) and writer.skipped == 1
+
+
+@ray.remote(num_cpus=0)
+class Pinged:
+    """Answers a ping after ``delay_s``: a keeper on a node whose cores the trainers keep busy."""
+
+    def __init__(self, delay_s: float):
+        self.delay_s = delay_s
+
+    def ping(self) -> str:
+        time.sleep(self.delay_s)
+        return "node"
+
+
+def test_the_keeper_watch_never_waits_for_an_answer_and_finds_a_dead_keeper(sim):
+    slow, dead = Pinged.remote(1.5), Pinged.remote(0.0)
+    ray.get(dead.ping.remote())
+    ray.kill(dead)
+    watch, keepers = KeeperWatch(), {"slow": slow, "dead": dead}
+    watch.check_soon()
+    looks, lost, deadline = [], [], time.monotonic() + 20
+    while not lost and time.monotonic() < deadline:
+        started = time.perf_counter()
+        lost = watch.lost(keepers)
+        looks.append(time.perf_counter() - started)
+        time.sleep(0.02)
+    assert lost == ["dead"]
+    del keepers["dead"]
+    watch.check_soon()
+    until = time.monotonic() + 4  # the slow keeper answers every ping, 1.5 s late: never lost
+    while time.monotonic() < until:
+        started = time.perf_counter()
+        assert watch.lost(keepers) == []
+        looks.append(time.perf_counter() - started)
+        time.sleep(0.02)
+    assert max(looks) < 0.2  # no look waited for the slow keeper's answer
+    ray.kill(slow)

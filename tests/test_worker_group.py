@@ -1,4 +1,6 @@
 import os
+import signal
+from types import SimpleNamespace
 import time
 
 import psutil
@@ -9,6 +11,7 @@ import torch.distributed as dist
 
 from orchestrate.cluster.worker_base import DistributedWorker
 from orchestrate.cluster.worker_group import WorkerGroup, WorkerGroupError
+from orchestrate.failures import HEALTH_CHECK_TIMEOUT_S, SLOW_RANK_WAIT_S, probe_patiently
 from orchestrate.report_polls import ReportPolls
 from orchestrate.step_report import RankCheckpoint, StepReport
 from orchestrate.trainer import StepMetrics
@@ -93,7 +96,16 @@ STEP_S = 0.3
 
 class ReportingWorker(TrainWorker):
     """A rank whose ``train`` reports a step every ``STEP_S`` without training anything: what is under test is the
-    way its reports reach the controller (the worker's ``train``/``poll_metrics`` and the controller's polls)."""
+    way its reports reach the controller (the worker's ``train``/``poll_metrics`` and the controller's polls).
+    Its checkpointer only records the steps it is told the controller took (its arena would spare them)."""
+
+    def __init__(self, *args, **kwargs):
+        super().__init__(*args, **kwargs)
+        self.checkpointer = SimpleNamespace(reported=[])
+        self.checkpointer.note_reported = self.checkpointer.reported.append
+
+    def reported_steps(self) -> list[int]:
+        return self.checkpointer.reported
 
     def _train(self, until_step: int) -> dict:
         for step in range(1, until_step + 1):
@@ -125,5 +137,33 @@ def test_step_reports_reach_the_controller_as_their_steps_end_with_about_one_pol
         # a poll waits for the step to end: ~one answer per step and rank, not one per 0.05 s (~70 here)
         assert answers <= 2 * (6 + 3)
         assert ray.get(stale) == [([], False), ([], False)]  # the older stream's polls took nothing
+        for rank, reported in enumerate(group.gather(group.call_async("reported_steps", control=True))):
+            # the newest step of each answer, as the controller took it: the version the rank's arena spares
+            assert reported == sorted(set(reported)) and reported[-1] == 6 and set(reported) <= set(delays[rank])
+    finally:
+        group.shutdown()
+
+
+class BusyWorker(TrainWorker):
+    """A live rank on a machine whose cores are all busy: it answers a ping ``PING_DELAY_S`` late."""
+
+    def ping(self) -> int:
+        time.sleep(PING_DELAY_S)
+        return os.getpid()
+
+
+PING_DELAY_S = HEALTH_CHECK_TIMEOUT_S + 2
+
+
+def test_a_live_rank_that_answers_the_health_ping_late_is_not_counted_lost(local_ray):
+    group = WorkerGroup(BusyWorker, world_size=2, cpus_per_worker=0.5)
+    try:
+        os.kill(group.infos[1]["pid"], signal.SIGKILL)
+        started = time.monotonic()
+        dead, unresponsive = probe_patiently(group)
+        waited = time.monotonic() - started
+        # rank 1's process is gone: Ray reports it dead; rank 0 is slow, not lost (it was started anew before)
+        assert (dead, unresponsive) == ([1], [])
+        assert PING_DELAY_S <= waited < HEALTH_CHECK_TIMEOUT_S + SLOW_RANK_WAIT_S
     finally:
         group.shutdown()

@@ -16,7 +16,8 @@ The header holds three int64 per slot: state, version, metadata length. The hand
 RPC. Who moves a slot between states:
   * the trainer: FREE -> WRITING -> READY (it writes version, payload and metadata before it publishes READY),
     and READY -> WRITING when no slot is FREE: it overwrites its oldest handed-over version that no commit has
-    claimed, so the newest versions are always held (a process loss redoes at most the step in flight);
+    claimed, except the one a recovery would roll back to (the newest whose report the controller took), so the
+    newest versions are held and a process loss redoes at most the steps not yet logged;
   * the keeper: READY -> SEALED (a commit claimed it) -> COMMITTED, and any of these -> FREE (a newer version
     was committed, or the version was dropped). A WRITING slot is freed only when its rank attaches again (its
     writer died mid-copy).
@@ -36,6 +37,7 @@ from typing import Callable, Optional, Sequence
 
 import numpy as np
 
+from orchestrate.checkpoint.slot_choice import slot_to_overwrite
 from orchestrate.checkpoint.snapshot_index import SnapshotIndex
 from orchestrate.checkpoint.universal import CheckpointError
 
@@ -233,8 +235,11 @@ class Arena:
         self.header[slot, 2] = len(meta)
         self.set_state(slot, READY)
 
-    def take_slot(self, version: int, keep_every: int) -> Optional[int]:
-        """A slot for ``version``, now WRITING (see ``publish``); None when every slot is claimed."""
+    def take_slot(self, version: int, keep_every: int, reported: Optional[int] = None) -> Optional[int]:
+        """A slot for ``version``, now WRITING (see ``publish``); None when every slot is claimed. A FREE one, else
+        a READY one: the oldest, sparing the newest (with zero copy the trainer's very memory) and the one a
+        recovery would roll back to (``slot_to_overwrite``; ``reported``: the newest step whose report the
+        controller took)."""
         free = [s for s in range(self.layout.slots) if self.state(s) == FREE]
         if free:  # only this trainer moves a slot out of FREE
             slot = free[0]
@@ -243,7 +248,7 @@ class Arena:
                 ready = {v: s for v, s in self.slots_in((READY,)).items() if not (keep_every and v % keep_every == 0)}
                 if not ready:
                     return None
-                slot = ready[min(ready)]
+                slot = slot_to_overwrite(ready, self.slots_in(HELD), reported)
                 self.set_state(slot, WRITING)
         self.header[slot, 1] = version
         self.set_state(slot, WRITING)

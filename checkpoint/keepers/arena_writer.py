@@ -37,6 +37,7 @@ class ArenaWriter:
         self.arena = Arena.attach(handle)
         self.reallocate, self.keep_every = reallocate, keep_every
         self.handed_version: Optional[int] = None
+        self.reported_step: Optional[int] = None  # the newest step whose report the controller took: spared
         self.skipped = 0
         self.copied_bytes = 0  # bytes the last version's copy moved (what the step did not write in place)
         self._lock = threading.Lock()  # the copy thread writes while the control thread may switch arenas
@@ -60,7 +61,7 @@ class ArenaWriter:
         with self._lock:
             if layout.index.nbytes > self.arena.layout.payload_capacity:
                 return None
-            slot = self.arena.take_slot(version, self.keep_every)
+            slot = self.arena.take_slot(version, self.keep_every, self.reported_step)
             if slot is None:
                 return None
             self._begun = (version, slot, layout)
@@ -86,7 +87,7 @@ class ArenaWriter:
                 self.arena, self._views = Arena.attach(handle), {}
             self.arena.check_fits(version, layout.index.nbytes, meta)
             if slot is None:
-                slot = self.arena.take_slot(version, self.keep_every)
+                slot = self.arena.take_slot(version, self.keep_every, self.reported_step)
             if slot is not None:
                 self._fill(slot, layout.index, fragments)
                 self.arena.publish_slot(slot, meta)

@@ -17,13 +17,12 @@ from typing import Any, Callable, Iterable, Optional
 import ray
 
 from orchestrate.checkpoint.keepers.keeper import start_keeper
+from orchestrate.checkpoint.keepers.liveness import PING_TIMEOUT_S, KeeperWatch, keeper_answers
 from orchestrate.checkpoint.keepers.group import GroupLostError, KeeperGroup, L1CommitError, commit_l1, persist_l2
 from orchestrate.checkpoint.keepers.settings import KeeperSettings
 
 log = logging.getLogger(__name__)
-PING_TIMEOUT_S = 5.0
 KEEPER_START_TIMEOUT_S = 60.0  # a new actor process: seconds on a busy node
-KEEPER_CHECK_INTERVAL_S = 2.0
 
 
 @dataclass
@@ -34,20 +33,6 @@ class RestorePlan:
     source: str  # "keeper": handed-over snapshots, nothing decoded; "parity": lost nodes' ranks decoded
     holders: dict[int, Any]  # rank -> keeper that holds its snapshot
     decoded_ranks: list[int]
-
-
-def _answers(keeper, attempts: int = 3) -> bool:
-    """False once Ray reports the keeper dead. A keeper that is only slow or briefly unreachable (a busy node)
-    gets a few tries: replacing it would throw away every version it holds."""
-    for attempt in range(attempts):
-        try:
-            ray.get(keeper.ping.remote(), timeout=PING_TIMEOUT_S)
-            return True
-        except (ray.exceptions.GetTimeoutError, ray.exceptions.ActorUnavailableError):
-            time.sleep(0.5 * (attempt + 1))
-        except Exception:  # noqa: BLE001 - dead, or its node is: either way it holds nothing we can read
-            return False
-    return False
 
 
 class KeeperService:
@@ -63,14 +48,13 @@ class KeeperService:
         self.committed: Optional[int] = None  # newest L1-committed version
         self.committed_groups: list[KeeperGroup] = []  # the groups it was encoded in
         self.persisted: Optional[int] = None  # newest version the keepers committed to disk
-        self.commit_failures = 0
         self.last_commit_s: Optional[float] = None  # seconds the newest L1 commit took (seal + encode + mark)
         self._pool = ThreadPoolExecutor(1, thread_name_prefix="l1-commit")
         self._job: Optional[Future] = None
         self._wanted: Optional[int] = None  # newest version offered
         self._next_commit_at = 0.0  # monotonic time before which no new commit starts
         self._commit_seconds: deque[float] = deque(maxlen=6)  # durations of the latest commits
-        self._checked_at = time.monotonic()  # when the keepers were last pinged
+        self._watch = KeeperWatch()
         self._persist_pool = ThreadPoolExecutor(1, thread_name_prefix="l2-from-keepers")
         self._persist: Optional[Future] = None
         self._persist_target: Optional[int] = None  # newest version a level-2 write was started for
@@ -82,7 +66,7 @@ class KeeperService:
         that changed anything; returns the nodes that got a new keeper. Versions encoded in earlier groups stay
         decodable (each keeper remembers the group a version was encoded in)."""
         self.drain()
-        dead = [node for node, keeper in self.keepers.items() if not _answers(keeper)]
+        dead = [node for node, keeper in self.keepers.items() if not keeper_answers(keeper)]
         for node in dead:
             ray.kill(self.keepers.pop(node), no_restart=True)
         # a node that is gone but not declared dead yet would leave its keeper pending, and every commit and group
@@ -183,7 +167,7 @@ class KeeperService:
             holders_of = self._holders(keepers)
         except ray.exceptions.RayError as err:
             log.warning("asking the keepers what they hold failed: %s", err)
-            self.commit_failures += 1
+            self._watch.check_soon()
             return None
         complete = self._complete(holders_of, (self.committed or 0) + 1, limit)
         cadence = self.cfg.disk_cadence
@@ -239,7 +223,7 @@ class KeeperService:
             commit_l1(groups, version, self.world_ranks, pin=persist)
         except L1CommitError as err:
             log.warning("%s", err)
-            self.commit_failures += 1
+            self._watch.check_soon()
             return False
         self.committed, self.committed_groups = version, groups
         self.last_commit_s = time.perf_counter() - start
@@ -272,13 +256,10 @@ class KeeperService:
             log.warning("level-2 write of version %d from the keepers failed: %s", version, err)
 
     def lost_keepers(self) -> list[str]:
-        """Nodes whose keeper stopped answering: checked after a failed commit, and every KEEPER_CHECK_INTERVAL_S
-        (a single node commits rarely, so a failed commit would come late)."""
-        now = time.monotonic()
-        if not self.commit_failures and now - self._checked_at < KEEPER_CHECK_INTERVAL_S:
-            return []
-        self.commit_failures, self._checked_at = 0, now
-        return [node for node, keeper in self.keepers.items() if not _answers(keeper)]
+        """Nodes whose keeper stopped answering, without waiting for an answer (liveness.py says why): pinged
+        after a failed commit, and every few seconds (a single node commits rarely, so a failed commit would
+        come late)."""
+        return self._watch.lost(self.keepers)
 
     # ------------------------------------------------------------------ recovery
 
@@ -290,7 +271,7 @@ class KeeperService:
         version, with the ranks of lost keepers decoded by a surviving member of their group."""
         self.drain()
         live: list = []
-        holders_of = self._holders([k for k in self.keepers.values() if _answers(k)], answered=live)
+        holders_of = self._holders([k for k in self.keepers.values() if keeper_answers(k)], answered=live)
         newest = max(self._complete(holders_of, 0, logged_step), default=None)
         if newest is not None:
             return RestorePlan(newest, "keeper", holders_of[newest], [])

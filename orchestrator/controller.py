@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import dataclasses
 import enum
+import logging
 import signal
 import time
 from dataclasses import dataclass, field
@@ -33,6 +34,8 @@ from orchestrate.recovery import (RecoveryPlan, RecoveryRecord, data_parallel_th
                                   plan_after_failure)
 from orchestrate.step_report import KeeperProgress, StepReport, aggregate_step
 from orchestrate.worker import TrainWorker
+
+log = logging.getLogger(__name__)
 
 
 class RunState(str, enum.Enum):
@@ -99,6 +102,8 @@ class Controller:
         self._last_report: dict[int, float] = {}  # rank -> wall time at the end of its newest reported step
         self._streams = 0  # ``train`` calls issued: each call's reports are polled under its number
         self.snapshot_sizes: dict[int, tuple[int, int]] = {}  # rank -> (payload, metadata) bytes of a snapshot
+        self._attached_to: dict[int, object] = {}  # rank -> the keeper whose arena it snapshots into
+        self._keepers_unsettled = False  # a keeper replacement failed part way: the next look tries again
 
     def preflight(self) -> None:
         """Checks that need to know the cluster; for the embedded cluster they run before anything starts."""
@@ -369,26 +374,42 @@ class Controller:
         by_node: dict[str, dict[int, tuple[int, int]]] = {}
         for rank in ranks:
             by_node.setdefault(group.infos[rank]["node_id"], {})[rank] = self.snapshot_sizes[rank]
+        keepers = {rank: self.keepers.keeper_on(group.infos[rank]["node_id"]) for rank in ranks}
         handles = self.keepers.reserve_arenas(by_node)
         group.gather([group.actors[rank].use_keeper.options(concurrency_group="control").remote(
-            self.keepers.keeper_on(group.infos[rank]["node_id"]), handles[rank]) for rank in ranks])
+            keepers[rank], handles[rank]) for rank in ranks])
+        self._attached_to.update(keepers)
 
     def _replace_lost_keepers(self, group: WorkerGroup, result: RunResult, progress: ProgressLine,
                               metrics: MetricsLog) -> None:
         """A keeper found lost (checkpoint/keepers/liveness.py) is replaced and its node's ranks told."""
         lost = self.keepers.lost_keepers()
-        if not lost:
+        if not lost and not self._keepers_unsettled:
             return
-        started = self.keepers.refresh()
-        dropped = [node for node in lost if node not in self.keepers.keepers]
-        if not dropped and not started:
+        before = dict(self.keepers.keepers)
+        try:
+            self.keepers.refresh()
+            # the ranks of a node with a keeper other than theirs (a node without one is going down, or its new
+            # keeper did not start: its ranks go on snapshotting into the orphaned arenas, unprotected)
+            ranks = [rank for rank, info in enumerate(group.infos)
+                     if self.keepers.keepers.get(info["node_id"]) not in (None, self._attached_to.get(rank))]
+            self._attach_arenas(group, ranks)
+        except (RayError, WorkerGroupError) as err:
+            # more is dying (a keeper or a rank on a node going down): the rank failure starts a recovery, which
+            # replaces the keepers; else the next look tries again
+            self._keepers_unsettled = True
+            log.warning("replacing the keeper of node(s) %s failed: %s", ", ".join(n[:8] for n in lost) or "-",
+                        str(err).strip().splitlines()[0])
+            return
+        self._keepers_unsettled = False
+        replaced = [node for node in lost if self.keepers.keepers.get(node) is not before.get(node)]
+        if not replaced and not ranks:
             return  # slow, not lost: they answered the refresh's longer wait
-        ranks = [rank for rank, info in enumerate(group.infos) if info["node_id"] in started]
-        self._attach_arenas(group, ranks)
-        message = f"keeper of node(s) {', '.join(n[:8] for n in dropped)} lost"
-        if started:
-            message += f"; new keeper on node(s) {', '.join(n[:8] for n in started)}, ranks {ranks} hand over to it"
-        progress.message(message)
+        parts = [f"keeper of node(s) {', '.join(n[:8] for n in replaced)} lost"] if replaced else []
+        if ranks:
+            nodes = sorted({group.infos[rank]["node_id"][:8] for rank in ranks})
+            parts.append(f"new keeper on node(s) {', '.join(nodes)}, ranks {ranks} hand over to it")
+        progress.message("; ".join(parts))
         metrics.log({"step": result.steps, "event": "keeper_replaced", "ranks": ranks})
 
     def _log_interrupted_recovery(self, err: Exception, result: RunResult, metrics: MetricsLog) -> None:

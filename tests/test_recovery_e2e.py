@@ -75,5 +75,7 @@ def test_keeper_loss_and_a_fault_during_recovery_are_survived(tmp_path):
     # rank 0 died while it restored, and rank 1 holds nothing yet: each rank's keeper holds its part, nothing
     # decoded
     assert recovered["source"] == "keeper" and recovered["decoded_ranks"] == []
-    assert recovered["restored_step"] == interrupted["version"]
+    # rank 1 died as it was about to start step 96, while its snapshot of step 95 was being finished in the
+    # background (lazy: the copy overlaps the next step): the keepers hold 95 for every rank, or 94
+    assert interrupted["version"] - 1 <= recovered["restored_step"] <= interrupted["version"]
     assert not (tmp_path / "faulty" / "checkpoints").exists()

@@ -40,6 +40,7 @@ class _Ping:
     ref: Any
     sent_at: float
     misses: int  # pings in a row before this one that went unanswered
+    unreachable: bool = False  # Ray answered that the keeper cannot be reached (yet not that it is dead)
 
 
 class KeeperWatch:
@@ -68,18 +69,18 @@ class KeeperWatch:
         ready = set(ray.wait(refs, num_returns=len(refs), timeout=0)[0]) if refs else set()
         lost = []
         for node, ping in list(self._pings.items()):
-            if ping.ref in ready:
+            if ping.ref in ready and not ping.unreachable:
                 try:
                     ray.get(ping.ref)
                     del self._pings[node]
                     continue
                 except ray.exceptions.ActorUnavailableError:
-                    pass  # briefly unreachable: counts as a miss
+                    ping.unreachable = True  # a busy or a dying node: a miss once the ping's time is up
                 except Exception:  # noqa: BLE001 - dead, or its node is
                     del self._pings[node]
                     lost.append(node)
                     continue
-            elif now - ping.sent_at < PING_TIMEOUT_S:
+            if now - ping.sent_at < PING_TIMEOUT_S:
                 continue
             if ping.misses + 1 >= PING_ATTEMPTS:
                 del self._pings[node]

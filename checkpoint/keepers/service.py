@@ -44,6 +44,7 @@ class KeeperService:
         self._live_nodes, self._node_answers = live_nodes, node_answers
         self.keepers: dict[str, Any] = {}  # node id -> keeper
         self.groups: list[KeeperGroup] = []
+        self._regroup = False
         self.refresh()
         self.committed: Optional[int] = None  # newest L1-committed version
         self.committed_groups: list[KeeperGroup] = []  # the groups it was encoded in
@@ -83,8 +84,10 @@ class KeeperService:
             except ray.exceptions.RayError as err:
                 log.warning("no keeper on node %s: it did not start (%s)", node[:8], type(err).__name__)
                 ray.kill(keeper, no_restart=True)
-        if dead or started:
+        if dead or started or self._regroup:
+            self._regroup = True  # until the groups are formed: a member may die while they form
             self._form_groups()
+            self._regroup = False
         return sorted(started)
 
     def _form_groups(self) -> None:

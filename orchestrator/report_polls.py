@@ -2,13 +2,13 @@
 
 A rank answers a poll as soon as it has a report (a step ended) or its ``train`` call ended, else after
 ``REPORT_WAIT_S`` with nothing. So a report reaches the controller when its step ends, not at the next tick of a
-timer, and the calls follow the steps: about one per step on long steps (a 1 GiB model's 1 s step, a 32-node
-run's steps of seconds on one machine) instead of 20 a second. On short steps a rank's polls are still at most
-``POLL_INTERVAL_S`` apart, the reports of the steps in between come together. Each rank answers polls on a thread of its own
-(cluster/worker_group.py's reports group), beside ``train`` and the control calls, so a waiting poll delays
-neither. Reports carry the id of the ``train`` call they belong to (its "stream"): a poll of an older stream
-(a call still in flight when a failure ended that stream) takes nothing from the next one. A rank's arena spares
-the version of the newest step whose report a poll took (orchestrator/worker.py's ``poll_metrics``).
+timer, and the calls follow the steps: about one per step on long steps (a 1 GiB model's 1 s step, a 32-node run's
+steps of seconds on one machine) instead of 20 a second. On short steps a rank's polls are still at most
+``POLL_INTERVAL_S`` apart, the reports of the steps in between come together. Each rank answers polls on a thread of
+its own (cluster/worker_group.py's reports group), beside ``train`` and the control calls, so a waiting poll delays
+neither. Reports carry the id of the ``train`` call they belong to (its "stream"): a poll of an older stream (a call
+still in flight when a failure ended that stream) takes nothing from the next one. A rank's arena spares the version
+of the newest step whose report a poll took (orchestrator/worker.py's ``poll_metrics``).
 """
 from __future__ import annotations
 

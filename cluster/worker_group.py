@@ -1,12 +1,15 @@
 """A gang of worker actors: placement group, rendezvous, run-on-all-ranks, health checks, clean shutdown."""
 from __future__ import annotations
 
+import time
 from typing import Any, Optional
 
 import ray
-from ray.exceptions import ActorUnavailableError, GetTimeoutError, RayActorError, RayError
+from ray.exceptions import ActorUnavailableError, RayActorError, RayError
 from ray.util.placement_group import placement_group, remove_placement_group
 from ray.util.scheduling_strategies import PlacementGroupSchedulingStrategy
+
+from orchestrate.cluster.health import live_node_ids
 
 # Control calls (liveness, stop, what a rank holds) run in their own concurrency group so they answer while a
 # rank is training; long polls that wait for a rank's results run in another, so a waiting poll delays neither.
@@ -142,19 +145,33 @@ class WorkerGroup:
         dead, unresponsive = self.probe(timeout_s)
         return sorted(dead + unresponsive)
 
-    def probe(self, timeout_s: float = 10.0) -> tuple[list[int], list[int]]:
-        """(ranks Ray reports dead, ranks that did not answer within ``timeout_s``). Actors of a node that is
-        gone but not yet declared dead are in the second list."""
-        refs = self.call_async("ping", control=True)
+    def probe(self, timeout_s: float = 10.0, slow_wait_s: float = 0.0) -> tuple[list[int], list[int]]:
+        """(ranks Ray reports dead, ranks that stopped answering): every rank is pinged once. One that has not
+        answered after ``timeout_s`` stopped answering when its node is no longer listed alive (a node that is
+        gone leaves the list once Ray's health checks give up on it), else it gets up to ``slow_wait_s`` more to
+        answer that ping (a live rank on a machine whose cores are all busy answers late)."""
+        pings = dict(enumerate(self.call_async("ping", control=True)))
         dead, unresponsive = [], []
-        for rank, ref in enumerate(refs):
-            try:
-                ray.get(ref, timeout=timeout_s)
-            except (GetTimeoutError, ActorUnavailableError):  # maybe a node that is gone but not declared dead
-                unresponsive.append(rank)
-            except RayActorError:
-                dead.append(rank)
-        return dead, unresponsive
+        started = time.monotonic()
+        while pings:
+            ready, _ = ray.wait(list(pings.values()), num_returns=len(pings), timeout=0.2)
+            for rank, ref in [(rank, ref) for rank, ref in pings.items() if ref in ready]:
+                try:
+                    ray.get(ref)
+                    del pings[rank]
+                except ActorUnavailableError:  # unreachable for now: ask again
+                    pings[rank] = self.call_async("ping", ranks=[rank], control=True)[0]
+                except RayActorError:
+                    del pings[rank]
+                    dead.append(rank)
+            waited = time.monotonic() - started
+            if pings and waited >= timeout_s:
+                alive = set(live_node_ids())
+                for rank in [r for r in pings if waited >= timeout_s + slow_wait_s
+                             or self.infos[r]["node_id"] not in alive]:
+                    del pings[rank]
+                    unresponsive.append(rank)
+        return sorted(dead), sorted(unresponsive)
 
     def stacks(self, timeout_s: float = 10.0) -> dict[int, str]:
         """Rank -> every thread's stack now (asked beside any running call), for the ranks that answer in time."""

@@ -60,7 +60,7 @@ def raise_if_failed(group: WorkerGroup, train_refs: list, steps_logged: int, sus
     while (rank := group.rank_of_failure(train_refs)) is None and time.monotonic() < deadline:
         time.sleep(0.1)
     # a lost node's actors are declared dead only once Ray notices the node is gone: ask every rank
-    reported, unresponsive = probe_patiently(group)
+    reported, unresponsive = group.probe(HEALTH_CHECK_TIMEOUT_S, SLOW_RANK_WAIT_S)
     dead = sorted({rank} - {None} | set(reported) | set(unresponsive))
     if dead:
         finished, newest = survivor_progress(group, dead) or (steps_logged, steps_logged)
@@ -71,38 +71,6 @@ def raise_if_failed(group: WorkerGroup, train_refs: list, steps_logged: int, sus
                        finished_step=newest, node_ids=suspect_nodes, dead_ranks=dead)
     if failed:
         ray.get(failed[0])  # an application error in a rank: surface its message
-
-
-def probe_patiently(group: WorkerGroup) -> tuple[list[int], list[int]]:
-    """(ranks Ray reports dead, ranks that stopped answering): every rank is pinged once. One that has not
-    answered after ``HEALTH_CHECK_TIMEOUT_S`` is lost when its node is no longer listed alive, else it gets up to
-    ``SLOW_RANK_WAIT_S`` more to answer that ping. A node that is gone leaves the list once Ray's health checks
-    give up on it, and the recovery waits for that anyway (cluster/health.py's ``await_lost_nodes``)."""
-    import ray
-    from ray.exceptions import ActorUnavailableError, RayActorError
-
-    pings = dict(enumerate(group.call_async("ping", control=True)))
-    dead, unresponsive = [], []
-    started = time.monotonic()
-    while pings:
-        ready, _ = ray.wait(list(pings.values()), num_returns=len(pings), timeout=0.2)
-        for rank, ref in [(rank, ref) for rank, ref in pings.items() if ref in ready]:
-            try:
-                ray.get(ref)
-                del pings[rank]
-            except ActorUnavailableError:  # unreachable for now: ask again
-                pings[rank] = group.call_async("ping", ranks=[rank], control=True)[0]
-            except RayActorError:
-                del pings[rank]
-                dead.append(rank)
-        waited = time.monotonic() - started
-        if pings and waited >= HEALTH_CHECK_TIMEOUT_S:
-            alive = set(live_node_ids())
-            for rank in [r for r in pings if waited >= HEALTH_CHECK_TIMEOUT_S + SLOW_RANK_WAIT_S
-                         or group.infos[r]["node_id"] not in alive]:
-                del pings[rank]
-                unresponsive.append(rank)
-    return sorted(dead), sorted(unresponsive)
 
 
 def survivor_progress(group: WorkerGroup, dead_ranks: list[int]) -> Optional[tuple[int, int]]:
@@ -122,7 +90,7 @@ def dead_ranks(group: Optional[WorkerGroup], err: WorkerGroupError) -> list[int]
         return []
     if isinstance(err, RankDied):
         return list(err.dead_ranks)
-    dead, unresponsive = probe_patiently(group)
+    dead, unresponsive = group.probe(HEALTH_CHECK_TIMEOUT_S, SLOW_RANK_WAIT_S)
     return sorted({*dead, *unresponsive} | ({err.rank} if err.rank is not None else set()))
 
 

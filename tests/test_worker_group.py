@@ -11,7 +11,7 @@ import torch.distributed as dist
 
 from orchestrate.cluster.worker_base import DistributedWorker
 from orchestrate.cluster.worker_group import WorkerGroup, WorkerGroupError
-from orchestrate.failures import HEALTH_CHECK_TIMEOUT_S, SLOW_RANK_WAIT_S, probe_patiently
+from orchestrate.failures import HEALTH_CHECK_TIMEOUT_S, SLOW_RANK_WAIT_S
 from orchestrate.report_polls import ReportPolls
 from orchestrate.step_report import RankCheckpoint, StepReport
 from orchestrate.trainer import StepMetrics
@@ -160,7 +160,7 @@ def test_a_live_rank_that_answers_the_health_ping_late_is_not_counted_lost(local
     try:
         os.kill(group.infos[1]["pid"], signal.SIGKILL)
         started = time.monotonic()
-        dead, unresponsive = probe_patiently(group)
+        dead, unresponsive = group.probe(HEALTH_CHECK_TIMEOUT_S, SLOW_RANK_WAIT_S)
         waited = time.monotonic() - started
         # rank 1's process is gone: Ray reports it dead; rank 0 is slow, not lost (it was started anew before)
         assert (dead, unresponsive) == ([1], [])

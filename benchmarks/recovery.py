@@ -272,7 +272,7 @@ def print_memory(nodes: dict) -> None:
     for node, m in sorted(nodes.items()):
         state, mib = m["state_bytes"], 2 ** 20
         print(f"| {node[:8]} | {state / mib:.1f} | {m['arena_bytes'] / mib:.1f} | {m['parity_bytes'] / mib:.1f} | "
-              f"{(m['arena_bytes'] + m['parity_bytes']) / state:.2f} | <= {m['slots']} x n/(n-m) | "
+              f"{(m['arena_bytes'] + m['parity_bytes']) / state:.3f} | <= {m['slots']} x n/(n-m) | "
               f"{m['rss_bytes'] / mib:.0f} |")
 
 

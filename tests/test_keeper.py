@@ -5,6 +5,8 @@ one node per keeper, all on this machine); node loss is ``cluster.remove_node``.
 one producer actor that hands over the snapshots of two ranks and then dies.
 """
 import json
+import mmap
+import os
 import time
 from dataclasses import replace
 import warnings
@@ -496,6 +498,28 @@ def test_a_step_that_writes_into_the_begun_slot_is_the_snapshot_and_nothing_is_c
     keeper.seal(8)
     assert writer.begin(9, live) is None  # every slot claimed: nothing to begin, the step updates in place
     assert not writer.copy_version(9, live, TrainerState(step=9)) and writer.skipped == 1
+
+
+def test_an_index_that_outgrows_its_slot_gets_a_larger_arena_even_after_the_step_wrote_into_it(keeper_and_arenas):
+    keeper, arenas = keeper_and_arenas
+    live = rank_fragments(6, 0)
+    writer = ArenaWriter(arenas[0].handle(),
+                         lambda payload, meta: ArenaHandle.from_json(keeper.allocate(0, payload, meta)))
+    assert writer.copy_version(6, live, TrainerState(step=6))
+    meta_capacity = writer.arena.layout.meta_capacity
+    assert meta_capacity <= 2 * mmap.PAGESIZE  # the index is stored compressed: not 64 KiB per slot
+    views = writer.begin(7, live)
+    with torch.no_grad():
+        moved = [replace(f, tensor=views[f.key].copy_(f.tensor + 1)) for f in live]  # the step wrote into slot 7
+    grown = TrainerState(step=7, extra={"history": os.urandom(meta_capacity).hex()})  # incompressible, 2x the room
+    assert writer.copy_version(7, moved, grown)
+    assert writer.arena.layout.meta_capacity > meta_capacity
+    assert writer.copied_bytes == sum(f.tensor.nbytes for f in moved)  # copied out of the old arena's slot
+    index, payload = keeper.get(7, 0)
+    assert SnapshotIndex.from_json(index).meta["trainer_state"]["extra"] == grown.extra
+    held = {f.key: f.tensor for f in unpack(index, payload)}
+    assert all(torch.equal(held[f.key], f.tensor) for f in moved)
+    assert keeper.held_ranks() == {7: [0]}  # the old arena went, with version 6
 
 
 @ray.remote(num_cpus=0)

@@ -1,6 +1,8 @@
 """Automatic recovery: a rank killed mid-run is replaced, the newest committed version is restored, and the run
 finishes with the loss curve of a run without the fault."""
 
+import mmap
+
 import pytest
 
 from tests.support.runs import orchestrate, ray_processes_of_ours, records_of, run, tmpfs_used_bytes
@@ -35,6 +37,9 @@ def test_killed_rank_is_healed_from_its_replica_and_the_survivor_keeps_its_proce
     [memory] = [r["nodes"] for r in records if r.get("event") == "keeper_memory"]
     [node] = memory.values()  # one node: no parity; the arenas hold shm_versions of each rank's state
     assert node["parity_bytes"] == 0 and node["arena_bytes"] >= node["slots"] * node["state_bytes"]
+    # nothing more than those versions but, for each of the 2 ranks, a header page and in each slot a compressed
+    # index (a page or two) and the payload's rounding up to a page
+    assert node["arena_bytes"] - node["slots"] * node["state_bytes"] <= 2 * (1 + node["slots"] * 3) * mmap.PAGESIZE
 
 
 def assert_optimizer_wrote_the_snapshots(records):

@@ -7,8 +7,9 @@ lives while a process holds it open or mapped. The trainer opens it through ``/p
 space is reserved with posix_fallocate when it is created: a tmpfs that is too small is a clear error before
 training starts, never a SIGBUS in the middle of a step. The slots are reused for every version.
 
-File layout: a header page, then ``slots`` slots, each a metadata area (JSON: the snapshot index, which carries
-the trainer state) followed by a payload area (the packed tensors, checkpoint/snapshot_index.py's layout).
+File layout: a header page, then ``slots`` slots, each a metadata area (the snapshot index, which carries the
+trainer state, as zlib-compressed JSON: a page or two, where the plain JSON of a model's hundreds of tensors took
+64 KiB per slot) followed by a payload area (the packed tensors, checkpoint/snapshot_index.py's layout).
 This module does not import torch (the keepers, which only move bytes, use it); the trainer packs its tensors
 into a slot through checkpoint/keepers/arena_writer.py.
 
@@ -32,6 +33,7 @@ import fcntl
 import json
 import mmap
 import os
+import zlib
 from dataclasses import asdict, dataclass
 from typing import Callable, Optional, Sequence
 
@@ -73,7 +75,7 @@ def free_bytes(directory: str) -> int:
 class ArenaLayout:
     slots: int
     payload_capacity: int  # bytes of the largest snapshot a slot takes
-    meta_capacity: int  # bytes of its JSON index
+    meta_capacity: int  # bytes of its compressed JSON index
 
     def __post_init__(self) -> None:
         if self.slots < 2 or FIELDS * 8 * self.slots > HEADER_BYTES:
@@ -204,15 +206,15 @@ class Arena:
         """(index JSON, payload view) of a slot that holds a version."""
         length = int(self.header[slot, 2])
         start = self.layout.meta_offset(slot)
-        index = json.loads(bytes(self._map[start:start + length]))
+        index = json.loads(zlib.decompress(self._map[start:start + length]))
         return index, self.payload(slot, int(index["nbytes"]))
 
     # ------------------------------------------------------------------ trainer side
 
     def publish(self, version: int, nbytes: int, meta: bytes, fill: Callable[[int], None], keep_every: int = 0
                 ) -> bool:
-        """Take a FREE slot, else the oldest READY one, ``fill(slot)`` its payload, write ``meta`` and publish it
-        READY; False when every slot is claimed by the keeper (committed, being committed or written to disk):
+        """Take a FREE slot, else the oldest READY one, ``fill(slot)`` its payload, write ``meta`` (an index packed
+        by ``pack_meta``) and publish it READY; False when every slot is claimed by the keeper (committed, being committed or written to disk):
         skipped. A READY version that is a multiple of ``keep_every`` (one the keepers will write to disk) is
         not overwritten."""
         self.check_fits(version, nbytes, meta)
@@ -223,13 +225,16 @@ class Arena:
         self.publish_slot(slot, meta)
         return True
 
+    def fits(self, nbytes: int, meta: bytes) -> bool:
+        return nbytes <= self.layout.payload_capacity and len(meta) <= self.layout.meta_capacity
+
     def check_fits(self, version: int, nbytes: int, meta: bytes) -> None:
-        if nbytes > self.layout.payload_capacity or len(meta) > self.layout.meta_capacity:
+        if not self.fits(nbytes, meta):
             raise CheckpointError(f"snapshot of version {version} ({nbytes} bytes, index {len(meta)}) does not fit "
                                   f"the arena's slots ({self.layout.payload_capacity}, {self.layout.meta_capacity})")
 
     def publish_slot(self, slot: int, meta: bytes) -> None:
-        """Write ``meta`` into a slot taken with ``take_slot`` whose payload is written, and publish it READY."""
+        """Write ``meta`` (packed by ``pack_meta``) into a slot taken with ``take_slot`` whose payload is written, and publish it READY."""
         start = self.layout.meta_offset(slot)
         self._map[start:start + len(meta)] = meta
         self.header[slot, 2] = len(meta)
@@ -259,6 +264,12 @@ class Arena:
         return self.layout.nbytes
 
 
+def pack_meta(index_json: bytes) -> bytes:
+    """A slot's metadata as stored: the index's JSON compressed (the fastest level: it is made every version)."""
+    return zlib.compress(index_json, 1)
+
+
 def estimate_meta_capacity(index: SnapshotIndex) -> int:
-    """Room for a slot's JSON index: twice today's size (the trainer state varies a little), at least 64 KiB."""
-    return max(65536, 2 * len(json.dumps(index.to_json())))
+    """Room for a slot's packed index: twice today's size (the trainer state varies a little), at least a page.
+    A version whose index outgrows it gets a larger arena (checkpoint/keepers/arena_writer.py)."""
+    return max(mmap.PAGESIZE, 2 * len(pack_meta(json.dumps(index.to_json()).encode())))

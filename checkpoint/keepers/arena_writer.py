@@ -13,7 +13,7 @@ import numpy as np
 import torch
 
 from orchestrate.checkpoint.background_copy import copy_tensor
-from orchestrate.checkpoint.keepers.arena import HELD, TRAINER_STATE_META, Arena, ArenaHandle
+from orchestrate.checkpoint.keepers.arena import HELD, TRAINER_STATE_META, Arena, ArenaHandle, pack_meta
 from orchestrate.checkpoint.snapshot_codec import pack_into, plan_index, tensor_views
 from orchestrate.checkpoint.snapshot_index import SnapshotIndex, zero_gaps
 from orchestrate.checkpoint.universal import CheckpointError, FragmentSpec, TrainerState
@@ -22,7 +22,7 @@ from orchestrate.checkpoint.universal import CheckpointError, FragmentSpec, Trai
 def write_snapshot(arena: Arena, version: int, index: SnapshotIndex, fragments: Sequence[FragmentSpec],
                    keep_every: int = 0) -> bool:
     """Pack ``fragments`` (laid out by ``index``) into ``arena`` as ``version``; see ``Arena.publish``."""
-    meta = json.dumps(index.to_json()).encode()
+    meta = pack_meta(json.dumps(index.to_json()).encode())
     return arena.publish(version, index.nbytes, meta,
                          lambda slot: pack_into(index, fragments, arena.payload(slot, index.nbytes)), keep_every)
 
@@ -30,7 +30,8 @@ def write_snapshot(arena: Arena, version: int, index: SnapshotIndex, fragments: 
 class ArenaWriter:
     """The checkpoint engine's level-0 target when keepers are on: each version is packed straight into a slot of
     this rank's arena. ``reallocate(payload_nbytes, meta_nbytes) -> ArenaHandle`` asks the keeper for a larger
-    arena when a snapshot outgrows the slots (state that appears late, e.g. an outer optimizer's momentum).
+    arena when a snapshot outgrows the slots (state that appears late, e.g. an outer optimizer's momentum, or a
+    trainer state whose index no longer fits).
     ``keep_every``: versions that are multiples of it go to disk; they are not overwritten before a commit."""
 
     def __init__(self, handle: ArenaHandle, reallocate=None, keep_every: int = 0):
@@ -71,8 +72,8 @@ class ArenaWriter:
         """Pack ``version`` into a slot (the one ``begin`` took for it, if any); False when it is skipped (every
         slot claimed by the keeper). Fragments that already are the slot's views are not copied."""
         layout = self._layout_of(fragments)
-        meta = layout.meta_json({TRAINER_STATE_META: {f.name: getattr(trainer_state, f.name)
-                                                      for f in fields(trainer_state)}})
+        meta = pack_meta(layout.meta_json({TRAINER_STATE_META: {f.name: getattr(trainer_state, f.name)
+                                                                for f in fields(trainer_state)}}))
         with self._lock:
             begun, self._begun = self._begun, None
             slot = None
@@ -81,10 +82,14 @@ class ArenaWriter:
                     # the step wrote into the views of a layout this version no longer has
                     raise CheckpointError(f"version {version}: the snapshot's tensors changed after the step began")
                 slot = begun[1]
-            elif layout.index.nbytes > self.arena.layout.payload_capacity and self.reallocate is not None:
-                handle = self.reallocate(layout.index.nbytes, self.arena.layout.meta_capacity)
+            if not self.arena.fits(layout.index.nbytes, meta) and self.reallocate is not None:
+                # a slot ``begin`` took in the old arena is left behind: its tensors (the step's results, still
+                # mapped through them) are copied into the new one like any others
+                held = self.arena.layout
+                handle = self.reallocate(max(layout.index.nbytes, held.payload_capacity),
+                                         max(2 * len(meta), held.meta_capacity))
                 self.arena.close()
-                self.arena, self._views = Arena.attach(handle), {}
+                self.arena, self._views, slot = Arena.attach(handle), {}, None
             self.arena.check_fits(version, layout.index.nbytes, meta)
             if slot is None:
                 slot = self.arena.take_slot(version, self.keep_every, self.reported_step)

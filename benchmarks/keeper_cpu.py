@@ -5,7 +5,8 @@ millisecond a keeper or Ray spends is taken from the ranks.
 
 Each configuration is one ``orchestrate launch`` of ``--steps`` steps; CPU time of every process on this machine
 is read from /proc at two moments in the middle of the run (after ``--warmup`` steps, ``--window`` seconds
-apart) and divided by the steps the run made in between. A second table gives, over the steps logged in that
+apart) and divided by the steps the run made in between; of the ranks' CPU, the part spent in the kernel
+(system time) and the minor page faults they took are given apart. A second table gives, over the steps logged in that
 window, the median of each phase of the step (``forward_backward_s``, ``update_s``, ``snapshot_s`` in
 metrics.jsonl, as the rank with the loss saw them) and of the step time.
 
@@ -53,8 +54,8 @@ def kind_of(cmdline: str) -> str:
     return "other"
 
 
-def cpu_seconds() -> dict[int, tuple[str, float]]:
-    """pid -> (kind, user + system CPU seconds) of every process."""
+def cpu_seconds() -> dict[int, tuple[str, float, float, int]]:
+    """pid -> (kind, user + system CPU seconds, system CPU seconds, minor page faults) of every process."""
     found = {}
     for pid in filter(str.isdigit, os.listdir("/proc")):
         try:
@@ -63,7 +64,8 @@ def cpu_seconds() -> dict[int, tuple[str, float]]:
         except OSError:
             continue
         fields = stat.rsplit(")", 1)[1].split()
-        found[int(pid)] = (kind_of(cmdline), (int(fields[11]) + int(fields[12])) / TICKS)
+        found[int(pid)] = (kind_of(cmdline), (int(fields[11]) + int(fields[12])) / TICKS, int(fields[12]) / TICKS,
+                           int(fields[7]))
     return found
 
 
@@ -108,11 +110,16 @@ def measure(recipe: str, steps: int, warmup: int, window_s: float, overrides: tu
     if run.returncode not in (0, -15) and last - first <= 0:
         raise RuntimeError("no steps in the window")
     per_kind: dict[str, float] = {}
-    for pid, (kind, cpu) in after.items():
+    rank_system_s = rank_faults = 0
+    for pid, (kind, cpu, system, faults) in after.items():
         if pid in before and before[pid][0] == kind:
             per_kind[kind] = per_kind.get(kind, 0.0) + cpu - before[pid][1]
+            if kind == "ranks":
+                rank_system_s += system - before[pid][2]
+                rank_faults += faults - before[pid][3]
     made = last - first
     return {"step_ms": (end - start) / made * 1e3, **{k: v / made * 1e3 for k, v in per_kind.items()},
+            "ranks_system_ms": rank_system_s / made * 1e3, "ranks_faults": rank_faults / made,
             **phase_medians(lines, first, last)}
 
 
@@ -155,6 +162,11 @@ def main() -> None:
     print("|---|" + "---|" * len(PHASES))
     for name, row in rows.items():
         print(f"| {name} | " + " | ".join(f"{row[key] * 1e3:.1f}" for key in PHASES) + " |")
+    print("\nThe ranks in the kernel over the same windows, per step\n")
+    print("| configuration | ranks' system CPU (ms) | ranks' minor page faults |")
+    print("|---|---|---|")
+    for name, row in rows.items():
+        print(f"| {name} | {row['ranks_system_ms']:.1f} | {row['ranks_faults']:.0f} |")
 
 
 if __name__ == "__main__":

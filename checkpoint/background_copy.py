@@ -14,6 +14,8 @@ control methods, the copy thread) keeps torch's parallel kernels off them.
 """
 from __future__ import annotations
 
+from typing import Sequence
+
 import numpy as np
 import torch
 
@@ -23,6 +25,28 @@ def _host_bytes(tensor: torch.Tensor):
     if tensor.device.type != "cpu" or not tensor.is_contiguous() or tensor.is_conj() or tensor.is_neg():
         return None
     return tensor.detach().reshape(-1).view(torch.uint8).numpy()
+
+
+# at::internal::GRAIN_SIZE: a CPU kernel over fewer elements runs inline on the calling thread, no OpenMP team
+SMALL_NUMEL = 32768
+
+
+def copy_tensors(outs: Sequence[torch.Tensor], sources: Sequence[torch.Tensor]) -> int:
+    """``copy_tensor`` of each pair, the small contiguous host tensors all in one ``torch._foreach_copy_`` call
+    (one by one, the Python around each copy cost ~20 microseconds, far more than copying a step count: a small
+    model's snapshot copies dozens of them every step). Returns the bytes copied."""
+    small_outs, small_sources = [], []
+    for out, source in zip(outs, sources):
+        if out.numel() < SMALL_NUMEL and out.shape == source.shape and out.dtype == source.dtype and \
+                out.device.type == "cpu" and source.device.type == "cpu":
+            small_outs.append(out)
+            small_sources.append(source.detach())
+        else:
+            copy_tensor(out, source)
+    if small_outs:
+        with torch.no_grad():
+            torch._foreach_copy_(small_outs, small_sources)
+    return sum(out.nbytes for out in outs)
 
 
 def copy_tensor(out: torch.Tensor, source: torch.Tensor) -> None:

@@ -206,7 +206,7 @@ class Arena:
         """(index JSON, payload view) of a slot that holds a version."""
         length = int(self.header[slot, 2])
         start = self.layout.meta_offset(slot)
-        index = json.loads(zlib.decompress(self._map[start:start + length]))
+        index = json.loads(unpack_meta(self._map[start:start + length]))
         return index, self.payload(slot, int(index["nbytes"]))
 
     # ------------------------------------------------------------------ trainer side
@@ -265,8 +265,22 @@ class Arena:
 
 
 def pack_meta(index_json: bytes) -> bytes:
-    """A slot's metadata as stored: the index's JSON compressed (the fastest level: it is made every version)."""
+    """(Part of) a slot's metadata as stored: JSON compressed at the fastest level. A slot's metadata is one or
+    more such streams, one after the other, whose JSON joined is the index: a trainer packs the part that does not
+    change between versions (the tensors) once."""
     return zlib.compress(index_json, 1)
+
+
+def unpack_meta(packed: bytes) -> bytes:
+    """The index JSON of a slot's metadata: its streams decompressed and joined."""
+    parts = []
+    while packed:
+        stream = zlib.decompressobj()
+        parts.append(stream.decompress(packed))
+        if not stream.eof:
+            raise CheckpointError("a snapshot index in shared memory is cut short")
+        packed = stream.unused_data
+    return b"".join(parts)
 
 
 def estimate_meta_capacity(index: SnapshotIndex) -> int:

@@ -12,7 +12,7 @@ from typing import Optional, Sequence
 import numpy as np
 import torch
 
-from orchestrate.checkpoint.background_copy import copy_tensor
+from orchestrate.checkpoint.background_copy import copy_tensors
 from orchestrate.checkpoint.keepers.arena import HELD, TRAINER_STATE_META, Arena, ArenaHandle, pack_meta
 from orchestrate.checkpoint.snapshot_codec import pack_into, plan_index, tensor_views
 from orchestrate.checkpoint.snapshot_index import SnapshotIndex, zero_gaps
@@ -72,8 +72,8 @@ class ArenaWriter:
         """Pack ``version`` into a slot (the one ``begin`` took for it, if any); False when it is skipped (every
         slot claimed by the keeper). Fragments that already are the slot's views are not copied."""
         layout = self._layout_of(fragments)
-        meta = pack_meta(layout.meta_json({TRAINER_STATE_META: {f.name: getattr(trainer_state, f.name)
-                                                                for f in fields(trainer_state)}}))
+        meta = layout.packed_meta({TRAINER_STATE_META: {f.name: getattr(trainer_state, f.name)
+                                                        for f in fields(trainer_state)}})
         with self._lock:
             begun, self._begun = self._begun, None
             slot = None
@@ -127,12 +127,9 @@ class ArenaWriter:
 
     def _fill(self, slot: int, index: SnapshotIndex, fragments: list[FragmentSpec]) -> None:
         """Copy the tensors into the slot, except those that already are its views (a step wrote them there)."""
-        copied = 0
-        for view, fragment in zip(self._slot_views(slot, index), fragments):
-            if view.data_ptr() != fragment.tensor.data_ptr():
-                copy_tensor(view, fragment.tensor)
-                copied += view.nbytes
-        self.copied_bytes = copied
+        pending = [(view, fragment.tensor) for view, fragment in zip(self._slot_views(slot, index), fragments)
+                   if view.data_ptr() != fragment.tensor.data_ptr()]
+        self.copied_bytes = copy_tensors([view for view, _ in pending], [tensor for _, tensor in pending])
 
     def held_versions(self) -> list[int]:
         """Versions this rank's arena holds complete."""
@@ -151,7 +148,8 @@ class ArenaWriter:
 
 
 class _CachedLayout:
-    """A planned index and its JSON without the per-version meta, spliced around it for each version."""
+    """A planned index and its JSON without the per-version meta, spliced around it for each version: the
+    tensors' part (most of it: hundreds of entries) is packed once, only the head with the meta every version."""
 
     def __init__(self, signature: tuple, index: SnapshotIndex):
         self.signature, self.index = signature, index
@@ -159,7 +157,8 @@ class _CachedLayout:
         document = index.to_json()
         head = {key: document[key] for key in ("format", "format_version", "nbytes")}
         self._head = json.dumps(head)[:-1]
-        self._tail = f', "tensors": {json.dumps(document["tensors"])}}}'
+        self._packed_tail = pack_meta(f', "tensors": {json.dumps(document["tensors"])}}}'.encode())
 
-    def meta_json(self, meta: dict) -> bytes:
-        return f'{self._head}, "meta": {json.dumps(meta)}{self._tail}'.encode()
+    def packed_meta(self, meta: dict) -> bytes:
+        """A slot's metadata for a version with ``meta`` (arena.py's ``pack_meta``)."""
+        return pack_meta(f'{self._head}, "meta": {json.dumps(meta)}'.encode()) + self._packed_tail

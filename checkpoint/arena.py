@@ -91,6 +91,9 @@ class HostArena:
         candidates = {v: i for i, v in enumerate(self._versions) if i != self._pinned and v is not None}
         return slot_to_overwrite(candidates, self._versions, self.reported_step) if candidates else self._newest
 
+    def copies_little(self, version: int, fragments) -> bool:
+        return False  # every version is a whole copy
+
     def copy_version(self, version: int, fragments, trainer_state) -> bool:
         """The checkpoint engine's level-0 target: every version is copied (``buffers`` holds the newest)."""
         self.copy_from({fragment.key: fragment.tensor for fragment in fragments})

@@ -55,6 +55,11 @@ class SnapshotTarget(Protocol):
 
     def copy_version(self, version: int, fragments: list[FragmentSpec], trainer_state: TrainerState) -> bool: ...
 
+    def copies_little(self, version: int, fragments: list[FragmentSpec]) -> bool:
+        """Whether copying ``version`` is so little work (the step wrote the state into its place) that handing
+        it to the copy thread would cost the training thread more than doing it."""
+        ...
+
 
 class Persister(Protocol):
     def persist(self, version: int, fragments: list[FragmentSpec], trainer_state: TrainerState) -> None: ...
@@ -138,7 +143,12 @@ class CheckpointEngine:
         stats = SnapshotStats(step)
         self.stats.append(stats)
         state = self._freeze(trainer_state if trainer_state is not None else TrainerState(step=step))
-        self._copy = self._copier.submit(self._copy_job, stats, fragments, state, self.will_persist(step))
+        job = (stats, fragments, state, self.will_persist(step))
+        if self.arena.copies_little(step, fragments):
+            # a thread's wake-up and its turns at the GIL cost the training thread more than a few step counts
+            self._copy_job(*job)
+        else:
+            self._copy = self._copier.submit(self._copy_job, *job)
         stats.blocked_s += time.perf_counter() - started
         return True
 

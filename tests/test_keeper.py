@@ -475,6 +475,7 @@ def test_a_step_that_writes_into_the_begun_slot_is_the_snapshot_and_nothing_is_c
     for slot in range(arenas[0].layout.slots):  # bytes an earlier layout left: the alignment gaps must not keep them
         arenas[0].payload(slot, arenas[0].layout.payload_capacity)[:] = 0xFF
     writer = ArenaWriter(arenas[0].handle())
+    assert not writer.copies_little(6, live)
     writer.copy_version(6, live, TrainerState(step=6))
     assert writer.copied_bytes == sum(f.tensor.nbytes for f in live)
     np.testing.assert_array_equal(keeper.get(6, 0)[1], pack(live)[1])  # equal snapshots are equal byte for byte
@@ -486,6 +487,8 @@ def test_a_step_that_writes_into_the_begun_slot_is_the_snapshot_and_nothing_is_c
             views[fragment.key].copy_(fragment.tensor + 1)
             moved.append(replace(fragment, tensor=views[fragment.key]))
     moved.append(live[-1])
+    assert writer.copies_little(7, moved)  # little left: the engine copies it on the trainer's thread
+    assert not writer.copies_little(8, moved)  # no slot begun for version 8
     assert writer.copy_version(7, moved, TrainerState(step=7))
     assert writer.copied_bytes == live[-1].tensor.nbytes  # only what was not written in place
     held = {f.key: f.tensor for f in unpack(*keeper.get(7, 0))}

@@ -18,6 +18,8 @@ from orchestrate.checkpoint.snapshot_codec import pack_into, plan_index, tensor_
 from orchestrate.checkpoint.snapshot_index import SnapshotIndex, zero_gaps
 from orchestrate.checkpoint.universal import CheckpointError, FragmentSpec, TrainerState
 
+INLINE_COPY_BYTES = 1 << 20  # a version whose step left at most this much to copy is copied on the trainer's thread
+
 
 def write_snapshot(arena: Arena, version: int, index: SnapshotIndex, fragments: Sequence[FragmentSpec],
                    keep_every: int = 0) -> bool:
@@ -67,6 +69,17 @@ class ArenaWriter:
                 return None
             self._begun = (version, slot, layout)
             return dict(zip(layout.keys, self._slot_views(slot, layout.index)))
+
+    def copies_little(self, version: int, fragments: list[FragmentSpec]) -> bool:
+        """Whether the step wrote ``version`` into the slot ``begin`` took for it and left at most
+        ``INLINE_COPY_BYTES`` to copy (step counts, small buffers)."""
+        layout = self._layout_of(fragments)
+        with self._lock:
+            begun = self._begun
+            if begun is None or begun[0] != version or begun[2] is not layout:
+                return False
+            pending = self._pending(begun[1], layout.index, fragments)
+        return sum(view.nbytes for view, _ in pending) <= INLINE_COPY_BYTES
 
     def copy_version(self, version: int, fragments: list[FragmentSpec], trainer_state: TrainerState) -> bool:
         """Pack ``version`` into a slot (the one ``begin`` took for it, if any); False when it is skipped (every
@@ -127,9 +140,13 @@ class ArenaWriter:
 
     def _fill(self, slot: int, index: SnapshotIndex, fragments: list[FragmentSpec]) -> None:
         """Copy the tensors into the slot, except those that already are its views (a step wrote them there)."""
-        pending = [(view, fragment.tensor) for view, fragment in zip(self._slot_views(slot, index), fragments)
-                   if view.data_ptr() != fragment.tensor.data_ptr()]
+        pending = self._pending(slot, index, fragments)
         self.copied_bytes = copy_tensors([view for view, _ in pending], [tensor for _, tensor in pending])
+
+    def _pending(self, slot: int, index: SnapshotIndex, fragments: list[FragmentSpec]) -> list[tuple]:
+        """(view, tensor) of the fragments whose tensor is not already the slot's view of it."""
+        return [(view, fragment.tensor) for view, fragment in zip(self._slot_views(slot, index), fragments)
+                if view.data_ptr() != fragment.tensor.data_ptr()]
 
     def held_versions(self) -> list[int]:
         """Versions this rank's arena holds complete."""

@@ -45,6 +45,18 @@ SYNC_PREFIX = "sync."
 REPLICAS_PREFIX = "replicas."
 
 
+@dataclasses.dataclass(eq=False)
+class _SlotPlace:
+    """The optimizer's targets in one slot for one list of fragments, and the fragments as they are once the
+    step moved the tensors there (both depend only on which tensors and which slot)."""
+
+    fragments: list[FragmentSpec]
+    slot_view: torch.Tensor
+    targets: dict
+    after_step: Optional[list[FragmentSpec]] = None
+    sync_tensors: tuple = ()  # (name, id) of the sync strategy's tensors when ``after_step`` was worked out
+
+
 class TrainerCheckpointer:
     """Binds the lazy engine to one rank's trainer: what to copy at each snapshot, and how to restore."""
 
@@ -70,7 +82,8 @@ class TrainerCheckpointer:
         self._fragments: list[FragmentSpec] = []
         self._fragments_by_signature: dict[tuple, list[FragmentSpec]] = {}
         # (fragments, a slot's view) -> the optimizer's targets in that slot (``_slot_targets``)
-        self._targets_by_place: dict[tuple[int, int], tuple] = {}
+        self._targets_by_place: dict[tuple[int, int], _SlotPlace] = {}
+        self._stepped_into: Optional[_SlotPlace] = None  # where this step's optimizer wrote (zero copy)
         self.zero_copy = False  # the optimizer writes each version straight into its slot (``use_arena``)
         # Decided here, on the training thread, not in ``use_arena`` on the control thread: deciding runs torch's
         # fused AdamW once to check the kernel, and a parallel torch kernel on another thread gives that thread
@@ -188,14 +201,15 @@ class TrainerCheckpointer:
     def optimizer_step(self, step: int) -> None:
         """``optimizer.step()``; with ``zero_copy`` the new parameters and moments are written straight into
         the arena slot of version ``step`` (bit-identical results), so its snapshot copies nothing big."""
-        targets = self._slot_targets(step) if self.zero_copy and self.engine.is_due(step) else None
-        if targets is None:
+        self._stepped_into = None
+        place = self._slot_targets(step) if self.zero_copy and self.engine.is_due(step) else None
+        if place is None:
             self._leave_arena()  # an in-place step must not change a version the arena holds
             self.optimizer.step()
             return
-        updated = set(adamw_into.step_into(self.optimizer, targets))
+        updated = set(adamw_into.step_into(self.optimizer, place.targets))
         with torch.no_grad():
-            for param, (param_out, exp_avg_out, exp_avg_sq_out) in targets.items():
+            for param, (param_out, exp_avg_out, exp_avg_sq_out) in place.targets.items():
                 state = self.optimizer.state[param]
                 if param not in updated:  # no gradient this step: unchanged, but the slot must hold it
                     param_out.copy_(param)
@@ -206,11 +220,12 @@ class TrainerCheckpointer:
                 param.data = param_out
                 state["exp_avg"].data = exp_avg_out
                 state["exp_avg_sq"].data = exp_avg_sq_out
-        self._in_arena = True
+        self._in_arena, self._stepped_into = True, place
 
-    def _slot_targets(self, step: int) -> Optional[dict]:
-        """param -> its (param, exp_avg, exp_avg_sq) views in the slot taken for version ``step``; None when
-        no slot is free or the state is not laid out yet (the first step creates the moments)."""
+    def _slot_targets(self, step: int) -> Optional[_SlotPlace]:
+        """The slot taken for version ``step`` with the optimizer's targets in it (param -> its (param,
+        exp_avg, exp_avg_sq) views); None when no slot is free or the state is not laid out yet (the first step
+        creates the moments)."""
         if not self.optimizer.state:
             return None
         fragments = self.fragments()
@@ -222,8 +237,8 @@ class TrainerCheckpointer:
         # view to tell its slot by; the check below finds no targets in it.
         slot_view = next(iter(views.values()), None)
         cached = self._targets_by_place.get((id(self._fragments), id(slot_view)))
-        if cached is not None and cached[0] is self._fragments and cached[1] is slot_view:
-            return cached[2]
+        if cached is not None and cached.fragments is self._fragments and cached.slot_view is slot_view:
+            return cached
         # each tensor's place in the slot is that of the fragment that refers to its memory
         view_of = {f.tensor.data_ptr(): views.get(f.key) for f in fragments if f.tensor.numel()}
         targets = {}
@@ -235,8 +250,9 @@ class TrainerCheckpointer:
             targets[param] = slot_views
         if len(self._targets_by_place) > 4 * self.slots:
             self._targets_by_place.clear()
-        self._targets_by_place[(id(self._fragments), id(slot_view))] = (self._fragments, slot_view, targets)
-        return targets
+        place = self._targets_by_place[(id(self._fragments), id(slot_view))] = _SlotPlace(self._fragments, slot_view,
+                                                                                         targets)
+        return place
 
     def _leave_arena(self) -> None:
         """Give parameters and moments that live in a held version's slot their own memory again."""
@@ -250,7 +266,19 @@ class TrainerCheckpointer:
 
     def snapshot(self, step: int) -> None:
         if self.engine is not None:
-            self.engine.snapshot(step, self.fragments, self.trainer_state_fn(step))
+            place, self._stepped_into = self._stepped_into, None
+            fragments = self.fragments if place is None else lambda: self._fragments_after_step(place)
+            self.engine.snapshot(step, fragments, self.trainer_state_fn(step))
+
+    def _fragments_after_step(self, place: _SlotPlace) -> list[FragmentSpec]:
+        """``fragments()`` right after the optimizer wrote into ``place``: the same for the same fragments
+        before the step, slot and sync tensors, so worked out once per place (on a small model, the signature
+        that finds them costs the training thread more than the snapshot)."""
+        sync_tensors = tuple((name, id(tensor)) for name, tensor in self.sync.state_dict().items())
+        if place.after_step is None or place.sync_tensors != sync_tensors:
+            place.after_step, place.sync_tensors = self.fragments(), sync_tensors
+        self._fragments = place.after_step
+        return list(place.after_step)
 
     def versions(self) -> RankCheckpoint:
         """Newest version copied to host memory (L0), and handed to the keeper or committed to disk (L2)."""

@@ -3,7 +3,7 @@
 // Why by hand: torch's _fused_adamw_ only updates in place, so keeping the previous version intact while the
 // new one is written costs a copy of the whole state every step. This kernel reads the old parameter and moments
 // and writes the new ones elsewhere (the next snapshot's slot) in the same single pass; with streaming stores
-// (for a state larger than the caches) its memory traffic is that of the in-place kernel.
+// its memory traffic is that of the in-place kernel.
 //
 // Bit-identical to torch 2.13's kernel on CPUs where torch runs its AVX-512 or AVX2 code: the same float
 // operations in the same order, including where torch's compiled code fuses a multiply and an add (checked at
@@ -34,7 +34,6 @@ struct Tensor {
   float *p_out, *m_out, *v_out;
   int64_t numel;
   Coefficients k;
-  bool stream;  // streaming stores allowed (a state larger than the caches)
 };
 
 inline void element(const Tensor& t, int64_t i, bool remainder) {
@@ -54,7 +53,7 @@ __attribute__((target("avx512f"))) void blocks_avx512(const Tensor& t, int64_t b
   const __m512 w = _mm512_set1_ps(k.small_weight ? k.w : k.w_minus_one), beta2 = _mm512_set1_ps(k.beta2),
                c2 = _mm512_set1_ps(k.c2), bc2_sqrt = _mm512_set1_ps(k.bc2_sqrt), eps = _mm512_set1_ps(k.eps),
                neg_step_size = _mm512_set1_ps(k.neg_step_size), decay = _mm512_set1_ps(k.decay);
-  const bool streaming = t.stream && t.p_out != t.p && t.m_out != t.m && t.v_out != t.v &&
+  const bool streaming = t.p_out != t.p && t.m_out != t.m && t.v_out != t.v &&
                          (reinterpret_cast<uintptr_t>(t.p_out) | reinterpret_cast<uintptr_t>(t.m_out) |
                           reinterpret_cast<uintptr_t>(t.v_out)) % 64 == 0;
   for (int64_t i = begin; i < end; i += 16) {
@@ -85,7 +84,7 @@ __attribute__((target("avx2,fma"))) void blocks_avx2(const Tensor& t, int64_t be
   const __m256 w = _mm256_set1_ps(k.small_weight ? k.w : k.w_minus_one), beta2 = _mm256_set1_ps(k.beta2),
                c2 = _mm256_set1_ps(k.c2), bc2_sqrt = _mm256_set1_ps(k.bc2_sqrt), eps = _mm256_set1_ps(k.eps),
                neg_step_size = _mm256_set1_ps(k.neg_step_size), decay = _mm256_set1_ps(k.decay);
-  const bool streaming = t.stream && t.p_out != t.p && t.m_out != t.m && t.v_out != t.v &&
+  const bool streaming = t.p_out != t.p && t.m_out != t.m && t.v_out != t.v &&
                          (reinterpret_cast<uintptr_t>(t.p_out) | reinterpret_cast<uintptr_t>(t.m_out) |
                           reinterpret_cast<uintptr_t>(t.v_out)) % 32 == 0;
   for (int64_t i = begin; i < end; i += 8) {
@@ -148,12 +147,11 @@ extern "C" {
 
 // One AdamW step of `count` tensors of a parameter group; tensor n reads p[n], m[n], v[n], g[n] and writes
 // p_out[n], m_out[n], v_out[n] (which may be the same memory: the in-place step). steps[n] is its step count
-// after the increment, as torch's state["step"] holds it. stream: whether the results may bypass the caches (a
-// state that fits them is read again by the next forward pass: leave it there).
+// after the increment, as torch's state["step"] holds it.
 void orchestrate_adamw_into(int64_t count, const float* const* p, const float* const* m, const float* const* v,
                            const float* const* g, float* const* p_out, float* const* m_out, float* const* v_out,
                            const int64_t* numel, const double* steps, double lr, double beta1, double beta2,
-                           double eps, double weight_decay, int threads, int lanes, int stream) {
+                           double eps, double weight_decay, int threads, int lanes) {
   if (count <= 0) return;
   Tensor* tensors = new Tensor[count];
   int64_t blocks = 0;
@@ -166,7 +164,7 @@ void orchestrate_adamw_into(int64_t count, const float* const* p, const float* c
                    static_cast<float>(std::sqrt(bias_correction2)), static_cast<float>(eps),
                    static_cast<float>(-(lr / bias_correction1)), static_cast<float>(1 - lr * weight_decay),
                    std::fabs(w) < 0.5f, weight_decay != 0};
-    tensors[n] = Tensor{p[n], m[n], v[n], g[n], p_out[n], m_out[n], v_out[n], numel[n], k, stream != 0};
+    tensors[n] = Tensor{p[n], m[n], v[n], g[n], p_out[n], m_out[n], v_out[n], numel[n], k};
     blocks += (numel[n] + 15) / 16;
   }
   threads = static_cast<int>(std::max<int64_t>(1, std::min<int64_t>(threads, blocks)));

@@ -21,9 +21,6 @@ import torch
 log = logging.getLogger(__name__)
 
 SOURCE = Path(__file__).with_name("adamw_into_kernel.cpp")
-# Results of at least this many bytes bypass the caches (streaming stores): they would only push out the data the
-# step reads. A smaller state stays cached, as torch's in-place step leaves it, for the next forward pass.
-STREAM_MIN_BYTES = 64 << 20
 _POINTERS = ctypes.POINTER(ctypes.c_void_p)
 
 
@@ -34,7 +31,7 @@ class FusedAdamWInto:
         self._step = library.orchestrate_adamw_into
         self._step.restype = None
         self._step.argtypes = ([ctypes.c_int64] + [_POINTERS] * 7 + [ctypes.POINTER(ctypes.c_int64),
-                               ctypes.POINTER(ctypes.c_double)] + [ctypes.c_double] * 5 + [ctypes.c_int] * 3)
+                               ctypes.POINTER(ctypes.c_double)] + [ctypes.c_double] * 5 + [ctypes.c_int] * 2)
         self.lanes = lanes  # floats per vector operation (16: AVX-512, 8: AVX2, 0: scalar)
 
     def step(self, sources: Sequence[tuple[torch.Tensor, torch.Tensor, torch.Tensor]], grads: Sequence[torch.Tensor],
@@ -47,12 +44,10 @@ class FusedAdamWInto:
             return
         columns = (*zip(*sources), *zip(*targets))  # params, exp_avgs, exp_avg_sqs, then their targets
         addresses = tuple(tuple(t.data_ptr() for t in column) for column in columns)
-        sizes = tuple(p.numel() for p in columns[0])
-        source_pointers, target_pointers, numels = _tensor_arguments(addresses, sizes)
-        stream = 12 * sum(sizes) >= STREAM_MIN_BYTES  # the three new float32 tensors' bytes
+        source_pointers, target_pointers, numels = _tensor_arguments(addresses, tuple(p.numel() for p in columns[0]))
         self._step(count, *source_pointers, _pointers([g.data_ptr() for g in grads]), *target_pointers, numels,
                    (ctypes.c_double * count)(*steps), lr, beta1, beta2, eps, weight_decay, torch.get_num_threads(),
-                   self.lanes, int(stream))
+                   self.lanes)
 
 
 def _pointers(addresses: Sequence[int]):

@@ -214,9 +214,9 @@ class Arena:
     def publish(self, version: int, nbytes: int, meta: bytes, fill: Callable[[int], None], keep_every: int = 0
                 ) -> bool:
         """Take a FREE slot, else the oldest READY one, ``fill(slot)`` its payload, write ``meta`` (an index packed
-        by ``pack_meta``) and publish it READY; False when every slot is claimed by the keeper (committed, being committed or written to disk):
-        skipped. A READY version that is a multiple of ``keep_every`` (one the keepers will write to disk) is
-        not overwritten."""
+        by ``pack_meta``) and publish it READY; False when every slot is claimed by the keeper (committed, being
+        committed or written to disk): skipped. A READY version that is a multiple of ``keep_every`` (one the
+        keepers will write to disk) is not overwritten."""
         self.check_fits(version, nbytes, meta)
         slot = self.take_slot(version, keep_every)
         if slot is None:
@@ -234,7 +234,8 @@ class Arena:
                                   f"the arena's slots ({self.layout.payload_capacity}, {self.layout.meta_capacity})")
 
     def publish_slot(self, slot: int, meta: bytes) -> None:
-        """Write ``meta`` (packed by ``pack_meta``) into a slot taken with ``take_slot`` whose payload is written, and publish it READY."""
+        """Write ``meta`` (packed by ``pack_meta``) into a slot taken with ``take_slot`` whose payload is written,
+        and publish it READY."""
         start = self.layout.meta_offset(slot)
         self._map[start:start + len(meta)] = meta
         self.header[slot, 2] = len(meta)

@@ -8,8 +8,10 @@ on the target: the same kernels in the same order, so the results are bit-identi
 the memory traffic is the same as the in-place step's. A target may be the very tensor it replaces (an
 element-wise op on identical memory is the in-place op).
 
-The caller then points the parameters and moments at the targets (``tensor.data = target``), which keeps every
-Python object (the module's parameters, the optimizer's state, DDP's references) the same.
+The step count goes to its target too (``torch.add(..., out=)``), so a version's slot holds all of the step's
+results. The caller then points the parameters, moments and step counts at the targets (``tensor.data =
+target``), which keeps every Python object (the module's parameters, the optimizer's state, DDP's references) the
+same.
 
 With ``fused=True`` the step is torch's fused kernel's, reproduced bit for bit by checkpoint/fused_adamw_into.py
 (float32 parameters; where that kernel is not available here the caller falls back to a copy).
@@ -63,12 +65,15 @@ def ensure_state(optimizer: torch.optim.Optimizer) -> None:
                     "exp_avg_sq": torch.zeros_like(param, memory_format=torch.preserve_format)}
 
 
+Targets = dict[torch.Tensor, tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]]
+
+
 @torch.no_grad()
-def step_into(optimizer: torch.optim.Optimizer,
-              targets: dict[torch.Tensor, tuple[torch.Tensor, torch.Tensor, torch.Tensor]]) -> list[torch.Tensor]:
-    """``optimizer.step()`` with parameter, ``exp_avg`` and ``exp_avg_sq`` of each parameter in ``targets``
-    written to its (param, exp_avg, exp_avg_sq) targets instead (parameters without a gradient are skipped, as
-    torch skips them). Returns the parameters it updated; their old tensors are left as they were."""
+def step_into(optimizer: torch.optim.Optimizer, targets: Targets) -> list[torch.Tensor]:
+    """``optimizer.step()`` with parameter, ``exp_avg``, ``exp_avg_sq`` and ``step`` of each parameter in
+    ``targets`` written to its (param, exp_avg, exp_avg_sq, step) targets instead (parameters without a gradient
+    are skipped, as torch skips them). Returns the parameters it updated; their old tensors are left as they
+    were."""
     ensure_state(optimizer)
     updated = []
     for group in optimizer.param_groups:
@@ -80,10 +85,9 @@ def step_into(optimizer: torch.optim.Optimizer,
             if param.grad is None:
                 continue
             state = optimizer.state[param]
-            param_out, exp_avg_out, exp_avg_sq_out = targets[param]
+            param_out, exp_avg_out, exp_avg_sq_out, step_out = targets[param]
             grad = param.grad
-            step_t = state["step"]
-            step_t += 1
+            step_t = torch.add(state["step"], 1, out=step_out)
             if weight_decay != 0:
                 torch.mul(param, 1 - lr * weight_decay, out=param_out)
             elif param_out.data_ptr() != param.data_ptr():
@@ -102,19 +106,19 @@ def step_into(optimizer: torch.optim.Optimizer,
     return updated
 
 
-def _fused_group_into(optimizer: torch.optim.Optimizer, group: dict,
-                      targets: dict[torch.Tensor, tuple[torch.Tensor, torch.Tensor, torch.Tensor]]) -> list[torch.Tensor]:
+def _fused_group_into(optimizer: torch.optim.Optimizer, group: dict, targets: Targets) -> list[torch.Tensor]:
     """One group's step with torch's fused arithmetic (its step counts incremented first, as torch does)."""
     params = [p for p in group["params"] if p.grad is not None]
     states = [optimizer.state[p] for p in params]
-    if states:
-        torch._foreach_add_([state["step"] for state in states], 1)  # one call, as torch's fused step does
+    steps = [targets[p][3] for p in params]
+    if states:  # one call each, as torch's fused step increments its step counts
+        torch._foreach_copy_(steps, torch._foreach_add([state["step"] for state in states], 1))
     (beta1, beta2), weight_decay = group["betas"], group["weight_decay"]
     if not group.get("decoupled_weight_decay", isinstance(optimizer, torch.optim.AdamW)):
         weight_decay = 0.0  # plain Adam reaches here only without weight decay (``unsupported_reason``)
     fused_adamw_into.kernel().step(
         [(p.detach(), s["exp_avg"], s["exp_avg_sq"]) for p, s in zip(params, states)],
-        [p.grad.contiguous() for p in params], [targets[p] for p in params],
-        [s["step"].item() for s in states], lr=group["lr"], beta1=beta1, beta2=beta2, eps=group["eps"],
+        [p.grad.contiguous() for p in params], [targets[p][:3] for p in params],
+        [step.item() for step in steps], lr=group["lr"], beta1=beta1, beta2=beta2, eps=group["eps"],
         weight_decay=weight_decay)
     return params

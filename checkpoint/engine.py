@@ -24,7 +24,6 @@ trainer blocked time in ``stats``.
 from __future__ import annotations
 
 import json
-import operator
 import threading
 import time
 from collections import deque
@@ -34,6 +33,7 @@ from pathlib import Path
 from typing import Callable, Iterable, Optional, Protocol, Sequence
 
 from orchestrate.checkpoint.arena import HostArena
+from orchestrate.checkpoint.identity_memo import IdentityMemo
 from orchestrate.checkpoint.universal import (CheckpointError, FragmentSpec, TrainerState, commit_version, version_dir,
                                               wait_for_ranks)
 from orchestrate.checkpoint.universal_tensors import write_fragments
@@ -113,7 +113,7 @@ class CheckpointEngine:
         self.persisted_version: Optional[int] = None
         self._copier = ThreadPoolExecutor(1, thread_name_prefix="ckpt-copy")
         self._freeze = _StateFreezer()
-        self._checked: list[FragmentSpec] = []  # the fragments last checked for distinct keys
+        self._checked = IdentityMemo()  # lists of fragments whose keys were found distinct
         self._writer = ThreadPoolExecutor(1, thread_name_prefix="ckpt-persist")
         self._copy: Optional[Future] = None
         self._persist: Optional[Future] = None
@@ -136,10 +136,10 @@ class CheckpointEngine:
         started = time.perf_counter()
         self.wait_until_copied()
         fragments = list(state_fn())
-        if not (len(fragments) == len(self._checked) and all(map(operator.is_, fragments, self._checked))):
+        if self._checked.get(fragments) is None:  # the caller reuses its fragments: each list is checked once
             if len({fragment.key for fragment in fragments}) != len(fragments):
                 raise CheckpointError(f"snapshot {step}: state_fn returned the same fragment key twice")
-            self._checked = fragments  # the same fragments again (the caller reuses them): checked already
+            self._checked.put(fragments, True)
         stats = SnapshotStats(step)
         self.stats.append(stats)
         state = self._freeze(trainer_state if trainer_state is not None else TrainerState(step=step))

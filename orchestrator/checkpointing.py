@@ -84,6 +84,9 @@ class TrainerCheckpointer:
         # (fragments, a slot's view) -> the optimizer's targets in that slot (``_slot_targets``)
         self._targets_by_place: dict[tuple[int, int], _SlotPlace] = {}
         self._stepped_into: Optional[_SlotPlace] = None  # where this step's optimizer wrote (zero copy)
+        # the fragments of the state as the last zero-copy snapshot left it (nothing replaces a tensor between
+        # steps when the optimizer writes into slots: ``_zero_copy_reason``)
+        self._after_last_step: Optional[list[FragmentSpec]] = None
         self.zero_copy = False  # the optimizer writes each version straight into its slot (``use_arena``)
         # Decided here, on the training thread, not in ``use_arena`` on the control thread: deciding runs torch's
         # fused AdamW once to check the kernel, and a parallel torch kernel on another thread gives that thread
@@ -101,6 +104,11 @@ class TrainerCheckpointer:
         """This rank's part of a version. Built again only when a tensor it refers to was replaced (the optimizer
         created its state, a load, a strategy's new buffer): the step updates them in place, and building the
         list costs the training thread more than the copy itself on a small model."""
+        return list(self._state_fragments())
+
+    def _state_fragments(self) -> list[FragmentSpec]:
+        """``fragments()`` as kept: the same list object for the same tensors in the same places (not to be
+        changed by the caller)."""
         sync_state = self.sync.state_dict()
         params = list(self.runner.parameters())
         moments = [v for state in self.optimizer.state.values() for v in state.values()]
@@ -115,7 +123,7 @@ class TrainerCheckpointer:
             fragments = self.training_fragments(self.replica) + self.sync_fragments(sync_state, self.replica)
             self._fragments_by_signature[signature] = fragments
         self._fragments = fragments
-        return list(fragments)
+        return fragments
 
     def training_fragments(self, replica: int) -> list[FragmentSpec]:
         """Parameters and optimizer state. Replica 0's are the model's (stable names, what export and any
@@ -201,34 +209,35 @@ class TrainerCheckpointer:
     def optimizer_step(self, step: int) -> None:
         """``optimizer.step()``; with ``zero_copy`` the new parameters and moments are written straight into
         the arena slot of version ``step`` (bit-identical results), so its snapshot copies nothing big."""
-        self._stepped_into = None
-        place = self._slot_targets(step) if self.zero_copy and self.engine.is_due(step) else None
+        self._stepped_into, known, self._after_last_step = None, self._after_last_step, None
+        place = self._slot_targets(step, known) if self.zero_copy and self.engine.is_due(step) else None
         if place is None:
             self._leave_arena()  # an in-place step must not change a version the arena holds
             self.optimizer.step()
             return
         updated = set(adamw_into.step_into(self.optimizer, place.targets))
         with torch.no_grad():
-            for param, (param_out, exp_avg_out, exp_avg_sq_out) in place.targets.items():
+            for param, outs in place.targets.items():
                 state = self.optimizer.state[param]
+                tensors = (param, state["exp_avg"], state["exp_avg_sq"], state["step"])
                 if param not in updated:  # no gradient this step: unchanged, but the slot must hold it
-                    param_out.copy_(param)
-                    exp_avg_out.copy_(state["exp_avg"])
-                    exp_avg_sq_out.copy_(state["exp_avg_sq"])
+                    torch._foreach_copy_(list(outs), list(tensors))
                 # ``.data =`` keeps the objects (module, optimizer, DDP hold them); torch DDP gets the gradients
                 # wrong after a ``set_`` on its parameters
-                param.data = param_out
-                state["exp_avg"].data = exp_avg_out
-                state["exp_avg_sq"].data = exp_avg_sq_out
+                for tensor, out in zip(tensors, outs):
+                    tensor.data = out
         self._in_arena, self._stepped_into = True, place
 
-    def _slot_targets(self, step: int) -> Optional[_SlotPlace]:
+    def _slot_targets(self, step: int, known: Optional[list[FragmentSpec]] = None) -> Optional[_SlotPlace]:
         """The slot taken for version ``step`` with the optimizer's targets in it (param -> its (param,
-        exp_avg, exp_avg_sq) views); None when no slot is free or the state is not laid out yet (the first step
-        creates the moments)."""
+        exp_avg, exp_avg_sq, step) views); None when no slot is free or the state is not laid out yet (the first
+        step creates the moments). ``known``: the state's fragments, when the last snapshot left them known."""
         if not self.optimizer.state:
             return None
-        fragments = self.fragments()
+        if known is None:
+            fragments = self._state_fragments()
+        else:
+            fragments, self._fragments = known, known
         views = self.writer.begin(step, fragments)
         if views is None:
             return None
@@ -243,7 +252,7 @@ class TrainerCheckpointer:
         view_of = {f.tensor.data_ptr(): views.get(f.key) for f in fragments if f.tensor.numel()}
         targets = {}
         for param, state in self.optimizer.state.items():
-            tensors = (param, state["exp_avg"], state["exp_avg_sq"])
+            tensors = (param, state["exp_avg"], state["exp_avg_sq"], state["step"])
             slot_views = tuple(view_of.get(tensor.data_ptr()) for tensor in tensors)
             if any(view is None or view.shape != tensor.shape for view, tensor in zip(slot_views, tensors)):
                 return None
@@ -260,7 +269,7 @@ class TrainerCheckpointer:
             return
         with torch.no_grad():
             for param, state in self.optimizer.state.items():
-                for tensor in (param, state["exp_avg"], state["exp_avg_sq"]):
+                for tensor in (param, state["exp_avg"], state["exp_avg_sq"], state["step"]):
                     tensor.data = tensor.data.clone()
         self._in_arena = False
 
@@ -276,9 +285,9 @@ class TrainerCheckpointer:
         that finds them costs the training thread more than the snapshot)."""
         sync_tensors = tuple((name, id(tensor)) for name, tensor in self.sync.state_dict().items())
         if place.after_step is None or place.sync_tensors != sync_tensors:
-            place.after_step, place.sync_tensors = self.fragments(), sync_tensors
-        self._fragments = place.after_step
-        return list(place.after_step)
+            place.after_step, place.sync_tensors = self._state_fragments(), sync_tensors
+        self._fragments = self._after_last_step = place.after_step
+        return place.after_step
 
     def versions(self) -> RankCheckpoint:
         """Newest version copied to host memory (L0), and handed to the keeper or committed to disk (L2)."""

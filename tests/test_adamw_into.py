@@ -27,16 +27,16 @@ def _adamw(model: torch.nn.Module, **options) -> torch.optim.AdamW:
 
 
 def _slot_views(params, slot: np.ndarray) -> dict:
-    """(param, exp_avg, exp_avg_sq) views of one uint8 buffer per parameter, 64-byte aligned, as an arena lays
-    them out."""
+    """(param, exp_avg, exp_avg_sq, step) views of one uint8 buffer per parameter, 64-byte aligned, as an arena
+    lays them out."""
     flat, offset, views = torch.from_numpy(slot), 0, {}
     for param in params:
-        triple = []
-        for _ in range(3):
-            nbytes = param.numel() * 4
-            triple.append(flat[offset:offset + nbytes].view(torch.float32).reshape(param.shape))
+        outs = []
+        for shape in (param.shape, param.shape, param.shape, ()):
+            nbytes = torch.Size(shape).numel() * 4
+            outs.append(flat[offset:offset + nbytes].view(torch.float32).reshape(shape))
             offset += -(-nbytes // 64) * 64
-        views[param] = tuple(triple)
+        views[param] = tuple(outs)
     return views
 
 
@@ -58,14 +58,17 @@ def test_step_into_slots_matches_torch_adamw_bit_for_bit(kernel):
         # slot 0 twice in a row at the start: a target that is the tensor it replaces (the in-place case)
         targets = slots[max(0, step - 1) % 3]
         before = {p: p.detach().clone() for p in moved.parameters()}
+        steps_before = {p: s["step"].clone() for p, s in moved_opt.state.items()}
         updated = step_into(moved_opt, targets)
         assert len(updated) == (4 if step in frozen_at else 6)
         with torch.no_grad():
             for param in updated:
                 state = moved_opt.state[param]
                 if targets[param][0].data_ptr() != param.data_ptr():
-                    assert torch.equal(param, before[param])  # the old tensors are left as they were
-                param.data, state["exp_avg"].data, state["exp_avg_sq"].data = targets[param]
+                    # the old tensors are left as they were
+                    assert torch.equal(param, before[param])
+                    assert torch.equal(state["step"], steps_before.get(param, torch.tensor(0.0)))
+                param.data, state["exp_avg"].data, state["exp_avg_sq"].data, state["step"].data = targets[param]
     for mine, theirs in zip(moved.parameters(), reference.parameters()):
         assert torch.equal(mine, theirs)
         for key in ("step", "exp_avg", "exp_avg_sq"):

@@ -43,12 +43,10 @@ def test_killed_rank_is_healed_from_its_replica_and_the_survivor_keeps_its_proce
 
 
 def assert_optimizer_wrote_the_snapshots(records):
-    """The optimizer step wrote each version's parameters and moments straight into its slot: a snapshot copied
-    only small tensors, except the first of each process (no layout yet)."""
-    [memory] = [r["nodes"] for r in records if r.get("event") == "keeper_memory"][:1]
-    state_bytes = max(node["state_bytes"] for node in memory.values())
+    """The optimizer step wrote each version's parameters, moments and step counts straight into its slot: a
+    snapshot copied nothing, except the first of each process (no layout yet)."""
     copied = [r["ckpt_copied_bytes"] for r in records if r.get("step", 0) >= 3 and "ckpt_copied_bytes" in r]
-    assert len(copied) >= 10 and sum(c > state_bytes / 100 for c in copied) <= 4, copied
+    assert len(copied) >= 10 and sum(c > 0 for c in copied) <= 4, copied
 
 
 @pytest.mark.slow

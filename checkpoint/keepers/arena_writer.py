@@ -4,15 +4,14 @@ torch; this module does."""
 from __future__ import annotations
 
 import json
-import operator
 import threading
-from dataclasses import fields
 from typing import Optional, Sequence
 
 import numpy as np
 import torch
 
 from orchestrate.checkpoint.background_copy import copy_tensors
+from orchestrate.checkpoint.identity_memo import IdentityMemo
 from orchestrate.checkpoint.keepers.arena import HELD, TRAINER_STATE_META, Arena, ArenaHandle, pack_meta
 from orchestrate.checkpoint.snapshot_codec import pack_into, plan_index, tensor_views
 from orchestrate.checkpoint.snapshot_index import SnapshotIndex, zero_gaps
@@ -45,15 +44,17 @@ class ArenaWriter:
         self.copied_bytes = 0  # bytes the last version's copy moved (what the step did not write in place)
         self._lock = threading.Lock()  # the copy thread writes while the control thread may switch arenas
         self._layout: Optional[_CachedLayout] = None
-        self._fragments: list[FragmentSpec] = []  # those the layout was checked against
+        self._laid_out = IdentityMemo()  # lists of fragments found to have ``_layout``
         self._views: dict[int, list[torch.Tensor]] = {}  # slot -> tensor views of its payload
+        self._pending = IdentityMemo()  # lists of fragments -> {slot: what ``_fill`` copies into it}
         self._begun: Optional[tuple[int, int, _CachedLayout]] = None  # (version, slot, layout) taken by ``begin``
 
     def replace(self, handle: ArenaHandle) -> None:
         """Write into another arena from the next version on (this node's keeper was replaced)."""
         with self._lock:
             self.arena.close()
-            self.arena, self._views, self._begun = Arena.attach(handle), {}, None
+            self.arena, self._begun = Arena.attach(handle), None
+            self._forget_views()
 
     def begin(self, version: int, fragments: list[FragmentSpec]) -> Optional[dict[str, torch.Tensor]]:
         """Take the slot ``version`` will be published in before its state exists, laid out for ``fragments`` (the
@@ -78,15 +79,14 @@ class ArenaWriter:
             begun = self._begun
             if begun is None or begun[0] != version or begun[2] is not layout:
                 return False
-            pending = self._pending(begun[1], layout.index, fragments)
+            pending = self._to_copy(begun[1], layout.index, fragments)
         return sum(view.nbytes for view, _ in pending) <= INLINE_COPY_BYTES
 
     def copy_version(self, version: int, fragments: list[FragmentSpec], trainer_state: TrainerState) -> bool:
         """Pack ``version`` into a slot (the one ``begin`` took for it, if any); False when it is skipped (every
         slot claimed by the keeper). Fragments that already are the slot's views are not copied."""
         layout = self._layout_of(fragments)
-        meta = layout.packed_meta({TRAINER_STATE_META: {f.name: getattr(trainer_state, f.name)
-                                                        for f in fields(trainer_state)}})
+        meta = layout.packed_meta(trainer_state)
         with self._lock:
             begun, self._begun = self._begun, None
             slot = None
@@ -102,7 +102,8 @@ class ArenaWriter:
                 handle = self.reallocate(max(layout.index.nbytes, held.payload_capacity),
                                          max(2 * len(meta), held.meta_capacity))
                 self.arena.close()
-                self.arena, self._views, slot = Arena.attach(handle), {}, None
+                self.arena, slot = Arena.attach(handle), None
+                self._forget_views()
             self.arena.check_fits(version, layout.index.nbytes, meta)
             if slot is None:
                 slot = self.arena.take_slot(version, self.keep_every, self.reported_step)
@@ -118,15 +119,21 @@ class ArenaWriter:
     def _layout_of(self, fragments: list[FragmentSpec]) -> "_CachedLayout":
         """The packed layout, planned again only when the tensors' names, shapes or dtypes change: planning and
         JSON-encoding it every step cost more CPU than copying a small model's state."""
-        if self._layout is not None and len(fragments) == len(self._fragments) and all(
-                map(operator.is_, fragments, self._fragments)):
-            return self._layout  # the very same fragments as last time (the caller reuses them)
+        layout = self._laid_out.get(fragments)  # the very same fragments as before (the caller reuses them)
+        if layout is not None:
+            return layout
         signature = tuple((f.key, f.global_shape, tuple(f.tensor.shape), f.tensor.dtype, f.replica_id)
                           for f in fragments)
-        self._fragments = list(fragments)
         if self._layout is None or self._layout.signature != signature:
-            self._layout, self._views = _CachedLayout(signature, plan_index(fragments)), {}
-        return self._layout
+            self._layout = _CachedLayout(signature, plan_index(fragments))
+            self._laid_out.clear()
+            self._forget_views()
+        return self._laid_out.put(fragments, self._layout)
+
+    def _forget_views(self) -> None:
+        """After the arena or the layout changed: the slots' views, and what was found missing in them."""
+        self._views = {}
+        self._pending.clear()
 
     def _slot_views(self, slot: int, index: SnapshotIndex) -> list[torch.Tensor]:
         """Tensor views of a slot's payload, made once per slot and layout (alignment gaps zeroed then; the
@@ -140,13 +147,21 @@ class ArenaWriter:
 
     def _fill(self, slot: int, index: SnapshotIndex, fragments: list[FragmentSpec]) -> None:
         """Copy the tensors into the slot, except those that already are its views (a step wrote them there)."""
-        pending = self._pending(slot, index, fragments)
+        pending = self._to_copy(slot, index, fragments)
         self.copied_bytes = copy_tensors([view for view, _ in pending], [tensor for _, tensor in pending])
 
-    def _pending(self, slot: int, index: SnapshotIndex, fragments: list[FragmentSpec]) -> list[tuple]:
-        """(view, tensor) of the fragments whose tensor is not already the slot's view of it."""
-        return [(view, fragment.tensor) for view, fragment in zip(self._slot_views(slot, index), fragments)
-                if view.data_ptr() != fragment.tensor.data_ptr()]
+    def _to_copy(self, slot: int, index: SnapshotIndex, fragments: list[FragmentSpec]) -> list[tuple]:
+        """(view, tensor) of the fragments whose tensor is not already the slot's view of it. Worked out once per
+        list of fragments and slot: a fragment's tensor stays where it was when the fragment was made."""
+        by_slot = self._pending.get(fragments)
+        if by_slot is None:
+            by_slot = self._pending.put(fragments, {})
+        pending = by_slot.get(slot)
+        if pending is None:
+            pending = by_slot[slot] = [(view, fragment.tensor) for view, fragment
+                                       in zip(self._slot_views(slot, index), fragments)
+                                       if view.data_ptr() != fragment.tensor.data_ptr()]
+        return pending
 
     def held_versions(self) -> list[int]:
         """Versions this rank's arena holds complete."""
@@ -175,7 +190,16 @@ class _CachedLayout:
         head = {key: document[key] for key in ("format", "format_version", "nbytes")}
         self._head = json.dumps(head)[:-1]
         self._packed_tail = pack_meta(f', "tensors": {json.dumps(document["tensors"])}}}'.encode())
+        self._config: Optional[dict] = None
+        self._packed_config = b""
 
-    def packed_meta(self, meta: dict) -> bytes:
-        """A slot's metadata for a version with ``meta`` (arena.py's ``pack_meta``)."""
-        return pack_meta(f'{self._head}, "meta": {json.dumps(meta)}'.encode()) + self._packed_tail
+    def packed_meta(self, trainer_state: TrainerState) -> bytes:
+        """A slot's metadata for a version with ``trainer_state`` (arena.py's ``pack_meta``). Its config, the
+        run's (the largest part, the same all run long), is packed once per config object."""
+        state = trainer_state.to_json()
+        config = state.pop("config")
+        if config is not self._config:
+            self._config = config
+            self._packed_config = pack_meta(f'"config": {json.dumps(config)}}}}}'.encode())
+        head = f'{self._head}, "meta": {{"{TRAINER_STATE_META}": {json.dumps(state)[:-1]}, '
+        return pack_meta(head.encode()) + self._packed_config + self._packed_tail

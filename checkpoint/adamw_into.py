@@ -111,8 +111,8 @@ def _fused_group_into(optimizer: torch.optim.Optimizer, group: dict, targets: Ta
     params = [p for p in group["params"] if p.grad is not None]
     states = [optimizer.state[p] for p in params]
     steps = [targets[p][3] for p in params]
-    if states:  # one call each, as torch's fused step increments its step counts
-        torch._foreach_copy_(steps, torch._foreach_add([state["step"] for state in states], 1))
+    for step, state in zip(steps, states):  # torch's float32 ``step + 1``: the double sum rounded once to float32
+        step.fill_(state["step"].item() + 1)
     (beta1, beta2), weight_decay = group["betas"], group["weight_decay"]
     if not group.get("decoupled_weight_decay", isinstance(optimizer, torch.optim.AdamW)):
         weight_decay = 0.0  # plain Adam reaches here only without weight decay (``unsupported_reason``)

@@ -46,6 +46,7 @@ class ArenaWriter:
         self._layout: Optional[_CachedLayout] = None
         self._laid_out = IdentityMemo()  # lists of fragments found to have ``_layout``
         self._views: dict[int, list[torch.Tensor]] = {}  # slot -> tensor views of its payload
+        self._views_by_key: dict[int, dict[str, torch.Tensor]] = {}  # slot -> fragment key -> its view
         self._pending = IdentityMemo()  # lists of fragments -> {slot: what ``_fill`` copies into it}
         self._begun: Optional[tuple[int, int, _CachedLayout]] = None  # (version, slot, layout) taken by ``begin``
 
@@ -59,8 +60,9 @@ class ArenaWriter:
     def begin(self, version: int, fragments: list[FragmentSpec]) -> Optional[dict[str, torch.Tensor]]:
         """Take the slot ``version`` will be published in before its state exists, laid out for ``fragments`` (the
         state as it is now: the same tensors the step is about to update): fragment key -> tensor view of that
-        slot. A step that writes its results into these views makes them the snapshot (``copy_version`` then
-        copies only the other tensors). None when a slot is not free or the layout does not fit the arena."""
+        slot (the same dict each time for a slot and layout: read it, do not change it). A step that writes its
+        results into these views makes them the snapshot (``copy_version`` then copies only the other tensors).
+        None when a slot is not free or the layout does not fit the arena."""
         layout = self._layout_of(fragments)
         with self._lock:
             if layout.index.nbytes > self.arena.layout.payload_capacity:
@@ -69,7 +71,10 @@ class ArenaWriter:
             if slot is None:
                 return None
             self._begun = (version, slot, layout)
-            return dict(zip(layout.keys, self._slot_views(slot, layout.index)))
+            views = self._views_by_key.get(slot)
+            if views is None:
+                views = self._views_by_key[slot] = dict(zip(layout.keys, self._slot_views(slot, layout.index)))
+            return views
 
     def copies_little(self, version: int, fragments: list[FragmentSpec]) -> bool:
         """Whether the step wrote ``version`` into the slot ``begin`` took for it and left at most
@@ -132,7 +137,7 @@ class ArenaWriter:
 
     def _forget_views(self) -> None:
         """After the arena or the layout changed: the slots' views, and what was found missing in them."""
-        self._views = {}
+        self._views, self._views_by_key = {}, {}
         self._pending.clear()
 
     def _slot_views(self, slot: int, index: SnapshotIndex) -> list[torch.Tensor]:

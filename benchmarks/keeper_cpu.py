@@ -5,10 +5,11 @@ millisecond a keeper or Ray spends is taken from the ranks.
 
 Each configuration is one ``orchestrate launch`` of ``--steps`` steps; CPU time of every process on this machine
 is read from /proc at two moments in the middle of the run (after ``--warmup`` steps, ``--window`` seconds
-apart) and divided by the steps the run made in between; of the ranks' CPU, the part spent in the kernel
-(system time) and the minor page faults they took are given apart. A second table gives, over the steps logged in that
+apart) and divided by the steps the run made in between. A second table gives, over the steps logged in that
 window, the median of each phase of the step (``forward_backward_s``, ``update_s``, ``snapshot_s`` in
-metrics.jsonl, as the rank with the loss saw them) and of the step time.
+metrics.jsonl, as the rank with the loss saw them) and of the step time. A third gives the part of the ranks'
+CPU spent in the kernel (system time) and the minor page faults they took; a fourth the CPU of each rank's
+training thread, how often it was preempted (involuntary context switches), and the machine's context switches.
 
     python -m benchmarks.keeper_cpu [--recipe quickstart] [--steps 400] [--warmup 30] [--window 20]
     python -m benchmarks.keeper_cpu --model 1gib --steps 60 --warmup 8 --window 30
@@ -69,6 +70,30 @@ def cpu_seconds() -> dict[int, tuple[str, float, float, int]]:
     return found
 
 
+def rank_threads(rank_pids) -> dict[tuple[int, int], tuple[float, int]]:
+    """(pid, tid) -> (CPU seconds, involuntary context switches: times it was preempted) of the ranks' threads."""
+    found = {}
+    for pid in rank_pids:
+        try:
+            tids = os.listdir(f"/proc/{pid}/task")
+        except OSError:
+            continue
+        for tid in tids:
+            try:
+                fields = Path(f"/proc/{pid}/task/{tid}/stat").read_text().rsplit(")", 1)[1].split()
+                status = Path(f"/proc/{pid}/task/{tid}/status").read_text()
+            except OSError:
+                continue
+            preempted = int(status.split("nonvoluntary_ctxt_switches:")[1].split()[0])
+            found[(pid, int(tid))] = ((int(fields[11]) + int(fields[12])) / TICKS, preempted)
+    return found
+
+
+def context_switches() -> int:
+    """Context switches on the machine since boot."""
+    return int(Path("/proc/stat").read_text().split("\nctxt ")[1].split()[0])
+
+
 def step_lines(metrics: Path) -> list[str]:
     """The step records logged so far, complete lines only (the run may be writing the last one)."""
     try:
@@ -101,8 +126,11 @@ def measure(recipe: str, steps: int, warmup: int, window_s: float, overrides: tu
                     raise RuntimeError(f"the run ended before step {warmup}: raise --steps")
                 time.sleep(0.2)
             before, first, start = cpu_seconds(), steps_logged(metrics), time.monotonic()
+            ranks = [pid for pid, (kind, *_) in before.items() if kind == "ranks"]
+            threads_before, switches_before = rank_threads(ranks), context_switches()
             time.sleep(window_s)
             after, lines, end = cpu_seconds(), step_lines(metrics), time.monotonic()
+            threads_after, switches_after = rank_threads(ranks), context_switches()
         finally:
             run.terminate()
             run.wait()
@@ -118,9 +146,24 @@ def measure(recipe: str, steps: int, warmup: int, window_s: float, overrides: tu
                 rank_system_s += system - before[pid][2]
                 rank_faults += faults - before[pid][3]
     made = last - first
+    training = training_threads(threads_before, threads_after)
     return {"step_ms": (end - start) / made * 1e3, **{k: v / made * 1e3 for k, v in per_kind.items()},
             "ranks_system_ms": rank_system_s / made * 1e3, "ranks_faults": rank_faults / made,
-            **phase_medians(lines, first, last)}
+            "training_ms": sum(cpu for cpu, _ in training) / made * 1e3,
+            "training_preempted": sum(preempted for _, preempted in training) / made,
+            "switches": (switches_after - switches_before) / made, **phase_medians(lines, first, last)}
+
+
+def training_threads(before: dict, after: dict) -> list[tuple[float, int]]:
+    """(CPU seconds, times preempted) between the two readings of each rank's busiest thread (the one that
+    trains: forward, backward, the optimizer and the snapshot run on it)."""
+    busiest: dict[int, tuple[float, int]] = {}
+    for (pid, tid), (cpu, preempted) in after.items():
+        if (pid, tid) in before:
+            delta = (cpu - before[(pid, tid)][0], preempted - before[(pid, tid)][1])
+            if delta[0] > busiest.get(pid, (-1.0, 0))[0]:
+                busiest[pid] = delta
+    return list(busiest.values())
 
 
 def model_overrides(model: str, steps: int) -> tuple[str, ...]:
@@ -167,6 +210,11 @@ def main() -> None:
     print("|---|---|---|")
     for name, row in rows.items():
         print(f"| {name} | {row['ranks_system_ms']:.1f} | {row['ranks_faults']:.0f} |")
+    print("\nThe ranks' training threads (each rank's busiest) and the whole machine over the same windows, per step\n")
+    print("| configuration | training threads' CPU (ms) | times they were preempted | context switches on the machine |")
+    print("|---|---|---|---|")
+    for name, row in rows.items():
+        print(f"| {name} | {row['training_ms']:.1f} | {row['training_preempted']:.1f} | {row['switches']:.0f} |")
 
 
 if __name__ == "__main__":

@@ -101,9 +101,11 @@ def kill_training_nodes_once(sim, tmp_path, ready, *overrides, hold=None, count=
 
 @pytest.mark.slow
 def test_parity_many_nodes_lost_at_once_are_decoded(sim, clean_curve, tmp_path):
+    # training is held once a version is committed: the first commit across nodes may come late (it came at step
+    # 16 of 20 once), and the loss must find the run still training
     returncode, stderr, training = kill_training_nodes_once(
         sim, tmp_path, lambda records: any(r.get("step", 0) >= 8 and r.get("ckpt_l1") is not None for r in records),
-        "checkpoint.persist_every=0", "checkpoint.ec.parity=2")
+        "checkpoint.persist_every=0", "checkpoint.ec.parity=2", hold=lambda: True)
     assert returncode == 0, stderr[-3000:]
     assert curve_of(tmp_path) == clean_curve
     [recovery] = recoveries_of(tmp_path)

@@ -45,7 +45,10 @@ class KeeperService:
         self.keepers: dict[str, Any] = {}  # node id -> keeper
         self.groups: list[KeeperGroup] = []
         self._regroup = False
-        self.refresh()
+        # at the start every node Ray lists has just joined: no task probes them (the probe's task leaves an idle
+        # Ray worker on each node, which wakes up all run long); a node that is already gone gets no keeper anyway,
+        # as its keeper does not answer the first ping in time
+        self.refresh(probe_nodes=False)
         self.committed: Optional[int] = None  # newest L1-committed version
         self.committed_groups: list[KeeperGroup] = []  # the groups it was encoded in
         self.persisted: Optional[int] = None  # newest version the keepers committed to disk
@@ -62,10 +65,11 @@ class KeeperService:
 
     # ------------------------------------------------------------------ membership
 
-    def refresh(self) -> list[str]:
+    def refresh(self, probe_nodes: bool = True) -> list[str]:
         """Drop keepers that do not answer, start one on every live node without one, and re-form the groups if
         that changed anything; returns the nodes that got a new keeper. Versions encoded in earlier groups stay
-        decodable (each keeper remembers the group a version was encoded in)."""
+        decodable (each keeper remembers the group a version was encoded in). ``probe_nodes``: start keepers
+        only on nodes that run a task now."""
         self.drain()
         dead = [node for node, keeper in self.keepers.items() if not keeper_answers(keeper)]
         for node in dead:
@@ -74,7 +78,7 @@ class KeeperService:
         # that includes it waiting: only nodes that run a task now get one
         missing = [node for node in self._live_nodes() if node not in self.keepers]
         candidates = {node: start_keeper(node, self.cfg.shm_dir, self.cfg.slots)
-                      for node in missing if self._node_answers(node)}
+                      for node in missing if not probe_nodes or self._node_answers(node)}
         started = []
         for node, keeper in candidates.items():
             try:
@@ -115,10 +119,17 @@ class KeeperService:
         return {rank: handle for answer in answers for rank, handle in answer.items()}
 
     def memory(self) -> dict[str, dict]:
-        """node -> the keeper's arena, parity, resident and protected-state bytes."""
+        """node -> the keeper's arena, parity, resident and protected-state bytes, of the keepers that answer (a
+        report, not worth failing a run for: a node lost after the last step leaves its keeper out)."""
         nodes = sorted(self.keepers)
-        answers = ray.get([self.keepers[node].memory.remote() for node in nodes], timeout=PING_TIMEOUT_S)
-        return dict(zip(nodes, answers))
+        refs = [self.keepers[node].memory.remote() for node in nodes]
+        answers = {}
+        for node, ref in zip(nodes, refs):
+            try:
+                answers[node] = ray.get(ref, timeout=PING_TIMEOUT_S)
+            except ray.exceptions.RayError as err:
+                log.warning("the keeper on node %s did not report its memory: %s", node[:8], type(err).__name__)
+        return answers
 
     # ------------------------------------------------------------------ commits
 

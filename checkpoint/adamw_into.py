@@ -8,8 +8,8 @@ on the target: the same kernels in the same order, so the results are bit-identi
 the memory traffic is the same as the in-place step's. A target may be the very tensor it replaces (an
 element-wise op on identical memory is the in-place op).
 
-The step count goes to its target too (``torch.add(..., out=)``), so a version's slot holds all of the step's
-results. The caller then points the parameters, moments and step counts at the targets (``tensor.data =
+The step count goes to its target too (``torch.add(..., out=)``; the fused path fills it), so a version's slot
+holds all of the step's results. The caller then points the parameters, moments and step counts at the targets (``tensor.data =
 target``), which keeps every Python object (the module's parameters, the optimizer's state, DDP's references) the
 same.
 

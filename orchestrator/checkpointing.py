@@ -57,6 +57,11 @@ class _SlotPlace:
     sync_tensors: tuple = ()  # (name, id) of the sync strategy's tensors when ``after_step`` was worked out
 
 
+def _moved_by_step(param: torch.Tensor, state: dict) -> tuple[torch.Tensor, ...]:
+    """What a zero-copy step writes into the slot for one parameter, in ``adamw_into.step_into``'s target order."""
+    return param, state["exp_avg"], state["exp_avg_sq"], state["step"]
+
+
 class TrainerCheckpointer:
     """Binds the lazy engine to one rank's trainer: what to copy at each snapshot, and how to restore."""
 
@@ -207,8 +212,8 @@ class TrainerCheckpointer:
             self.engine.wait_until_copied()
 
     def optimizer_step(self, step: int) -> None:
-        """``optimizer.step()``; with ``zero_copy`` the new parameters and moments are written straight into
-        the arena slot of version ``step`` (bit-identical results), so its snapshot copies nothing big."""
+        """``optimizer.step()``; with ``zero_copy`` the new parameters, moments and step counts are written
+        straight into the arena slot of version ``step`` (bit-identical results), so its snapshot copies nothing."""
         self._stepped_into, known, self._after_last_step = None, self._after_last_step, None
         place = self._slot_targets(step, known) if self.zero_copy and self.engine.is_due(step) else None
         if place is None:
@@ -219,7 +224,7 @@ class TrainerCheckpointer:
         with torch.no_grad():
             for param, outs in place.targets.items():
                 state = self.optimizer.state[param]
-                tensors = (param, state["exp_avg"], state["exp_avg_sq"], state["step"])
+                tensors = _moved_by_step(param, state)
                 if param not in updated:  # no gradient this step: unchanged, but the slot must hold it
                     torch._foreach_copy_(list(outs), list(tensors))
                 # ``.data =`` keeps the objects (module, optimizer, DDP hold them); torch DDP gets the gradients
@@ -252,7 +257,7 @@ class TrainerCheckpointer:
         view_of = {f.tensor.data_ptr(): views.get(f.key) for f in fragments if f.tensor.numel()}
         targets = {}
         for param, state in self.optimizer.state.items():
-            tensors = (param, state["exp_avg"], state["exp_avg_sq"], state["step"])
+            tensors = _moved_by_step(param, state)
             slot_views = tuple(view_of.get(tensor.data_ptr()) for tensor in tensors)
             if any(view is None or view.shape != tensor.shape for view, tensor in zip(slot_views, tensors)):
                 return None
@@ -269,7 +274,7 @@ class TrainerCheckpointer:
             return
         with torch.no_grad():
             for param, state in self.optimizer.state.items():
-                for tensor in (param, state["exp_avg"], state["exp_avg_sq"], state["step"]):
+                for tensor in _moved_by_step(param, state):
                     tensor.data = tensor.data.clone()
         self._in_arena = False
 

@@ -28,6 +28,7 @@ from torch.distributed.tensor import DTensor
 from orchestrate.checkpoint import adamw_into
 from orchestrate.checkpoint.engine import CheckpointEngine, UniversalPersister
 from orchestrate.checkpoint.arena import HostArena
+from orchestrate.checkpoint.identity_memo import IdentityMemo
 from orchestrate.checkpoint.keepers.arena import TRAINER_STATE_META, ArenaHandle, estimate_meta_capacity
 from orchestrate.checkpoint.keepers.arena_writer import ArenaWriter
 from orchestrate.checkpoint.snapshot_codec import copy_into, pack, plan_index
@@ -50,8 +51,6 @@ class _SlotPlace:
     """The optimizer's targets in one slot for one list of fragments, and the fragments as they are once the
     step moved the tensors there (both depend only on which tensors and which slot)."""
 
-    fragments: list[FragmentSpec]
-    slot_view: torch.Tensor
     targets: dict
     after_step: Optional[list[FragmentSpec]] = None
     sync_tensors: tuple = ()  # (name, id) of the sync strategy's tensors when ``after_step`` was worked out
@@ -86,8 +85,8 @@ class TrainerCheckpointer:
         self.writer: Optional[ArenaWriter] = None  # keepers on: L0 is this rank's arena in the keeper's memory
         self._fragments: list[FragmentSpec] = []
         self._fragments_by_signature: dict[tuple, list[FragmentSpec]] = {}
-        # (fragments, a slot's view) -> the optimizer's targets in that slot (``_slot_targets``)
-        self._targets_by_place: dict[tuple[int, int], _SlotPlace] = {}
+        # [fragments, a slot's view] -> the optimizer's targets in that slot (``_slot_targets``)
+        self._targets_by_place = IdentityMemo(capacity=4 * self.slots)
         self._stepped_into: Optional[_SlotPlace] = None  # where this step's optimizer wrote (zero copy)
         # the fragments of the state as the last zero-copy snapshot left it (nothing replaces a tensor between
         # steps when the optimizer writes into slots: ``_zero_copy_reason``)
@@ -250,8 +249,8 @@ class TrainerCheckpointer:
         # targets: worked out once, not on every step (a small model's step is short). An empty layout has no
         # view to tell its slot by; the check below finds no targets in it.
         slot_view = next(iter(views.values()), None)
-        cached = self._targets_by_place.get((id(self._fragments), id(slot_view)))
-        if cached is not None and cached.fragments is self._fragments and cached.slot_view is slot_view:
+        cached = self._targets_by_place.get((self._fragments, slot_view))
+        if cached is not None:
             return cached
         # each tensor's place in the slot is that of the fragment that refers to its memory
         view_of = {f.tensor.data_ptr(): views.get(f.key) for f in fragments if f.tensor.numel()}
@@ -262,11 +261,7 @@ class TrainerCheckpointer:
             if any(view is None or view.shape != tensor.shape for view, tensor in zip(slot_views, tensors)):
                 return None
             targets[param] = slot_views
-        if len(self._targets_by_place) > 4 * self.slots:
-            self._targets_by_place.clear()
-        place = self._targets_by_place[(id(self._fragments), id(slot_view))] = _SlotPlace(self._fragments, slot_view,
-                                                                                         targets)
-        return place
+        return self._targets_by_place.put((self._fragments, slot_view), _SlotPlace(targets))
 
     def _leave_arena(self) -> None:
         """Give parameters and moments that live in a held version's slot their own memory again."""

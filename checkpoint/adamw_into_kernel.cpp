@@ -16,11 +16,16 @@
 //   v' = fma(v, beta2, (c2 * g) * g)           the last numel % 8 elements (torch's scalar remainder)
 //   p' = p * (1 - lr * wd) + ((-step_size * m') / (sqrt(v') / sqrt(bias_correction2) + eps))
 // Compiled without contraction (-ffp-contract=off): every fma above is explicit.
+// The work is split with at::parallel_for, compiled against the OpenMP runtime torch itself loaded: it runs on
+// the threads torch's own kernels use, as torch's in-place step does. (A thread started per call cost more than
+// its start: its stack was handed back at exit, which flushed the other core's TLB and zeroed fresh pages the
+// next call, while the training thread on that core was interrupted.)
 #include <algorithm>
 #include <cmath>
 #include <cstdint>
 #include <immintrin.h>
-#include <pthread.h>
+
+#include <ATen/Parallel.h>
 
 namespace {
 
@@ -109,6 +114,8 @@ __attribute__((target("avx2,fma"))) void blocks_avx2(const Tensor& t, int64_t be
   _mm_sfence();
 }
 
+constexpr int64_t kGrainBlocks = 2048;  // fewer blocks than this run on the calling thread alone
+
 struct Work {
   const Tensor* tensors;
   int64_t count, first_block, last_block;  // blocks of 16 elements, numbered across all tensors
@@ -136,11 +143,6 @@ void run(const Work& work) {
   }
 }
 
-void* run_thread(void* work) {
-  run(*static_cast<Work*>(work));
-  return nullptr;
-}
-
 }  // namespace
 
 extern "C" {
@@ -151,7 +153,7 @@ extern "C" {
 void orchestrate_adamw_into(int64_t count, const float* const* p, const float* const* m, const float* const* v,
                            const float* const* g, float* const* p_out, float* const* m_out, float* const* v_out,
                            const int64_t* numel, const double* steps, double lr, double beta1, double beta2,
-                           double eps, double weight_decay, int threads, int lanes) {
+                           double eps, double weight_decay, int lanes) {
   if (count <= 0) return;
   Tensor* tensors = new Tensor[count];
   int64_t blocks = 0;
@@ -167,19 +169,9 @@ void orchestrate_adamw_into(int64_t count, const float* const* p, const float* c
     tensors[n] = Tensor{p[n], m[n], v[n], g[n], p_out[n], m_out[n], v_out[n], numel[n], k};
     blocks += (numel[n] + 15) / 16;
   }
-  threads = static_cast<int>(std::max<int64_t>(1, std::min<int64_t>(threads, blocks)));
-  Work* works = new Work[threads];
-  pthread_t* ids = new pthread_t[threads];
-  for (int k = 0; k < threads; ++k)
-    works[k] = Work{tensors, count, blocks * k / threads, blocks * (k + 1) / threads, lanes};
-  int started = 1;
-  for (; started < threads; ++started)
-    if (pthread_create(&ids[started], nullptr, run_thread, &works[started]) != 0) break;
-  run(works[0]);
-  for (int k = 1; k < started; ++k) pthread_join(ids[k], nullptr);
-  for (int k = started; k < threads; ++k) run(works[k]);  // threads that could not start: done here
-  delete[] ids;
-  delete[] works;
+  at::parallel_for(0, blocks, kGrainBlocks, [&](int64_t first, int64_t last) {
+    run(Work{tensors, count, first, last, lanes});
+  });
   delete[] tensors;
 }
 }

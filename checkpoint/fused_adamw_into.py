@@ -31,7 +31,7 @@ class FusedAdamWInto:
         self._step = library.orchestrate_adamw_into
         self._step.restype = None
         self._step.argtypes = ([ctypes.c_int64] + [_POINTERS] * 7 + [ctypes.POINTER(ctypes.c_int64),
-                               ctypes.POINTER(ctypes.c_double)] + [ctypes.c_double] * 5 + [ctypes.c_int] * 2)
+                               ctypes.POINTER(ctypes.c_double)] + [ctypes.c_double] * 5 + [ctypes.c_int])
         self.lanes = lanes  # floats per vector operation (16: AVX-512, 8: AVX2, 0: scalar)
 
     def step(self, sources: Sequence[tuple[torch.Tensor, torch.Tensor, torch.Tensor]], grads: Sequence[torch.Tensor],
@@ -46,8 +46,7 @@ class FusedAdamWInto:
         addresses = tuple(tuple(t.data_ptr() for t in column) for column in columns)
         source_pointers, target_pointers, numels = _tensor_arguments(addresses, tuple(p.numel() for p in columns[0]))
         self._step(count, *source_pointers, _pointers([g.data_ptr() for g in grads]), *target_pointers, numels,
-                   (ctypes.c_double * count)(*steps), lr, beta1, beta2, eps, weight_decay, torch.get_num_threads(),
-                   self.lanes)
+                   (ctypes.c_double * count)(*steps), lr, beta1, beta2, eps, weight_decay, self.lanes)
 
 
 def _pointers(addresses: Sequence[int]):
@@ -110,10 +109,13 @@ def _only_builder_here(build_directory: Path):
 
 
 def _build(cpp_extension, build_directory: Path) -> str:
-    """The kernel's shared library, built if its source or flags changed since the last build here."""
+    """The kernel's shared library, built if its source or flags changed since the last build here. OpenMP as
+    torch's own kernels use it: the library needs ``libgomp.so.1``, which in a process that imported torch is the
+    one torch loaded (the loader reuses a loaded library of that name), so the kernel runs on torch's threads."""
     return cpp_extension.load(name="orchestrate_adamw_into", sources=[str(SOURCE)], is_python_module=False,
                               build_directory=str(build_directory),
-                              extra_cflags=["-O3", "-ffp-contract=off", "-fno-math-errno"])
+                              extra_cflags=["-O3", "-ffp-contract=off", "-fno-math-errno", "-fopenmp"],
+                              extra_ldflags=["-fopenmp"])
 
 
 def _load_or_clear(path: str, build_directory: Path) -> ctypes.CDLL:

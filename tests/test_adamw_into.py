@@ -3,7 +3,9 @@ import copy
 import os
 import subprocess
 import sys
+import threading
 import time
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -99,6 +101,43 @@ def test_the_fused_kernel_runs_torch_s_vector_width_and_every_width_it_has_match
         candidate = copy.copy(kernel)
         candidate.lanes = lanes
         assert fused_adamw_into.mismatch_with_torch(candidate) is None, f"{lanes} lanes"
+
+
+def _cpu_seconds_by_thread() -> dict[int, float]:
+    ticks = os.sysconf("SC_CLK_TCK")
+    seconds = {}
+    for tid in os.listdir("/proc/self/task"):
+        try:
+            fields = open(f"/proc/self/task/{tid}/stat").read().rsplit(")", 1)[1].split()
+        except OSError:
+            continue
+        seconds[int(tid)] = (int(fields[11]) + int(fields[12])) / ticks
+    return seconds
+
+
+def test_the_fused_kernel_runs_on_torch_s_own_threads():
+    """One OpenMP runtime in the process (torch's), and the kernel's parallel work done by the threads torch's
+    own kernels run on, not by threads started per call (whose start and exit interrupt the training)."""
+    kernel = fused_adamw_into.kernel()
+    assert kernel is not None
+    gomp = {line.split()[-1] for line in open("/proc/self/maps") if "libgomp" in line}
+    assert len(gomp) == 1 and Path(torch.__file__).parent in Path(gomp.pop()).parents
+    threads = torch.get_num_threads()
+    torch.set_num_threads(2)
+    try:
+        n = 1 << 22
+        sources = [(torch.randn(n), torch.randn(n), torch.rand(n))]
+        targets = [tuple(torch.empty(n) for _ in range(3))]
+        torch.ones(n).mul_(2)  # torch's own threads exist from here on
+        before = _cpu_seconds_by_thread()
+        for step in range(1, 41):
+            kernel.step(sources, [torch.randn(n)], targets, [float(step)], lr=1e-3, beta1=0.9, beta2=0.999,
+                        eps=1e-8, weight_decay=0.1)
+        after = _cpu_seconds_by_thread()
+    finally:
+        torch.set_num_threads(threads)
+    helpers = {tid: after[tid] - before[tid] for tid in before if tid in after and tid != threading.get_native_id()}
+    assert max(helpers.values()) >= 0.05, helpers
 
 
 _LOAD_KERNEL = "from orchestrate.checkpoint import fused_adamw_into; print(fused_adamw_into.kernel().lanes)"

@@ -369,6 +369,20 @@ def table(results: dict[str, MethodResults], args, n_params: int, state_gib: flo
     return "\n".join(lines + (["", "Failed runs (last line of stderr):", *failures] if failures else []))
 
 
+def per_step_table(results: dict[str, MethodResults], args) -> str:
+    """Where the iteration time goes: each measured step's median over the repeats (a disk write every 10 steps
+    shows in the step after it)."""
+    steps = range(WARMUP_STEPS + 1, args.steps + 1)
+    lines = ["Median over the repeats of each step's time (ms)", "",
+             "| method | " + " | ".join(f"step {step}" for step in steps) + " |",
+             "|---|" + "---:|" * len(steps)]
+    for label, result in results.items():
+        cells = [median_or_none(t[step - 1] * 1000 for t in result.step_times if t and len(t) >= step)
+                 for step in steps]
+        lines.append(f"| {label} | " + " | ".join("-" if c is None else f"{c:.0f}" for c in cells) + " |")
+    return "\n".join(lines)
+
+
 def add_run_arguments(parser: argparse.ArgumentParser, repeats: int, steps: int) -> None:
     """The model and the runs: what every benchmark of the 1 GiB model takes."""
     parser.add_argument("--repeats", type=int, default=repeats)
@@ -405,6 +419,8 @@ def main() -> None:
     if args.raw:
         args.raw.write_text(json.dumps({label: result.step_times for label, result in results.items()}))
     print(table(results, args, n_params, state_gib))
+    print()
+    print(per_step_table(results, args))
 
 
 if __name__ == "__main__":

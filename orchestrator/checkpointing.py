@@ -53,7 +53,13 @@ class _SlotPlace:
 
     targets: dict
     after_step: Optional[list[FragmentSpec]] = None
-    sync_tensors: tuple = ()  # (name, id) of the sync strategy's tensors when ``after_step`` was worked out
+    sync_tensors: tuple = ()  # (name, tensor) of the sync strategy's state when ``after_step`` was worked out
+
+
+def _same_tensors(items: tuple, others: tuple) -> bool:
+    """The same names with the very same tensor objects (held, so that no other object can have taken an id)."""
+    return len(items) == len(others) and all(
+        name == other_name and tensor is other for (name, tensor), (other_name, other) in zip(items, others))
 
 
 def _moved_by_step(param: torch.Tensor, state: dict) -> tuple[torch.Tensor, ...]:
@@ -84,7 +90,7 @@ class TrainerCheckpointer:
         self.persist_cadence = c.every * c.persist_every  # steps between versions written to disk
         self.writer: Optional[ArenaWriter] = None  # keepers on: L0 is this rank's arena in the keeper's memory
         self._fragments: list[FragmentSpec] = []
-        self._fragments_by_signature: dict[tuple, list[FragmentSpec]] = {}
+        self._fragments_by_signature: dict[tuple, tuple[list[FragmentSpec], tuple]] = {}  # -> (fragments, held)
         # [fragments, a slot's view] -> the optimizer's targets in that slot (``_slot_targets``)
         self._targets_by_place = IdentityMemo(capacity=4 * self.slots)
         self._stepped_into: Optional[_SlotPlace] = None  # where this step's optimizer wrote (zero copy)
@@ -120,13 +126,15 @@ class TrainerCheckpointer:
                      tuple((name, id(tensor)) for name, tensor in sync_state.items()))
         if self.zero_copy:  # the same tensors move between slots: one list per place they live in
             signature += (tuple(map(torch.Tensor.data_ptr, params)), tuple(map(torch.Tensor.data_ptr, moments)))
-        fragments = self._fragments_by_signature.get(signature)
-        if fragments is None:
+        remembered = self._fragments_by_signature.get(signature)
+        if remembered is None:
             if len(self._fragments_by_signature) > 2 * self.slots:
                 self._fragments_by_signature.clear()
             fragments = self.training_fragments(self.replica) + self.sync_fragments(sync_state, self.replica)
-            self._fragments_by_signature[signature] = fragments
-        self._fragments = fragments
+            # the signature's tensors are held with it: an id is unique only while its object lives, and a
+            # strategy may make a tensor anew at each call (a step count) that the fragments only view
+            remembered = self._fragments_by_signature[signature] = (fragments, (params, moments, sync_state))
+        fragments = self._fragments = remembered[0]
         return fragments
 
     def training_fragments(self, replica: int) -> list[FragmentSpec]:
@@ -283,8 +291,8 @@ class TrainerCheckpointer:
         """``fragments()`` right after the optimizer wrote into ``place``: the same for the same fragments
         before the step, slot and sync tensors, so worked out once per place (on a small model, the signature
         that finds them costs the training thread more than the snapshot)."""
-        sync_tensors = tuple((name, id(tensor)) for name, tensor in self.sync.state_dict().items())
-        if place.after_step is None or place.sync_tensors != sync_tensors:
+        sync_tensors = tuple(self.sync.state_dict().items())
+        if place.after_step is None or not _same_tensors(place.sync_tensors, sync_tensors):
             place.after_step, place.sync_tensors = self._state_fragments(), sync_tensors
         self._fragments = self._after_last_step = place.after_step
         return place.after_step

@@ -109,13 +109,23 @@ def _only_builder_here(build_directory: Path):
 
 
 def _build(cpp_extension, build_directory: Path) -> str:
-    """The kernel's shared library, built if its source or flags changed since the last build here. OpenMP as
-    torch's own kernels use it: the library needs ``libgomp.so.1``, which in a process that imported torch is the
-    one torch loaded (the loader reuses a loaded library of that name), so the kernel runs on torch's threads."""
+    """The kernel's shared library, built if its source or flags changed since the last build here."""
     return cpp_extension.load(name="orchestrate_adamw_into", sources=[str(SOURCE)], is_python_module=False,
                               build_directory=str(build_directory),
                               extra_cflags=["-O3", "-ffp-contract=off", "-fno-math-errno", "-fopenmp"],
-                              extra_ldflags=["-fopenmp"])
+                              extra_ldflags=[torch_openmp_runtime() or "-fopenmp"])
+
+
+def torch_openmp_runtime() -> Optional[str]:
+    """The OpenMP runtime torch loaded (its own ``libgomp``, shipped beside it), or None where none is mapped.
+    Linked against it, the kernel needs that runtime by its own name, which the loader finds already loaded: its
+    parallel regions then run on torch's thread pool (the system's runtime would bring a second pool)."""
+    try:
+        with open("/proc/self/maps") as maps:
+            paths = {line.split()[-1] for line in maps if "libgomp" in line}
+    except OSError:
+        return None
+    return min(paths) if len(paths) == 1 else None
 
 
 def _load_or_clear(path: str, build_directory: Path) -> ctypes.CDLL:

@@ -125,7 +125,7 @@ def torch_openmp_runtime() -> Optional[str]:
             paths = {line.split()[-1] for line in maps if "libgomp" in line}
     except OSError:
         return None
-    return min(paths) if len(paths) == 1 else None
+    return paths.pop() if len(paths) == 1 else None
 
 
 def _load_or_clear(path: str, build_directory: Path) -> ctypes.CDLL:
